@@ -1,0 +1,47 @@
+# spie: the two commands a new user runs are `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/demo.yaml
+
+.PHONY: install demo test lint format protos bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Without CUDA, take the CPU build of torch first so nothing pulls a multi-GB CUDA wheel.
+$(STAMP): $(PY) pyproject.toml
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "CUDA found: installing the default torch build"; $(PIP) install -q torch; \
+	else \
+	  echo "no CUDA: installing torch==2.13.0 (CPU build)"; $(PIP) install -q torch==2.13.0; \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/spie train --config $(CONFIG)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/sampler_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
