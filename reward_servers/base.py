@@ -1,0 +1,151 @@
+"""The `Scorer` protocol, the batch it takes, the result it gives, and the registry of scorers.
+
+A scorer is a pure function of a batch: it knows nothing about gRPC, Redis or Ray. Transports
+(the gRPC servicer, the Redis consumer, the in-process trainer path) convert their inputs into a
+`ScoreBatch`, call `Scorer.score`, and convert the `ScoreResult` back.
+
+Images are `uint8` numpy arrays of shape (H, W, 3), RGB. Masks are `bool` arrays of shape (H, W),
+True inside the edit region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """A batch of N edits to score.
+
+    Attributes:
+        edited: N images (H, W, 3) uint8, the edits to judge.
+        sources: N images (H, W, 3) uint8, the source each edit was made from.
+        instructions: N edit instructions.
+        masks: N optional (H, W) bool masks of the edit region (None: unknown / whole frame).
+        exemplars: N lists of exemplar images (H', W', 3) uint8 (empty list: none).
+        metadata: N dicts of extra per-item fields (strings or numbers).
+    """
+
+    edited: Sequence[np.ndarray]
+    sources: Sequence[np.ndarray]
+    instructions: Sequence[str]
+    masks: Sequence[np.ndarray | None] | None = None
+    exemplars: Sequence[Sequence[np.ndarray]] | None = None
+    metadata: Sequence[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.edited)
+        if len(self.sources) != n or len(self.instructions) != n:
+            raise ValueError(
+                f"ScoreBatch: edited ({n}), sources ({len(self.sources)}) and instructions "
+                f"({len(self.instructions)}) must have the same length"
+            )
+        for name in ("masks", "exemplars", "metadata"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"ScoreBatch: {name} has {len(value)} entries, expected {n}")
+
+    def __len__(self) -> int:
+        return len(self.edited)
+
+    def mask(self, i: int) -> np.ndarray | None:
+        return None if self.masks is None else self.masks[i]
+
+    def exemplar_list(self, i: int) -> Sequence[np.ndarray]:
+        return () if self.exemplars is None else self.exemplars[i]
+
+    def meta(self, i: int) -> dict[str, Any]:
+        return {} if self.metadata is None else self.metadata[i]
+
+
+@dataclass
+class ScoreResult:
+    """Scores for a batch of N items.
+
+    Attributes:
+        scores: (N,) float64, one score per item (NaN where the item failed).
+        details: N dicts of named numbers per item (sub-scores, diagnostics).
+        errors: N entries, None for a scored item or a one-line message for a failed one.
+    """
+
+    scores: np.ndarray
+    details: list[dict[str, float]] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        n = len(self.scores)
+        if not self.details:
+            self.details = [{} for _ in range(n)]
+        if not self.errors:
+            self.errors = [None] * n
+        if len(self.details) != n or len(self.errors) != n:
+            raise ValueError("ScoreResult: scores, details and errors must have the same length")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What every reward model implements.
+
+    Attributes:
+        name: registry name, e.g. "brightness".
+        version: version string of the scoring logic.
+        model_id: the weights it uses (hub id or local folder), "" for weight-free scorers.
+        higher_is_better: whether a larger score means a better edit.
+        max_batch_size: the largest batch `score` accepts at once.
+    """
+
+    name: str
+    version: str
+    model_id: str
+    higher_is_better: bool
+    max_batch_size: int
+
+    def score(self, batch: ScoreBatch) -> ScoreResult:
+        """Score a batch; one result per item, in order."""
+        ...
+
+
+ScorerFactory = Callable[..., Scorer]
+_REGISTRY: dict[str, ScorerFactory] = {}
+_BUILTIN_MODULES = ("reward_servers.weightfree",)
+
+
+def register_scorer(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
+    """Class/function decorator registering a scorer factory under `name` (duplicates are refused)."""
+
+    def wrap(factory: ScorerFactory) -> ScorerFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"scorer {name!r} is already registered by {_REGISTRY[name]!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def available_scorers() -> list[str]:
+    """Names of every registered scorer."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def build_scorer(name: str, **kwargs: Any) -> Scorer:
+    """Construct the scorer registered as `name` with keyword arguments from config."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"scorer {name!r}: bad arguments {sorted(kwargs)}: {err}") from err

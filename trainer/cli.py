@@ -1,0 +1,53 @@
+"""The `spie` command: one console script, one subcommand per job.
+
+Each package adds its own subcommands through a `register(subparsers)` function, so this file only
+dispatches. A subcommand sets `func(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from trainer.errors import UserError
+
+# Modules exposing `register(subparsers)`; a module that does not exist yet is skipped.
+_COMMAND_MODULES = (
+    "trainer.commands",
+    "reward_servers.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spie", description="Post-train InstructPix2Pix editors with RL from AI feedback."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"spie {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spie {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
