@@ -1,0 +1,305 @@
+"""A dynamic batcher in the manner of Triton's: requests wait up to `max_queue_delay_ms` to be merged
+into one scorer call of at most `max_batch_size` items.
+
+It is transport-independent: the gRPC servicer and the Redis consumer both hand it a `ScoreBatch`
+per request and await one `ItemOutcome` per item. The scorer runs on one worker thread (one device),
+so the event loop keeps admitting requests while a batch is scored; whatever queues up meanwhile
+forms the next batch.
+
+- The queue is bounded in items; a request that does not fit is refused at once (`QueueFull`,
+  RESOURCE_EXHAUSTED on gRPC).
+- Each request may carry a deadline (`time.monotonic()` seconds). An item whose deadline passes
+  while queued is dropped and its request fails with `DeadlineExpired` (DEADLINE_EXCEEDED).
+- If the scorer raises on a batch, every item is scored again alone, so one poisonous item fails
+  alone and the rest are still scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from reward_servers.base import ScoreBatch, ScoreResult
+from reward_servers.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """The queue has no room for the request."""
+
+
+class DeadlineExpired(Exception):
+    """The request's deadline passed before it was scored."""
+
+
+class BatcherClosed(Exception):
+    """The batcher is shut down (the server is draining)."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    # Largest number of items in one scorer call (capped by the scorer's own max_batch_size).
+    max_batch_size: int = 32
+    # How long the oldest queued item may wait for the batch to fill, in milliseconds (0: no waiting).
+    max_queue_delay_ms: float = 5.0
+    # Most items that may wait in the queue; a request that does not fit gets QueueFull.
+    max_queue_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+
+
+@dataclass
+class ItemOutcome:
+    """The result of one item: `kind` is "ok", "invalid_input" (the scorer rejected the item) or
+    "scorer_error" (the scorer raised)."""
+
+    score: float
+    details: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    kind: str = "ok"
+
+
+class _Request:
+    """One submitted request: its future and the outcomes gathered so far."""
+
+    def __init__(self, n: int, deadline: float | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[list[ItemOutcome]] = loop.create_future()
+        self.outcomes: list[ItemOutcome | None] = [None] * n
+        self.pending = n
+        self.deadline = deadline
+
+    def resolve(self, index: int, outcome: ItemOutcome) -> None:
+        if self.future.done():
+            return
+        self.outcomes[index] = outcome
+        self.pending -= 1
+        if self.pending == 0:
+            self.future.set_result(list(self.outcomes))  # type: ignore[arg-type]
+
+    def fail(self, err: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(err)
+            self.future.exception()  # mark retrieved: the caller may already have gone
+
+
+@dataclass
+class _Entry:
+    request: _Request
+    index: int
+    fields: tuple[Any, ...]  # (edited, source, instruction, mask, exemplars, metadata)
+    enqueued: float
+
+
+def _slice(batch: ScoreBatch, i: int) -> tuple[Any, ...]:
+    return (
+        batch.edited[i],
+        batch.sources[i],
+        batch.instructions[i],
+        batch.mask(i),
+        list(batch.exemplar_list(i)),
+        batch.meta(i),
+    )
+
+
+def _assemble(rows: list[tuple[Any, ...]]) -> ScoreBatch:
+    """Per-item field tuples -> one ScoreBatch."""
+    cols = list(zip(*rows, strict=True))
+    return ScoreBatch(*[list(c) for c in cols])
+
+
+class DynamicBatcher:
+    """Merge concurrent requests into scorer calls.
+
+    Args:
+        score_fn: the scorer's `score(batch) -> ScoreResult`; called on one worker thread.
+        config: batching limits.
+        metrics: optional Prometheus metrics to update.
+    """
+
+    def __init__(
+        self,
+        score_fn: Callable[[ScoreBatch], ScoreResult],
+        config: BatcherConfig,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.score_fn = score_fn
+        self.config = config
+        self.metrics = metrics
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # size -> number of batches
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        self._task: asyncio.Task | None = None
+        self._flush = False  # drain mode: no waiting for batches to fill
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, batch: ScoreBatch, deadline: float | None = None) -> list[ItemOutcome]:
+        """Queue a request's items and wait for their outcomes, in order.
+
+        Args:
+            batch: the request's N items.
+            deadline: absolute `time.monotonic()` time after which the request is dropped.
+
+        Raises:
+            QueueFull, DeadlineExpired, BatcherClosed.
+        """
+        if self._closed:
+            raise BatcherClosed("the scorer is shutting down")
+        n = len(batch)
+        if n == 0:
+            return []
+        if len(self._queue) + n > self.config.max_queue_size:
+            raise QueueFull(
+                f"queue full: {len(self._queue)} items waiting, {n} more requested, "
+                f"limit {self.config.max_queue_size}"
+            )
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExpired("deadline passed before the request was queued")
+        request = _Request(n, deadline, asyncio.get_running_loop())
+        for i in range(n):
+            self._queue.append(_Entry(request, i, _slice(batch, i), now))
+        self._set_depth()
+        self._arrived.set()
+        try:
+            if deadline is None:
+                return await request.future
+            return await asyncio.wait_for(asyncio.shield(request.future), deadline - time.monotonic())
+        except (TimeoutError, asyncio.TimeoutError):
+            request.fail(DeadlineExpired("deadline passed"))
+            raise DeadlineExpired("deadline passed while the request was being scored") from None
+        finally:
+            # A cancelled or timed-out caller leaves dead entries; the loop skips them.
+            if not request.future.done():
+                request.fail(DeadlineExpired("caller went away"))
+
+    def begin_drain(self) -> None:
+        """Score whatever is queued without waiting for batches to fill (still accepting requests)."""
+        self._flush = True
+        self._arrived.set()
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, finish the queued ones within `timeout_s`, then stop."""
+        self._closed = True
+        self.begin_drain()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass  # wait_for cancelled the loop
+        for entry in self._queue:
+            entry.request.fail(BatcherClosed("the scorer shut down before scoring the request"))
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))
+
+    def _take(self) -> list[_Entry]:
+        """Pop up to max_batch_size live entries, failing expired ones."""
+        now = time.monotonic()
+        taken: list[_Entry] = []
+        while self._queue and len(taken) < self.config.max_batch_size:
+            entry = self._queue.popleft()
+            request = entry.request
+            if request.future.done():
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                request.fail(DeadlineExpired("deadline passed while queued"))
+                if self.metrics is not None:
+                    self.metrics.error("deadline")
+                continue
+            taken.append(entry)
+        self._set_depth()
+        return taken
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.config.max_queue_delay_ms / 1000.0
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            # Wait for the batch to fill, at most `delay` after the oldest item arrived.
+            while len(self._queue) < self.config.max_batch_size and not self._flush:
+                remaining = self._queue[0].enqueued + delay - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except (TimeoutError, asyncio.TimeoutError):
+                    break
+                if not self._queue:
+                    break
+            entries = self._take()
+            if not entries:
+                continue
+            outcomes = await loop.run_in_executor(self._executor, self._score, _assemble([e.fields for e in entries]))
+            for entry, outcome in zip(entries, outcomes, strict=True):
+                entry.request.resolve(entry.index, outcome)
+
+    def _score(self, batch: ScoreBatch) -> list[ItemOutcome]:
+        """Run the scorer on one batch (worker thread); isolate failures item by item."""
+        n = len(batch)
+        start = time.perf_counter()
+        try:
+            outcomes = self._call(batch)
+        except Exception:
+            outcomes = []
+            for i in range(n):
+                try:
+                    outcomes.extend(self._call(_assemble([_slice(batch, i)])))
+                except Exception as err:
+                    outcomes.append(
+                        ItemOutcome(math.nan, {}, f"scorer error: {type(err).__name__}: {err}", "scorer_error")
+                    )
+        self.batch_sizes[n] += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(n)
+            self.metrics.batch_seconds.observe(time.perf_counter() - start)
+            ok = sum(o.kind == "ok" for o in outcomes)
+            self.metrics.items_scored.inc(ok)
+            self.metrics.error("invalid_input", sum(o.kind == "invalid_input" for o in outcomes))
+            self.metrics.error("scorer_error", sum(o.kind == "scorer_error" for o in outcomes))
+        return outcomes
+
+    def _call(self, batch: ScoreBatch) -> list[ItemOutcome]:
+        result = self.score_fn(batch)
+        if len(result.scores) != len(batch):
+            raise RuntimeError(f"scorer returned {len(result.scores)} scores for {len(batch)} items")
+        outcomes = []
+        for score, details, error in zip(result.scores, result.details, result.errors, strict=True):
+            if error is not None:
+                outcomes.append(ItemOutcome(math.nan, {}, error, "invalid_input"))
+            elif not np.isfinite(score):
+                outcomes.append(ItemOutcome(math.nan, {}, f"scorer returned {score}", "scorer_error"))
+            else:
+                outcomes.append(ItemOutcome(float(score), {k: float(v) for k, v in details.items()}))
+        return outcomes

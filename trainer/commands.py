@@ -1,0 +1,55 @@
+"""`spie train` and `spie generate`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train an editor with RL from AI feedback")
+    p.add_argument("--config", help="YAML preset (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.learning_rate=1e-5")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    g = subparsers.add_parser("generate", help="edit a folder of images with a trained checkpoint")
+    g.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (latest checkpoint)")
+    g.add_argument("--images", required=True, help="folder of source images")
+    g.add_argument("--instruction", required=True, help="the edit instruction")
+    g.add_argument("--out", required=True, help="output folder for the edits")
+    g.add_argument("--seed", type=int, default=0, help="noise seed")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a sampling field, e.g. sample.num_steps=50")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.loop import ensure_run_config, train
+
+    overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
+    if args.resume:
+        if args.config:
+            raise UserError("give either --config or --resume (a resumed run uses its own config.yaml)")
+        run_dir = Path(args.resume)
+        config = load_config(ensure_run_config(run_dir), overrides)
+        train(config, resume=run_dir)
+        return 0
+    if not args.config:
+        raise UserError("--config is required (e.g. --config configs/tiny.yaml)")
+    train(load_config(args.config, overrides))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from trainer.generate import generate
+
+    if not args.instruction.strip():
+        raise UserError("--instruction is empty")
+    written = generate(args.checkpoint, args.images, args.instruction, args.out, args.seed, args.overrides, progress=not args.quiet)
+    print(f"[spie] wrote {len(written)} edits to {args.out}")
+    return 0

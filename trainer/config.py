@@ -1,0 +1,408 @@
+"""Typed run configuration: frozen dataclasses, YAML presets, command-line overrides, validation.
+
+A preset in `configs/` is a YAML file whose sections mirror the dataclasses below; fields it does
+not name keep their defaults. Unknown keys are errors. Overrides use dotted paths:
+`--set train.learning_rate=1e-5`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Run name; the run directory is `<output_dir>/<name>`. Empty: a timestamped name.
+    name: str = ""
+    # Parent directory of all runs.
+    output_dir: str = "runs"
+    # Global random seed (sampling noise, data order, tiny-model weights).
+    seed: int = 0
+    # Number of epochs; each epoch samples a fresh batch of edits, scores it and trains on it.
+    num_epochs: int = 10
+    # Save a checkpoint every this many epochs (the last epoch is always saved).
+    save_freq: int = 1
+    # Keep at most this many checkpoints (0: keep all).
+    checkpoint_limit: int = 3
+    # Device for the policy: "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"...
+    device: str = "auto"
+    # Mixed precision for the trainable forward/backward: "no", "fp16" or "bf16".
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Number of data-parallel training processes (learners); sets the effective batch sizes.
+    num_processes: int = 1
+    # Suppress progress bars (CI, logs).
+    quiet: bool = False
+    # Save a grid of sample edits every this many epochs (0: never).
+    image_log_freq: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Base model: a hub id ("timbrooks/instruct-pix2pix"), a local folder saved with
+    # `save_pretrained`, or "tiny" to build a seeded tiny InstructPix2Pix in `tiny_dir`.
+    pretrained: str = "tiny"
+    # Hub revision of `pretrained` (ignored for local folders).
+    revision: str = "main"
+    # Where the tiny model is built and cached when `pretrained` is "tiny".
+    tiny_dir: str = "runs/.tiny-ip2p"
+    # Sampling scheduler with log-probs: "ddim" or "euler_ancestral" (SPIE's two).
+    scheduler: Literal["ddim", "euler_ancestral"] = "ddim"
+    # Train LoRA adapters on the UNet attention projections (True) or the whole UNet (False).
+    use_lora: bool = True
+    # LoRA rank.
+    lora_rank: int = 8
+    # LoRA alpha (scale = alpha / rank).
+    lora_alpha: float = 8.0
+    # SPIE exemplar conditioning: 4 zero-initialised extra conv_in channels plus the
+    # cross-attention pre-conv module. Needs exemplar images in the data.
+    exemplar_conditioning: bool = False
+    # Image side in pixels; inputs are resized to resolution x resolution.
+    resolution: int = 256
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    # Denoising steps per rollout.
+    num_steps: int = 20
+    # DDIM eta (0: deterministic, 1: DDPM-like variance). Log-probs need eta > 0.
+    eta: float = 1.0
+    # Text classifier-free guidance scale.
+    guidance_scale: float = 7.5
+    # Source-image classifier-free guidance scale.
+    image_guidance_scale: float = 1.5
+    # Exemplar-image guidance scale (only with model.exemplar_conditioning).
+    exemplar_guidance_scale: float = 3.0
+    # (source, instruction) inputs per sampling batch, per process.
+    batch_size: int = 4
+    # Sampling batches per epoch, per process.
+    num_batches_per_epoch: int = 2
+    # Edits generated per (source, instruction): the group size for advantages and rankings.
+    nb_gen: int = 2
+    # The nb_gen edits of an input start from the same initial noise (True) or independent noise.
+    shared_noise: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Objective: "ppo" (DDPO PPO-clip on per-step ratios) or "spie_ranking" (Plackett-Luce over
+    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference).
+    objective: Literal["ppo", "spie_ranking"] = "ppo"
+    # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
+    batch_size: int = 2
+    # Micro-batches accumulated per optimizer step.
+    gradient_accumulation_steps: int = 1
+    # AdamW learning rate.
+    learning_rate: float = 3e-4
+    # AdamW beta1.
+    adam_beta1: float = 0.9
+    # AdamW beta2.
+    adam_beta2: float = 0.999
+    # AdamW weight decay.
+    adam_weight_decay: float = 1e-4
+    # AdamW epsilon.
+    adam_epsilon: float = 1e-8
+    # Gradient-norm clipping threshold.
+    max_grad_norm: float = 1.0
+    # Passes over each epoch's samples.
+    num_inner_epochs: int = 1
+    # Fraction of the denoising steps trained on per trajectory (random subset each pass).
+    timestep_fraction: float = 1.0
+    # PPO: clip range of the probability ratio.
+    clip_range: float = 1e-4
+    # PPO: advantages are clipped to [-adv_clip_max, adv_clip_max].
+    adv_clip_max: float = 5.0
+    # PPO: groups smaller than this use whole-batch statistics for normalisation.
+    min_group_size: int = 2
+    # SPIE ranking: exponent applied to the clamped ratio (the KL coefficient of D3PO/DPO).
+    beta: float = 0.1
+    # SPIE ranking: the ratio to the reference is clamped to [1 - eps, 1 + eps].
+    eps: float = 0.1
+    # SPIE ranking: weight of the semantic score against the structural score.
+    score_alpha: float = 1.0
+    # SPIE: weight of the MSE reconstruction term outside the edit region.
+    rec_lambda: float = 0.5
+    # Weight of a per-step KL penalty to the frozen reference (0: off).
+    kl_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    # Registered scorer name, e.g. "brightness", "ssim_structure", "vlm_judge".
+    name: str = "brightness"
+    # Role in SPIE's ranking: "semantic" (did the edit do what was asked) or "structural".
+    role: Literal["semantic", "structural"] = "semantic"
+    # Weight of this scorer in the PPO reward (sum of weighted, per-scorer normalised scores).
+    weight: float = 1.0
+    # Keyword arguments for the scorer's constructor.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # Scorers judging each edit.
+    scorers: tuple[ScorerConfig, ...] = (ScorerConfig(),)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Where inputs come from: "shapes" (built-in seeded scenes), "folder" (images in `path`
+    # edited with `instructions`) or "jsonl" (`path` lists {"image", "instruction"} records).
+    source: Literal["shapes", "folder", "jsonl"] = "shapes"
+    # Image folder or JSONL file for the "folder" and "jsonl" sources.
+    path: str = ""
+    # Instructions cycled over the inputs (the "shapes" and "folder" sources).
+    instructions: tuple[str, ...] = ("make it brighter",)
+    # Number of inputs drawn by the "shapes" source.
+    num_items: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    # ---- derived sizes (SPIE prints these at start) ----
+    @property
+    def images_per_epoch(self) -> int:
+        s = self.sample
+        return s.batch_size * s.nb_gen * s.num_batches_per_epoch * self.run.num_processes
+
+    @property
+    def effective_train_batch(self) -> int:
+        t = self.train
+        return t.batch_size * t.gradient_accumulation_steps * self.run.num_processes
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.images_per_epoch // self.effective_train_batch * self.train.num_inner_epochs
+
+    @property
+    def train_timesteps(self) -> int:
+        return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
+
+    def summary(self) -> str:
+        return (
+            f"images per epoch = {self.images_per_epoch}, "
+            f"effective train batch = {self.effective_train_batch}, "
+            f"gradient updates per epoch = {self.updates_per_epoch}, "
+            f"timesteps trained per trajectory = {self.train_timesteps}"
+        )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type `tp`; errors name the field `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str | dict) or not isinstance(value, list | tuple):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(
+            f"unknown config key {prefix}{unknown[0]} (known keys in {where or 'the top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-5")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise UserError(f"--set {key}: cannot parse value {raw!r}") from err
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections")
+    # A preset may build on another: `base: other.yaml` (relative to this file).
+    parent = data.pop("base", None)
+    if parent:
+        data = _merge(_read_yaml(path.parent / parent), data)
+    return data
+
+
+def _fix_numeric_strings(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads `3e-5` as a string: turn such strings into floats where the field is a float."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        elif tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = _fix_numeric_strings(tp, value)
+        out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset, apply `--set` overrides, check consistency. Raises `UserError` on any problem."""
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for item in overrides:
+        _apply_override(tree, item)
+    tree = _fix_numeric_strings(Config, tree)
+    if "reward" in tree and isinstance(tree["reward"], dict) and "scorers" in tree["reward"]:
+        scorers = tree["reward"]["scorers"]
+        if not isinstance(scorers, list) or not scorers:
+            raise UserError("reward.scorers: expected a non-empty list of scorers")
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Refuse inconsistent settings with one line naming the fields."""
+    s, t, r, m = config.sample, config.train, config.run, config.model
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    for name, value in (
+        ("run.num_epochs", r.num_epochs),
+        ("run.num_processes", r.num_processes),
+        ("sample.num_steps", s.num_steps),
+        ("sample.batch_size", s.batch_size),
+        ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
+        ("sample.nb_gen", s.nb_gen),
+        ("train.batch_size", t.batch_size),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("train.num_inner_epochs", t.num_inner_epochs),
+        ("model.resolution", m.resolution),
+        ("model.lora_rank", m.lora_rank),
+    ):
+        need(value >= 1, f"{name} must be >= 1, got {value}")
+    need(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
+    need(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+    need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+    need(0 < t.eps < 1, f"train.eps must be in (0, 1), got {t.eps}")
+    need(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")
+    need(m.resolution % 8 == 0, f"model.resolution must be a multiple of 8, got {m.resolution}")
+    need(
+        m.scheduler != "ddim" or s.eta > 0,
+        "sample.eta must be > 0 with model.scheduler=ddim: a deterministic step has no log-probability",
+    )
+    per_process = s.batch_size * s.nb_gen * s.num_batches_per_epoch
+    step = t.batch_size * t.gradient_accumulation_steps
+    need(
+        per_process % step == 0,
+        f"edits per epoch per process (sample.batch_size x sample.nb_gen x sample.num_batches_per_epoch "
+        f"= {per_process}) must be divisible by train.batch_size x train.gradient_accumulation_steps "
+        f"= {step}",
+    )
+    if t.objective == "spie_ranking":
+        need(s.nb_gen >= 2, f"train.objective=spie_ranking ranks edits: sample.nb_gen must be >= 2, got {s.nb_gen}")
+        need(
+            t.batch_size % s.nb_gen == 0,
+            f"train.objective=spie_ranking trains on whole groups: train.batch_size ({t.batch_size}) "
+            f"must be a multiple of sample.nb_gen ({s.nb_gen})",
+        )
+    need(len(config.reward.scorers) >= 1, "reward.scorers must list at least one scorer")
+    names = [sc.name for sc in config.reward.scorers]
+    need(len(set(names)) == len(names), f"reward.scorers lists a scorer twice: {names}")
+    if config.data.source in ("folder", "jsonl"):
+        need(bool(config.data.path), f"data.path is required with data.source={config.data.source}")
+    if config.data.source in ("shapes", "folder"):
+        need(len(config.data.instructions) >= 1, "data.instructions must list at least one instruction")
+        need(
+            all(i.strip() for i in config.data.instructions), "data.instructions: an instruction is empty"
+        )
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) for YAML/JSON dumps."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

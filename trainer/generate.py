@@ -1,0 +1,55 @@
+"""Edit a folder of images with a trained checkpoint (`spie generate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainer.checkpoint import find_checkpoint, load_checkpoint
+from trainer.config import load_config
+from trainer.data import IMAGE_SUFFIXES, load_image
+from trainer.errors import UserError
+from trainer.learner import build_policy, load_trainable_into_policy
+
+
+def generate(
+    checkpoint: str | Path,
+    images: str | Path,
+    instruction: str,
+    out: str | Path,
+    seed: int = 0,
+    overrides: list[str] | tuple[str, ...] = (),
+    batch_size: int = 4,
+    progress: bool = False,
+) -> list[Path]:
+    """Edit every image in `images` with `instruction`; writes PNGs named after the inputs into `out`."""
+    folder = find_checkpoint(checkpoint)
+    images = Path(images)
+    if not images.is_dir():
+        raise UserError(f"--images: folder not found: {images}")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--images: no images in {images}")
+    config = load_config(folder / "config.yaml", overrides)
+    sources = torch.stack([load_image(f, config.model.resolution) for f in files])  # fails before any work
+    policy = build_policy(config)
+    trainable, _ = load_checkpoint(folder)
+    load_trainable_into_policy(policy, trainable, config.model.use_lora)
+    exemplars = None
+    if policy.exemplar is not None:
+        raise UserError("generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    written = []
+    for start in range(0, len(files), batch_size):
+        chunk = sources[start : start + batch_size]
+        r = policy.rollout(chunk, [instruction] * len(chunk), generator=gen, exemplars=exemplars, progress=progress)
+        for f, img in zip(files[start : start + batch_size], r.edited_uint8(), strict=True):
+            path = out / (f.stem + ".png")
+            Image.fromarray(np.ascontiguousarray(img)).save(path)
+            written.append(path)
+    return written

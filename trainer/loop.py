@@ -1,0 +1,203 @@
+"""The single-controller training loop: sample, score, turn scores into signals, update, log, save.
+
+One epoch (DDPO's outer loop):
+1. draw `sample.num_batches_per_epoch` batches of inputs and sample `nb_gen` edits of each;
+2. score every edit with every configured scorer;
+3. PPO: per-group advantages of the reward; SPIE ranking: the best-to-worst order of each group;
+4. `train.num_inner_epochs` passes of the objective;
+5. write metrics, a sample grid and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sampler.rollout import Rollout
+from trainer.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from trainer.config import Config, dump_config
+from trainer.data import load_inputs
+from trainer.errors import UserError
+from trainer.learner import Learner, build_policy
+from trainer.objectives import group_advantages, ranking_from_scores
+from trainer.rewards import InProcessRewards, Scores, ppo_rewards, spie_signals
+from trainer.runlog import RunLog
+
+
+class RewardStats:
+    """Running mean and variance of each scorer's scores across epochs (Welford), kept in checkpoints.
+
+    PPO normalises groups smaller than `train.min_group_size` with these statistics.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[float]] = {}  # name -> [count, mean, M2]
+
+    def update(self, name: str, values: np.ndarray) -> None:
+        count, mean, m2 = self.stats.get(name, [0.0, 0.0, 0.0])
+        for v in values[np.isfinite(values)]:
+            count += 1
+            delta = v - mean
+            mean += delta / count
+            m2 += delta * (v - mean)
+        self.stats[name] = [count, mean, m2]
+
+    def mean_std(self, name: str) -> tuple[float, float] | None:
+        count, mean, m2 = self.stats.get(name, [0.0, 0.0, 0.0])
+        if count < 2:
+            return None
+        return mean, math.sqrt(m2 / (count - 1))
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.stats.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.stats = {k: [float(x) for x in v] for k, v in state.items()}
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The epoch's random stream (noise, input draws, shuffles): a pure function of (seed, epoch), so
+    a resumed run draws exactly what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def make_run_dir(config: Config) -> Path:
+    name = config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def sample_epoch(policy, inputs, config: Config, epoch: int, generator: torch.Generator, progress: bool) -> Rollout:
+    """Sample the epoch's rollouts: num_batches_per_epoch batches of sample.batch_size inputs x nb_gen."""
+    s = config.sample
+    parts = []
+    for b in range(s.num_batches_per_epoch):
+        pick = torch.randint(len(inputs), (s.batch_size,), generator=generator)
+        batch = inputs.take(pick)
+        with policy.eval_mode():
+            r = policy.rollout(
+                batch.sources,
+                batch.instructions,
+                nb_gen=s.nb_gen,
+                generator=generator,
+                shared_noise=s.shared_noise,
+                exemplars=batch.exemplars,
+                masks=batch.masks,
+                progress=progress,
+            )
+        r.item_ids = [f"e{epoch}-b{b}-i{i}" for i in range(len(r))]
+        parts.append(r)
+    return Rollout.concat(parts)
+
+
+def drop_failed(rollout: Rollout, scores: Scores) -> tuple[Rollout, Scores, int]:
+    """Remove whole groups that contain an item some scorer failed on; returns the count removed."""
+    failed = {i for _, i, _ in scores.failed()}
+    if not failed:
+        return rollout, scores, 0
+    bad_groups = {int(rollout.group[i]) for i in failed}
+    keep = [i for i in range(len(rollout)) if int(rollout.group[i]) not in bad_groups]
+    if not keep:
+        name, i, err = scores.failed()[0]
+        raise RuntimeError(f"every edit failed scoring; first: scorer {name}, item {rollout.item_ids[i]}: {err}")
+    sub = Scores({k: v[keep] for k, v in scores.values.items()}, {k: [e[i] for i in keep] for k, e in scores.errors.items()})
+    return rollout.select(keep), sub, len(rollout) - len(keep)
+
+
+def train(config: Config, resume: str | Path | None = None, progress: bool | None = None) -> Path:
+    """Run (or resume) a training job; returns the run folder."""
+    progress = (not config.run.quiet) if progress is None else progress
+    run_dir = Path(resume) if resume else make_run_dir(config)
+    print(f"[spie] run folder: {run_dir}")
+    print(f"[spie] {config.summary()}")
+    policy = build_policy(config)
+    learner = Learner(config, policy)
+    inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
+    rewards = InProcessRewards(config.reward)
+    stats = RewardStats()
+    log = RunLog(run_dir)
+    start = 0
+    if resume:
+        folder = find_checkpoint(run_dir)
+        trainable, state = load_checkpoint(folder)
+        learner.load_trainable_state(trainable)
+        learner.optimizer.load_state_dict(state["optimizer"])
+        learner.version = int(state.get("policy_version", 0))
+        stats.load_state_dict(state.get("reward_stats", {}))
+        restore_rng(state)
+        start = int(state["epoch"]) + 1
+        log.truncate_after(start - 1)
+        print(f"[spie] resumed from {folder} at epoch {start}")
+    dump_config(config, run_dir / "config.yaml")
+    t_cfg = config.train
+    try:
+        for epoch in range(start, config.run.num_epochs):
+            gen = epoch_generator(config.run.seed, epoch)
+            t0 = time.perf_counter()
+            rollout = sample_epoch(policy, inputs, config, epoch, gen, progress)
+            t1 = time.perf_counter()
+            scores = rewards.score(rollout)
+            t2 = time.perf_counter()
+            record: dict[str, Any] = {"epoch": epoch, "policy_version": learner.version}
+            for name, values in scores.values.items():
+                finite = values[np.isfinite(values)]
+                record[f"{name}.mean"] = float(finite.mean()) if finite.size else float("nan")
+                record[f"{name}.std"] = float(finite.std()) if finite.size else float("nan")
+                stats.update(name, values)
+            rollout_ok, scores_ok, dropped = drop_failed(rollout, scores)
+            if t_cfg.objective == "ppo":
+                reward = ppo_rewards(config.reward, scores_ok)
+                fallback = stats.mean_std(config.reward.scorers[0].name) if len(config.reward.scorers) == 1 else None
+                adv = group_advantages(reward, rollout_ok.group, t_cfg.min_group_size, fallback).float()
+                metrics = learner.train(rollout_ok, gen, advantages=adv, progress=progress)
+            else:
+                structural, semantic = spie_signals(config.reward, t_cfg, scores_ok, rollout_ok)
+                ranking = ranking_from_scores(structural, semantic, rollout_ok.group, t_cfg.score_alpha)
+                metrics = learner.train(rollout_ok, gen, ranking=ranking, progress=progress)
+            t3 = time.perf_counter()
+            record.update(metrics)
+            record.update(
+                {
+                    "items": len(rollout),
+                    "items_dropped": dropped,
+                    "samples_per_s": len(rollout) / max(t1 - t0, 1e-9),
+                    "time_sampling_s": t1 - t0,
+                    "time_scoring_s": t2 - t1,
+                    "time_training_s": t3 - t2,
+                }
+            )
+            log.log(record)
+            if config.run.image_log_freq and epoch % config.run.image_log_freq == 0:
+                m = config.sample.batch_size
+                log.save_grid(epoch, rollout.sources[:: config.sample.nb_gen][:m], rollout.images[: m * config.sample.nb_gen], config.sample.nb_gen)
+            means = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith(".mean"))
+            print(f"[spie] epoch {epoch}: {means}, loss={record['loss']:.4g}, {t3 - t0:.1f}s")
+            last = epoch == config.run.num_epochs - 1
+            if last or (epoch + 1) % config.run.save_freq == 0:
+                save_checkpoint(
+                    run_dir,
+                    config,
+                    epoch,
+                    learner.trainable_state(),
+                    learner.optimizer.state_dict(),
+                    {"policy_version": learner.version, "reward_stats": stats.state_dict()},
+                )
+    finally:
+        log.close()
+        rewards.close()
+    print(f"[spie] done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
+    return run_dir
+
+
+def ensure_run_config(run_dir: Path) -> Path:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    return path

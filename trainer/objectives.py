@@ -1,0 +1,152 @@
+"""RL objectives on per-step log-probabilities: advantages, PPO-clip, SPIE's Plackett-Luce ranking, KL.
+
+References:
+- DDPO (Black et al. 2023, arXiv 2305.13301), eq. 4 and ddpo-pytorch `scripts/train.py`: PPO-clip on
+  the ratio of per-step likelihoods under the current and the sampling policy.
+- GRPO (Shao et al. 2024, arXiv 2402.03300), sec. 4.1.2: advantages normalised within the group of
+  outputs for the same input.
+- D3PO (Yang et al. 2023, arXiv 2311.13231) and SPIE (arXiv 2504.12833, sec. 3): the ratio to a frozen
+  reference, clamped to [1 - eps, 1 + eps] and raised to beta, inside a Plackett-Luce likelihood of the
+  ranking of the nb_gen edits of one input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(N,) -> (N,) zero mean, unit std over the batch (all zeros when the batch is constant)."""
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / (x.std() + eps)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group: torch.Tensor,
+    min_group_size: int = 2,
+    fallback: tuple[float, float] | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Per-group normalised advantages (GRPO-style).
+
+    Args:
+        rewards: (N,) rewards of the whole gathered batch.
+        group: (N,) long, the input each reward belongs to.
+        min_group_size: groups smaller than this are normalised with batch (or `fallback`) statistics.
+        fallback: (mean, std) to use for small groups instead of the batch's own (e.g. running stats).
+
+    Returns:
+        (N,) advantages (reward - group mean) / (group std + eps).
+    """
+    adv = torch.empty_like(rewards)
+    if fallback is not None:
+        b_mean, b_std = fallback
+    else:
+        b_mean = float(rewards.mean())
+        b_std = float(rewards.std()) if rewards.numel() > 1 else 1.0
+    for g in torch.unique(group):
+        sel = group == g
+        r = rewards[sel]
+        if r.numel() >= max(2, min_group_size):
+            adv[sel] = (r - r.mean()) / (r.std() + eps)
+        else:
+            adv[sel] = (r - b_mean) / (b_std + eps)
+    return adv
+
+
+def ppo_clip_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    adv_clip_max: float = math.inf,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DDPO's clipped surrogate for one denoising step of B trajectories.
+
+    loss = mean(max(-A r, -A clip(r, 1 - c, 1 + c))), r = exp(log_prob - old_log_prob).
+
+    Args:
+        log_prob: (B,) under the current weights (with grad).
+        old_log_prob: (B,) recorded under the sampling weights.
+        advantages: (B,).
+        clip_range: c.
+        adv_clip_max: advantages are clamped to [-adv_clip_max, adv_clip_max].
+
+    Returns:
+        The scalar loss and diagnostics: approx_kl (0.5 E[(log r)^2]) and clipfrac.
+    """
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        info = {
+            "approx_kl": 0.5 * (log_ratio**2).mean(),
+            "clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
+        }
+    return loss, info
+
+
+def ranking_from_scores(
+    structural: torch.Tensor | None,
+    semantic: torch.Tensor | None,
+    group: torch.Tensor,
+    score_alpha: float = 1.0,
+) -> torch.Tensor:
+    """SPIE's preference: rank the edits of each input by standardised structural + alpha x semantic.
+
+    Args:
+        structural: (N,) structural scores (higher is better) or None.
+        semantic: (N,) semantic scores (higher is better) or None.
+        group: (N,) long; every group must have the same size K and be contiguous in the batch.
+
+    Returns:
+        (G, K) long: for each group, the batch indices of its edits from best to worst.
+    """
+    total = torch.zeros(group.shape[0], dtype=torch.float64)
+    if structural is not None:
+        total += standardize(structural.double())
+    if semantic is not None:
+        total += score_alpha * standardize(semantic.double())
+    rows = []
+    for g in torch.unique(group):
+        idx = torch.nonzero(group == g).view(-1)
+        order = torch.argsort(total[idx], descending=True, stable=True)
+        rows.append(idx[order])
+    sizes = {len(r) for r in rows}
+    if len(sizes) != 1:
+        raise ValueError(f"ranking needs equal group sizes, got {sorted(sizes)}")
+    return torch.stack(rows)
+
+
+def plackett_luce_loss(
+    log_prob: torch.Tensor, ref_log_prob: torch.Tensor, ranking: torch.Tensor, beta: float, eps: float
+) -> torch.Tensor:
+    """SPIE/D3PO ranking loss for one denoising step.
+
+    With s_i = beta * log(clamp(pi(x_i) / pi_ref(x_i), 1 - eps, 1 + eps)) and the edits of a group
+    ordered best first, the Plackett-Luce negative log-likelihood is
+        -sum_k [ s_(k) - log sum_{m >= k} exp(s_(m)) ],
+    averaged over groups.
+
+    Args:
+        log_prob: (N,) current policy (with grad).
+        ref_log_prob: (N,) frozen reference.
+        ranking: (G, K) batch indices, best first.
+    """
+    log_ratio = (log_prob - ref_log_prob).clamp(math.log(1 - eps), math.log(1 + eps))
+    s = beta * log_ratio[ranking]  # (G, K)
+    # log sum_{m >= k} exp(s_m): a reversed cumulative logsumexp.
+    tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+    return -(s - tail).sum(dim=-1).mean()
+
+
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """Per-step KL estimate to the reference, 0.5 E[(log pi - log pi_ref)^2]. (B,) -> scalar."""
+    return 0.5 * ((log_prob - ref_log_prob) ** 2).mean()

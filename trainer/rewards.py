@@ -1,0 +1,104 @@
+"""From scores to learning signals: call the configured scorers and combine their scores.
+
+`InProcessRewards` runs the scorers inside the trainer process (the single-machine path). The
+`RewardClient` of the queue fabric offers the same `score(rollout)` method over Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from reward_servers.base import ScoreBatch, build_scorer
+from sampler.rollout import Rollout
+from trainer.config import RewardConfig, ScorerConfig, TrainConfig
+from trainer.errors import UserError
+from trainer.objectives import standardize
+
+
+@dataclass
+class Scores:
+    """Scores of N edits by S scorers, oriented so that higher is better.
+
+    Attributes:
+        values: scorer name -> (N,) float64.
+        errors: scorer name -> N entries, None or the item's error message.
+    """
+
+    values: dict[str, np.ndarray]
+    errors: dict[str, list[str | None]]
+
+    def failed(self) -> list[tuple[str, int, str]]:
+        return [(name, i, e) for name, errs in self.errors.items() for i, e in enumerate(errs) if e is not None]
+
+
+class InProcessRewards:
+    """Scores rollouts with scorers built in this process from `reward.scorers`."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        self.config = config
+        self.scorers = {}
+        for sc in config.scorers:
+            try:
+                self.scorers[sc.name] = build_scorer(sc.name, **sc.kwargs)
+            except (KeyError, ValueError) as err:
+                raise UserError(f"reward.scorers: {err.args[0]}") from err
+
+    def score(self, rollout: Rollout) -> Scores:
+        masks = None if rollout.masks is None else list(rollout.masks.cpu().numpy())
+        batch = ScoreBatch(rollout.edited_uint8(), rollout.sources_uint8(), rollout.instructions, masks=masks)
+        values, errors = {}, {}
+        for name, scorer in self.scorers.items():
+            parts, errs = [], []
+            step = max(1, int(scorer.max_batch_size))
+            for start in range(0, len(batch), step):
+                sl = slice(start, start + step)
+                sub = ScoreBatch(batch.edited[sl], batch.sources[sl], batch.instructions[sl], None if masks is None else masks[sl])
+                result = scorer.score(sub)
+                parts.append(result.scores)
+                errs.extend(result.errors)
+            v = np.concatenate(parts)
+            values[name] = v if scorer.higher_is_better else -v
+            errors[name] = errs
+        return Scores(values, errors)
+
+    def close(self) -> None:
+        self.scorers.clear()
+
+
+def _by_role(scorers: tuple[ScorerConfig, ...], scores: Scores, role: str) -> torch.Tensor | None:
+    """Weighted sum of the standardised scores of the scorers with `role`, or None if there are none."""
+    parts = [sc.weight * standardize(torch.from_numpy(scores.values[sc.name])) for sc in scorers if sc.role == role]
+    return torch.stack(parts).sum(0) if parts else None
+
+
+def reconstruction_mse(rollout: Rollout) -> torch.Tensor | None:
+    """(N,) SPIE's reconstruction term: MSE between edit and source outside the edit mask (None without masks)."""
+    if rollout.masks is None:
+        return None
+    keep = (~rollout.masks.bool()).unsqueeze(1).float().to(rollout.images.device)  # (N, 1, H, W)
+    sq = (rollout.images - rollout.sources) ** 2 * keep
+    return (sq.sum(dim=(1, 2, 3)) / (keep.sum(dim=(1, 2, 3)) * 3).clamp(min=1)).cpu().double()
+
+
+def ppo_rewards(config: RewardConfig, scores: Scores) -> torch.Tensor:
+    """(N,) scalar reward: the single scorer's raw score, or the weighted sum of standardised scores."""
+    if len(config.scorers) == 1:
+        return torch.from_numpy(scores.values[config.scorers[0].name]).double()
+    return sum(sc.weight * standardize(torch.from_numpy(scores.values[sc.name])) for sc in config.scorers)
+
+
+def spie_signals(
+    config: RewardConfig, train: TrainConfig, scores: Scores, rollout: Rollout
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(structural, semantic) per-edit signals for SPIE's ranking, the semantic one minus
+    `rec_lambda` x the reconstruction MSE outside the edit mask."""
+    structural = _by_role(config.scorers, scores, "structural")
+    semantic = _by_role(config.scorers, scores, "semantic")
+    rec = reconstruction_mse(rollout)
+    if rec is not None and train.rec_lambda > 0:
+        penalty = train.rec_lambda * standardize(rec)
+        semantic = -penalty if semantic is None else semantic - penalty
+    return structural, semantic
