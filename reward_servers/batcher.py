@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -205,10 +206,9 @@ class DynamicBatcher:
         self._closed = True
         self.begin_drain()
         if self._task is not None:
-            try:
+            # On timeout wait_for cancels the loop; what is still queued fails below.
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._task, timeout_s)
-            except (TimeoutError, asyncio.TimeoutError):
-                pass  # wait_for cancelled the loop
         for entry in self._queue:
             entry.request.fail(BatcherClosed("the scorer shut down before scoring the request"))
         self._queue.clear()
@@ -261,7 +261,9 @@ class DynamicBatcher:
             entries = self._take()
             if not entries:
                 continue
-            outcomes = await loop.run_in_executor(self._executor, self._score, _assemble([e.fields for e in entries]))
+            outcomes = await loop.run_in_executor(
+                self._executor, self._score, _assemble([e.fields for e in entries])
+            )
             for entry, outcome in zip(entries, outcomes, strict=True):
                 entry.request.resolve(entry.index, outcome)
 
@@ -278,7 +280,9 @@ class DynamicBatcher:
                     outcomes.extend(self._call(_assemble([_slice(batch, i)])))
                 except Exception as err:
                     outcomes.append(
-                        ItemOutcome(math.nan, {}, f"scorer error: {type(err).__name__}: {err}", "scorer_error")
+                        ItemOutcome(
+                            math.nan, {}, f"scorer error: {type(err).__name__}: {err}", "scorer_error"
+                        )
                     )
         self.batch_sizes[n] += 1
         if self.metrics is not None:

@@ -1,8 +1,8 @@
 """A small synchronous client of one reward server (used by `spie score`, tests and benchmarks).
 
-    with ScorerClient("127.0.0.1:50051") as client:
-        client.wait_ready(timeout_s=60)
-        response = client.score([make_item("a", edit, source, "make it snowy")])
+with ScorerClient("127.0.0.1:50051") as client:
+    client.wait_ready(timeout_s=60)
+    response = client.score([make_item("a", edit, source, "make it snowy")])
 """
 
 from __future__ import annotations

@@ -152,9 +152,7 @@ def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS)
         mask = decode_mask(item.mask, f"{where}.mask", max_pixels)
         if mask.shape != edited.shape[:2]:
             raise ImageError(f"{where}.mask: {mask.shape[1]}x{mask.shape[0]} does not match the edit")
-    exemplars = [
-        decode_rgb(ex, f"{where}.exemplars[{k}]", max_pixels) for k, ex in enumerate(item.exemplars)
-    ]
+    exemplars = [decode_rgb(ex, f"{where}.exemplars[{k}]", max_pixels) for k, ex in enumerate(item.exemplars)]
     metadata = json_format.MessageToDict(item.metadata) if item.HasField("metadata") else {}
     return DecodedItem(item.id, edited, source, item.instruction, mask, exemplars, metadata)
 

@@ -128,7 +128,9 @@ class RewardServer:
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until `load`); return the bound port."""
         limit = self.config.max_message_mb * 1024 * 1024
-        interceptors = [_TokenInterceptor(self.config.auth_token, self.metrics)] if self.config.auth_token else []
+        interceptors = (
+            [_TokenInterceptor(self.config.auth_token, self.metrics)] if self.config.auth_token else []
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -176,7 +178,9 @@ class RewardServer:
         scorer = await asyncio.get_running_loop().run_in_executor(None, self._factory)
         size = max(1, min(self.batching.max_batch_size, int(scorer.max_batch_size)))
         if size != self.batching.max_batch_size:
-            self.batching = BatcherConfig(size, self.batching.max_queue_delay_ms, self.batching.max_queue_size)
+            self.batching = BatcherConfig(
+                size, self.batching.max_queue_delay_ms, self.batching.max_queue_size
+            )
         self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics)
         self.batcher.start()
         self.scorer = scorer

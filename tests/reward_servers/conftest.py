@@ -1,44 +1,14 @@
-"""Fixtures for reward-server tests: a real grpc.aio server on loopback, run on its own event loop
-thread, and a gated scorer that lets a test hold a batch inside the scorer."""
+"""Fixtures for reward-server tests; the helpers they use live in reward_helpers.py."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import numpy as np
 import pytest
+from reward_helpers import ServerThread, random_image
 
-from reward_servers.base import ScoreBatch, ScoreResult, build_scorer
+from reward_servers.base import build_scorer
 from reward_servers.batcher import BatcherConfig
-from reward_servers.client import ScorerClient
 from reward_servers.config import ServerConfig
-from reward_servers.server import RewardServer
-
-
-class ServerThread:
-    """A `RewardServer` on 127.0.0.1 (free port) with its event loop on a background thread."""
-
-    def __init__(self, factory, name: str, config: ServerConfig, batching: BatcherConfig, load: bool):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = RewardServer(factory, name, config, batching)
-        self.port = self.call(self.server.start())
-        self.target = f"127.0.0.1:{self.port}"
-        if load:
-            self.call(self.server.load())
-
-    def call(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def client(self, **kwargs) -> ScorerClient:
-        return ScorerClient(self.target, timeout_s=kwargs.pop("timeout_s", 30.0), **kwargs)
-
-    def close(self) -> None:
-        self.call(self.server.stop(grace_s=5.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture
@@ -63,36 +33,12 @@ def serve():
         st.close()
 
 
-class GatedScorer:
-    """Wraps a real scorer; every `score` call first waits for `gate` (up to 30 s) and records the
-    batch size, so a test can hold the worker busy and fill the queue behind it."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.name, self.version, self.model_id = inner.name, inner.version, inner.model_id
-        self.higher_is_better, self.max_batch_size = inner.higher_is_better, inner.max_batch_size
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.sizes: list[int] = []
-
-    def score(self, batch: ScoreBatch) -> ScoreResult:
-        self.entered.set()
-        if not self.gate.wait(30):
-            raise TimeoutError("gate never opened")
-        self.sizes.append(len(batch))
-        return self.inner.score(batch)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
 
 
-def random_image(rng, h: int = 32, w: int = 32) -> np.ndarray:
-    """(h, w, 3) uint8 noise."""
-    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
 @pytest.fixture
 def image(rng):
+    """`image(h=32, w=32)`: (h, w, 3) uint8 noise from the test's seeded generator."""
     return lambda h=32, w=32: random_image(rng, h, w)

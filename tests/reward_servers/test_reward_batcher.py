@@ -54,14 +54,18 @@ def test_queue_full_and_deadline_in_queue(rng):
     gate = Gate()
 
     async def main():
-        batcher = DynamicBatcher(gate.score, BatcherConfig(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=3))
+        batcher = DynamicBatcher(
+            gate.score, BatcherConfig(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=3)
+        )
         batcher.start()
         busy = asyncio.ensure_future(batcher.submit(one(rng), time.monotonic() + 10))
         while not gate.entered.is_set():
             await asyncio.sleep(0.005)
         # The worker is busy; this request waits in the queue past its deadline.
         doomed = asyncio.ensure_future(batcher.submit(one(rng), time.monotonic() + 0.05))
-        filler = asyncio.ensure_future(batcher.submit(ScoreBatch(*([one(rng).edited[0]] * 2,) * 2, ["a", "b"])))
+        filler = asyncio.ensure_future(
+            batcher.submit(ScoreBatch(*([one(rng).edited[0]] * 2,) * 2, ["a", "b"]))
+        )
         await asyncio.sleep(0)
         with pytest.raises(QueueFull):
             await batcher.submit(one(rng))
@@ -93,7 +97,9 @@ def test_a_failing_item_fails_alone(rng):
         batcher = DynamicBatcher(Fussy().score, BatcherConfig(max_batch_size=8, max_queue_delay_ms=50))
         batcher.start()
         e = one(rng).edited[0]
-        out = await batcher.submit(ScoreBatch([e] * 4, [e] * 4, ["a", "boom", "bad", "b"]), time.monotonic() + 5)
+        out = await batcher.submit(
+            ScoreBatch([e] * 4, [e] * 4, ["a", "boom", "bad", "b"]), time.monotonic() + 5
+        )
         await batcher.close()
         return out
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
-from PIL import Image as PILImage
+from reward_helpers import bad_images
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.images import ImageError, decode_item, decode_mask, decode_rgb, encode_image, make_item
@@ -30,45 +26,13 @@ def test_round_trip(encoding, channels, rng):
 def test_mask_and_item(encoding, image):
     mask = np.zeros((32, 32), bool)
     mask[4:10, 5:20] = True
-    item = make_item("i", image(), image(), "x", mask=mask, exemplars=[image(8, 8)], metadata={"k": 1.5}, encoding=encoding)
+    item = make_item(
+        "i", image(), image(), "x", mask=mask, exemplars=[image(8, 8)], metadata={"k": 1.5}, encoding=encoding
+    )
     decoded = decode_item(item, 0)
     np.testing.assert_array_equal(decoded.mask, mask)
     np.testing.assert_array_equal(decode_mask(item.mask, "m"), mask)
     assert decoded.exemplars[0].shape == (8, 8, 3) and decoded.metadata == {"k": 1.5}
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with one tiny (wrong) IDAT: a decompression-bomb header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
-def _png(array) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def bad_images(rng) -> dict[str, tuple[pb.Image, str]]:
-    """Each kind of bad image from the issue, with a fragment its error message must contain."""
-    good = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-    png = _png(good)
-    raw = pb.Image.ENCODING_RAW_UINT8
-    return {
-        "undecodable": (pb.Image(encoding=pb.Image.ENCODING_PNG, data=b"not an image"), "not a PNG"),
-        "truncated": (pb.Image(encoding=pb.Image.ENCODING_PNG, data=png[: len(png) // 2]), "undecodable"),
-        "zero_size_raw": (pb.Image(encoding=raw, data=b"", width=0, height=32, channels=3), "zero-size"),
-        "empty_png": (pb.Image(encoding=pb.Image.ENCODING_PNG, data=b""), "empty"),
-        "raw_dims_mismatch": (pb.Image(encoding=raw, data=good.tobytes(), width=31, height=32, channels=3), "states"),
-        "png_dims_mismatch": (pb.Image(encoding=pb.Image.ENCODING_PNG, data=png, width=64, height=32), "states"),
-        "bomb_png": (pb.Image(encoding=pb.Image.ENCODING_PNG, data=_png_header_only(50000, 50000)), "pixel cap"),
-        "bomb_raw": (pb.Image(encoding=raw, data=b"\0" * 3, width=100000, height=100000, channels=3), "pixel cap"),
-        "no_encoding": (pb.Image(data=png), "unsupported encoding"),
-    }
 
 
 @pytest.mark.parametrize("kind", sorted(bad_images(np.random.default_rng(0))))

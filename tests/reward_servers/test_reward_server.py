@@ -9,10 +9,9 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from conftest import GatedScorer
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_images import bad_images
+from reward_helpers import GatedScorer, bad_images
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import build_scorer
@@ -51,9 +50,11 @@ def test_served_equals_in_process(serve, image):
     edits = [image() for _ in range(5)]
     with st.client() as client:
         response = client.score([make_item(str(i), e, e, encoding="png") for i, e in enumerate(edits)])
-    expected = build_scorer("brightness").score(
-        __import__("reward_servers").ScoreBatch(edits, edits, [""] * 5)
-    ).scores
+    expected = (
+        build_scorer("brightness")
+        .score(__import__("reward_servers").ScoreBatch(edits, edits, [""] * 5))
+        .scores
+    )
     np.testing.assert_allclose([r.score for r in response.results], expected, rtol=0, atol=1e-12)
 
 
@@ -82,9 +83,12 @@ def test_every_bad_input_fails_alone_and_server_keeps_serving(serve, image, rng)
         # The server still serves a good batch.
         again = client.score([make_item(str(i), good, good) for i in range(3)])
     assert [r.status for r in again.results] == [OK] * 3
-    assert st.server.metrics.registry.get_sample_value(
-        "spie_reward_errors_total", {"scorer": "ssim_structure", "kind": "invalid_input"}
-    ) == len(items) - 2
+    assert (
+        st.server.metrics.registry.get_sample_value(
+            "spie_reward_errors_total", {"scorer": "ssim_structure", "kind": "invalid_input"}
+        )
+        == len(items) - 2
+    )
 
 
 def test_malformed_requests_get_invalid_argument(serve, image):
@@ -116,7 +120,9 @@ def test_full_queue_is_resource_exhausted(serve, image):
     st = serve(lambda: gated, name="brightness", batching=BatcherConfig(4, 0.0, max_queue_size=3))
     with st.client() as client:
         busy, good = _hold(st, client, gated, image)
-        waiting = client.score_future(pb.ScoreRequest(items=[make_item(str(i), good, good) for i in range(3)]))
+        waiting = client.score_future(
+            pb.ScoreRequest(items=[make_item(str(i), good, good) for i in range(3)])
+        )
         time.sleep(0.2)  # let it reach the queue
         assert st.server.batcher.queue_depth == 3
         code = code_of(lambda: client.score([make_item("x", good, good)]))
@@ -132,7 +138,9 @@ def test_deadline_expired_in_queue(serve, image):
     with st.client() as client:
         busy, good = _hold(st, client, gated, image)
         # A server-side deadline (as the Redis queue carries) 200 ms ahead; the call's own is 10 s.
-        late = pb.ScoreRequest(items=[make_item("late", good, good)], deadline_unix_ms=int(time.time() * 1000) + 200)
+        late = pb.ScoreRequest(
+            items=[make_item("late", good, good)], deadline_unix_ms=int(time.time() * 1000) + 200
+        )
         future = client.score_future(late, timeout_s=10)
         time.sleep(0.4)
         gated.gate.set()
@@ -156,7 +164,9 @@ def test_auth_token(serve, image):
     st = serve("brightness", auth_token="s3cret")
     good = image()
     with st.client() as anonymous, st.client(token="wrong") as wrong, st.client(token="s3cret") as client:
-        assert code_of(lambda: anonymous.score([make_item("a", good, good)])) == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            code_of(lambda: anonymous.score([make_item("a", good, good)])) == grpc.StatusCode.UNAUTHENTICATED
+        )
         assert code_of(lambda: wrong.info()) == grpc.StatusCode.UNAUTHENTICATED
         assert anonymous.health() == health_pb2.HealthCheckResponse.SERVING  # probes need no token
         assert client.score([make_item("a", good, good)]).results[0].status == OK
@@ -184,12 +194,18 @@ def test_health_not_serving_until_loaded_then_draining(serve, image):
         assert client.score([make_item("a", good, good)]).results[0].status == OK
         # Reflection lists the reward service.
         stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
-        reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        reply = next(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
         assert "spie.reward.v1.RewardService" in {s.name for s in reply.list_services_response.service}
         # Draining flips health before the port closes.
         import asyncio
 
-        asyncio.run_coroutine_threadsafe(st.server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), st.loop).result(5)
+        asyncio.run_coroutine_threadsafe(
+            st.server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING), st.loop
+        ).result(5)
         st.server._draining = True
         assert client.health() == health_pb2.HealthCheckResponse.NOT_SERVING
         assert code_of(lambda: client.score([make_item("a", good, good)])) == grpc.StatusCode.UNAVAILABLE
@@ -207,5 +223,9 @@ def test_metrics_endpoint(serve, image):
         client.score([make_item(str(i), good, good) for i in range(3)])
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'spie_reward_items_scored_total{scorer="brightness"} 3.0' in text
-    for name in ("spie_reward_batch_size_bucket", "spie_reward_queue_depth", "spie_reward_request_seconds_count"):
+    for name in (
+        "spie_reward_batch_size_bucket",
+        "spie_reward_queue_depth",
+        "spie_reward_request_seconds_count",
+    ):
         assert name in text

@@ -1,0 +1,116 @@
+"""`spie serve` as a real subprocess (SIGTERM drains) and `spie score` against it; shipped configs load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos.spie.reward.v1 import reward_pb2 as pb
+from reward_servers.cli import TOKEN_ENV
+from reward_servers.client import ScorerClient
+from reward_servers.config import load_serve_config
+from reward_servers.images import make_item
+from trainer.cli import main
+from trainer.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `spie serve` on a free port; return the process and its HOST:PORT once listening."""
+    cmd = [sys.executable, "-m", "trainer.cli", "serve", *args, "--port", "0"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line:
+            return proc, line.split("listening on ")[1].split()[0]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"spie serve did not start: {proc.stdout.read()}")
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path, image):
+    config = tmp_path / "serve.yaml"
+    config.write_text("batching:\n  max_queue_delay_ms: 3000\n  max_batch_size: 64\n")
+    proc, target = start_serve("ssim_structure", "--config", str(config))
+    try:
+        with ScorerClient(target) as client:
+            client.wait_ready(30)
+            good = image()
+            # Held in the queue for up to 3 s waiting for a fuller batch; SIGTERM must flush it.
+            pending = client.score_future(pb.ScoreRequest(items=[make_item("a", good, good)]), timeout_s=30)
+            time.sleep(0.3)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            result = pending.result(30)
+            assert result.results[0].status == pb.Result.STATUS_OK and result.results[
+                0
+            ].score == pytest.approx(1)
+            assert time.monotonic() - start < 2.5  # flushed at once, not after the 3 s batching delay
+            assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "draining" in out and "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_spie_score_cli_and_token(tmp_path, capsys, rng, monkeypatch):
+    source = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    paths = {}
+    for name, array in {"same": source, "flip": source[::-1].copy(), "src": source}.items():
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(array).save(paths[name])
+    proc, target = start_serve("ssim_structure", env={TOKEN_ENV: "tok"})
+    try:
+        with ScorerClient(target, token="tok") as client:
+            client.wait_ready(30)
+        monkeypatch.setenv(TOKEN_ENV, "tok")
+        argv = ["score", "--server", target, "--images", str(paths["same"]), str(paths["flip"])]
+        argv += ["--sources", str(paths["src"]), str(paths["src"]), "--json"]
+        assert main(argv) == 0
+        lines = [__import__("json").loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert lines[0]["score"] == pytest.approx(1.0) and lines[1]["score"] < 0.5
+        monkeypatch.delenv(TOKEN_ENV)
+        assert main(argv) == 2  # UNAUTHENTICATED is reported as one line
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    assert main(["serve", "no_such_scorer"]) == 2
+    assert "unknown scorer 'no_such_scorer'" in capsys.readouterr().err
+    assert main(["serve", "brightness", "--device", "cuda:0"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batching:\n  max_batch_sizes: 3\n")
+    with pytest.raises(UserError, match="unknown field"):
+        load_serve_config(bad)
+    missing = tmp_path / "missing.png"
+    assert main(["score", "--server", "127.0.0.1:1", "--images", str(missing)]) == 2
+    assert "no such image" in capsys.readouterr().err
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "reward_servers" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_serve_config(path)
