@@ -112,7 +112,15 @@ class Scorer(Protocol):
 
 ScorerFactory = Callable[..., Scorer]
 _REGISTRY: dict[str, ScorerFactory] = {}
-_BUILTIN_MODULES = ("reward_servers.weightfree",)
+_BUILTIN_MODULES = (
+    "reward_servers.weightfree",
+    "reward_servers.depth",
+    "reward_servers.segmentation",
+    "reward_servers.aesthetic",
+    "reward_servers.exemplar",
+    "reward_servers.vlm_judge",
+    "reward_servers.hps",
+)
 
 
 def register_scorer(name: str) -> Callable[[ScorerFactory], ScorerFactory]:

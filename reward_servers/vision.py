@@ -1,0 +1,112 @@
+"""Shared pieces of the model-backed scorers: per-item validation, image preprocessing with PIL and
+torch only (no torchvision), devices and dtypes, and seeded tiny-model saving.
+
+Preprocessing resizes each image on its own with PIL, so an item is preprocessed identically alone or
+inside a batch (batch invariance starts here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from reward_servers.base import ScoreBatch, ScoreResult
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_items(batch: ScoreBatch, same_size: bool) -> list[str | None]:
+    """One entry per item: None if the scorer can take it, else a one-line reason."""
+    errors: list[str | None] = []
+    for i in range(len(batch)):
+        edit, source = batch.edited[i], batch.sources[i]
+        error = None
+        for name, image in (("edited", edit), ("source", source)):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+                error = f"{name}: expected a non-empty (H, W, 3) uint8 image, got {image.dtype} {image.shape}"
+        if error is None and same_size and edit.shape != source.shape:
+            error = f"source {source.shape[1]}x{source.shape[0]} and edit {edit.shape[1]}x{edit.shape[0]} sizes differ"
+        mask = batch.mask(i)
+        if error is None and mask is not None and mask.shape != edit.shape[:2]:
+            error = f"mask {mask.shape[1]}x{mask.shape[0]} does not match the edit {edit.shape[1]}x{edit.shape[0]}"
+        errors.append(error)
+    return errors
+
+
+def score_valid(
+    batch: ScoreBatch,
+    same_size: bool,
+    fn: Callable[[list[int]], tuple[Sequence[float], Sequence[dict[str, float]]]],
+) -> ScoreResult:
+    """Run `fn(valid_indices) -> (scores, details)` on the items that pass `check_items`; the others
+    get NaN and their error."""
+    errors = check_items(batch, same_size)
+    valid = [i for i, e in enumerate(errors) if e is None]
+    scores = np.full(len(batch), np.nan)
+    details: list[dict[str, float]] = [{} for _ in range(len(batch))]
+    if valid:
+        got, info = fn(valid)
+        for k, i in enumerate(valid):
+            scores[i], details[i] = float(got[k]), dict(info[k])
+    return ScoreResult(scores, details, errors)
+
+
+def resize(image: np.ndarray, size: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
+    """(H, W, C) uint8 -> (size[0], size[1], C) uint8 with PIL (size is (height, width))."""
+    method = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[resample]
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), method))
+
+
+def resize_short_center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """CLIP-style: resize the short side to `side` (bicubic), then crop the central side x side."""
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+    resized = resize(image, (nh, nw))
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return resized[top : top + side, left : left + side]
+
+
+def to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float], torch_device=None):
+    """N (H, W, 3) uint8 images of equal size -> (N, 3, H, W) float32, (x / 255 - mean) / std."""
+    import torch
+
+    array = np.stack(images).astype(np.float32) / 255.0
+    array = (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(torch_device or "cpu")
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool -> (size[0], size[1]) bool, nearest neighbour."""
+    return resize(mask.astype(np.uint8) * 255, size, "nearest") > 127
+
+
+def torch_dtype(name: str):
+    """ "float32" / "float16" / "bfloat16" -> torch dtype (ValueError naming the field otherwise)."""
+    import torch
+
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def load_pretrained(cls: Any, model_id: str, device: str, dtype: str, **kwargs: Any):
+    """`cls.from_pretrained(model_id)` (hub id or local folder) in eval mode on `device`."""
+    model = cls.from_pretrained(model_id, dtype=torch_dtype(dtype), **kwargs)
+    return model.to(device).eval()
+
+
+def save_tiny_model(model_cls: Any, config: Any, folder: str, seed: int = 0) -> str:
+    """Build `model_cls(config)` with seeded random weights and `save_pretrained` it to `folder`."""
+    import torch
+
+    torch.manual_seed(seed)
+    model_cls(config).eval().save_pretrained(folder)
+    return folder
