@@ -123,7 +123,9 @@ def test_full_queue_is_resource_exhausted(serve, image):
         waiting = client.score_future(
             pb.ScoreRequest(items=[make_item(str(i), good, good) for i in range(3)])
         )
-        time.sleep(0.2)  # let it reach the queue
+        deadline = time.monotonic() + 10
+        while st.server.batcher.queue_depth < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # let it reach the queue
         assert st.server.batcher.queue_depth == 3
         code = code_of(lambda: client.score([make_item("x", good, good)]))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -229,3 +231,23 @@ def test_metrics_endpoint(serve, image):
         "spie_reward_request_seconds_count",
     ):
         assert name in text
+
+
+def test_tls(serve, image, tmp_path):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    cmd += ["-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    __import__("subprocess").run(cmd, check=True, capture_output=True, timeout=60)
+    st = serve("brightness", tls_cert=str(cert), tls_key=str(key))
+    good = image()
+    with st.client(tls_ca=str(cert)) as client:
+        assert client.score([make_item("a", good, good)]).results[0].status == OK
+    with st.client() as plaintext:  # a plaintext client cannot talk to a TLS server
+        assert (
+            code_of(lambda: plaintext.score([make_item("a", good, good)], timeout_s=3))
+            == grpc.StatusCode.UNAVAILABLE
+        )
