@@ -120,6 +120,7 @@ _BUILTIN_MODULES = (
     "reward_servers.exemplar",
     "reward_servers.vlm_judge",
     "reward_servers.hps",
+    "reward_servers.sleep",
 )
 
 

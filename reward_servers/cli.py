@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: off)")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key): serve TLS")
     serve.add_argument("--tls-key", help="PEM private key")
+    serve.add_argument(
+        "--redis-url",
+        help="also pull jobs from this Redis (default: queue.url, then REDIS_URL; password in the "
+        "URL or REDIS_PASSWORD); without one, gRPC only",
+    )
     serve.set_defaults(func=run_serve)
 
     score = subparsers.add_parser("score", help="score images with a running reward server")
@@ -107,6 +112,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         server_cfg = dataclasses.replace(cfg.server, **server_over)
         batching = dataclasses.replace(cfg.batching, **batch_over)
+        queue_url = args.redis_url or cfg.queue.url or os.environ.get("REDIS_URL", "")
+        queue_cfg = dataclasses.replace(cfg.queue, url=queue_url) if queue_url else None
     except ValueError as err:
         raise UserError(str(err)) from None
     for name in ("tls_cert", "tls_key"):
@@ -115,10 +122,10 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')}: no such file {path}")
     factory = _scorer_factory(args.scorer, args.device, cfg.scorer)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return asyncio.run(_serve(args.scorer, factory, server_cfg, batching, args.device))
+    return asyncio.run(_serve(args.scorer, factory, server_cfg, batching, args.device, queue_cfg))
 
 
-async def _serve(name, factory, server_cfg, batching, device) -> int:
+async def _serve(name, factory, server_cfg, batching, device, queue_cfg=None) -> int:
     from reward_servers.server import RewardServer
 
     server = RewardServer(factory, name, server_cfg, batching, device)
@@ -134,16 +141,38 @@ async def _serve(name, factory, server_cfg, batching, device) -> int:
     load = asyncio.ensure_future(server.load())
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    consumer = None
     if load.done():
         load.result()  # a failed load raises here
+        if queue_cfg is not None:
+            consumer = await _start_consumer(server, queue_cfg, server_cfg)
         print(f"spie serve: {name} SERVING on {server_cfg.host}:{port}", flush=True)
         await waiter
     print(f"spie serve: {name} draining (grace {server_cfg.drain_grace_s:.0f}s)", flush=True)
+    if consumer is not None:
+        await consumer.stop(grace_s=server_cfg.drain_grace_s)
     await server.stop()
     if not load.done():
         load.cancel()
     print(f"spie serve: {name} stopped", flush=True)
     return 0
+
+
+async def _start_consumer(server, queue_cfg, server_cfg):
+    """Start the Redis stream consumer beside the gRPC server, on the same batcher."""
+    import redis
+
+    from reward_servers.queue.consumer import StreamConsumer
+    from reward_servers.queue.protocol import describe
+
+    consumer = StreamConsumer(server.scorer, server.batcher, queue_cfg, max_pixels=server_cfg.max_pixels)
+    try:
+        await consumer.start()
+    except (redis.RedisError, OSError) as err:
+        await server.stop(grace_s=0)
+        raise UserError(f"--redis-url {describe(consumer.url)}: {type(err).__name__}: {err}") from None
+    print(f"spie serve: {server.scorer_name} consuming {consumer.stream} as {consumer.name}", flush=True)
+    return consumer
 
 
 # ---- score -----------------------------------------------------------------------------------------

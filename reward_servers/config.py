@@ -5,6 +5,7 @@ A YAML file has three optional sections (see reward_servers/configs/*.yaml):
     server:    # ServerConfig fields
     batching:  # BatcherConfig fields
     scorer:    # keyword arguments of the scorer's constructor (model_id, rec_lambda, ...)
+    queue:     # ConsumerConfig fields (the Redis stream consumer; see reward_servers/queue/)
 
 Command-line flags of `spie serve` override the file.
 """
@@ -20,6 +21,7 @@ import yaml
 
 from reward_servers.batcher import BatcherConfig
 from reward_servers.images import DEFAULT_MAX_PIXELS
+from reward_servers.queue.consumer import ConsumerConfig
 from trainer.errors import UserError
 
 
@@ -68,6 +70,8 @@ class ServeConfig:
     batching: BatcherConfig = field(default_factory=BatcherConfig)
     # Keyword arguments of the scorer's constructor.
     scorer: dict[str, Any] = field(default_factory=dict)
+    # Redis stream consumer settings (used when a Redis URL is given).
+    queue: ConsumerConfig = field(default_factory=ConsumerConfig)
 
 
 def _build(cls: type, section: str, values: Any, path: Path) -> Any:
@@ -98,9 +102,9 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
         raise UserError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with server / batching / scorer sections")
-    unknown = sorted(set(data) - {"server", "batching", "scorer"})
+    unknown = sorted(set(data) - {"server", "batching", "scorer", "queue"})
     if unknown:
-        raise UserError(f"{path}: unknown section(s) {unknown}; known: server, batching, scorer")
+        raise UserError(f"{path}: unknown section(s) {unknown}; known: server, batching, scorer, queue")
     scorer = data.get("scorer") or {}
     if not isinstance(scorer, dict):
         raise UserError(f"{path}: section 'scorer' must be a mapping of constructor arguments")
@@ -108,4 +112,5 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
         server=_build(ServerConfig, "server", data.get("server"), path),
         batching=_build(BatcherConfig, "batching", data.get("batching"), path),
         scorer=scorer,
+        queue=_build(ConsumerConfig, "queue", data.get("queue"), path),
     )

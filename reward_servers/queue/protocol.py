@@ -1,0 +1,132 @@
+"""What the trainer's `RewardClient` and the replicas' `StreamConsumer` agree on: key names, job
+fields, connection settings and the Lua script that completes a job.
+
+Per scorer S (shared by every run):
+
+    spie:q:scorers            set    names of scorers that have (had) a replica
+    spie:q:S:jobs             stream one entry per job (run, batch, index, deadline); group "replicas"
+    spie:q:S:dead             stream jobs that failed `max_attempts` times, with their error
+    spie:q:S:info             hash   version, higher_is_better, ... (written by every replica)
+    spie:q:S:done             int    jobs completed, for throughput
+
+Per rollout batch B of run R (all expire after the client's TTL):
+
+    spie:b:R:B:blob:I         string item I as a serialised `reward.proto` Item (shared by scorers)
+    spie:b:R:B:need:I         set    scorers that still need blob I; the last one deletes the blob
+    spie:b:R:B:res:S:I        string scorer S's `reward.proto` Result for item I, written only if absent
+    spie:b:R:B:signal         list   "S I" pushed by whoever wrote a result: the gatherer's wake-up
+    spie:b:R:B:attempts       hash   "S:I" -> times a replica started the job
+    spie:b:R:B:live           string set by the client; gone after a Redis restart without persistence
+
+Acknowledged jobs are deleted from the stream, so a stream's length is the number of jobs waiting or
+being scored: the in-flight count that backpressure caps. Payloads are protobuf bytes, never pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+GROUP = "replicas"
+SCORERS_KEY = "spie:q:scorers"
+PASSWORD_ENV = "REDIS_PASSWORD"
+URL_ENV = "REDIS_URL"
+
+
+def jobs_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:jobs"
+
+
+def dead_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:dead"
+
+
+def info_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:info"
+
+
+def done_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:done"
+
+
+class BatchKeys:
+    """Key names of one rollout batch (`run`, `batch` are the client's ids)."""
+
+    def __init__(self, run: str, batch: str) -> None:
+        for name, value in (("run", run), ("batch", batch)):
+            if not value or any(c in value for c in ": \t\n"):
+                raise ValueError(f"queue {name} id {value!r} must be non-empty, without ':' or spaces")
+        self.run, self.batch = run, batch
+        self.prefix = f"spie:b:{run}:{batch}:"
+        self.signal = self.prefix + "signal"
+        self.attempts = self.prefix + "attempts"
+        self.live = self.prefix + "live"
+
+    def blob(self, index: int) -> str:
+        return f"{self.prefix}blob:{index}"
+
+    def need(self, index: int) -> str:
+        return f"{self.prefix}need:{index}"
+
+    def result(self, scorer: str, index: int) -> str:
+        return f"{self.prefix}res:{scorer}:{index}"
+
+
+def job_fields(run: str, batch: str, index: int, deadline_unix_ms: int) -> dict[str, str]:
+    """The fields of one stream entry (a job: score item `index` of the batch before the deadline)."""
+    return {"run": run, "batch": batch, "index": str(index), "deadline_ms": str(deadline_unix_ms)}
+
+
+# Complete one job atomically: write the result if absent; if written, release the blob (deleted by
+# the last scorer that needed it), signal the gatherer and count it; always ack and delete the entry.
+# KEYS: result, need set, blob, signal list, stream, attempts hash, done counter
+# ARGV: result bytes, ttl s, scorer, signal member, group, entry id, attempts field
+COMPLETE_LUA = """
+local wrote = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+if wrote then
+  redis.call('SREM', KEYS[2], ARGV[3])
+  if redis.call('SCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[3]) end
+  redis.call('RPUSH', KEYS[4], ARGV[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
+  redis.call('INCR', KEYS[7])
+end
+redis.call('XACK', KEYS[5], ARGV[5], ARGV[6])
+redis.call('XDEL', KEYS[5], ARGV[6])
+redis.call('HDEL', KEYS[6], ARGV[7])
+if wrote then return 1 else return 0 end
+"""
+
+
+def redis_url(url: str | None = None) -> str | None:
+    """`url`, else the REDIS_URL environment variable, else None (meaning: start an embedded one)."""
+    return url or os.environ.get(URL_ENV) or None
+
+
+def connect(url: str, password: str | None = None, asyncio: bool = False, **kwargs: Any):
+    """A redis-py client for `url` (redis://, rediss:// or unix://).
+
+    The password comes from the URL, else `password`, else the REDIS_PASSWORD environment variable.
+    Socket timeouts are set so that no call can hang forever; blocking commands use shorter blocks.
+    """
+    import redis
+    import redis.asyncio
+    from redis.connection import parse_url
+
+    if not parse_url(url).get("password"):
+        password = password or os.environ.get(PASSWORD_ENV) or None
+        if password:
+            kwargs["password"] = password
+    kwargs.setdefault("socket_timeout", 30.0)
+    kwargs.setdefault("socket_connect_timeout", 5.0)
+    module = redis.asyncio if asyncio else redis
+    return module.Redis.from_url(url, **kwargs)
+
+
+def describe(url: str) -> str:
+    """`url` without its password, for messages."""
+    from redis.connection import parse_url
+
+    parsed = parse_url(url)
+    if "path" in parsed:
+        return f"unix://{parsed['path']}"
+    return f"{parsed.get('host', '?')}:{parsed.get('port', 6379)}"
