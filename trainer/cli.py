@@ -16,6 +16,7 @@ from trainer.errors import UserError
 _COMMAND_MODULES = (
     "trainer.commands",
     "reward_servers.cli",
+    "reward_servers.queue.cli",
 )
 
 
