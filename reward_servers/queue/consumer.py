@@ -302,26 +302,33 @@ class StreamConsumer:
             return
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(self._decode, self._decode_all, blobs)
-        outcomes = await asyncio.gather(*(self._score(job, d) for job, d in zip(live, decoded, strict=True)))
-        for job, d, outcome in zip(live, decoded, outcomes, strict=True):
+        # Each job finishes on its own, so its slot frees as soon as it is written.
+        await asyncio.gather(*(self._finish(job, d) for job, d in zip(live, decoded, strict=True)))
+
+    async def _finish(self, job: _Job, decoded) -> None:
+        """Score one job and write its outcome; then free its slot for the next read."""
+        try:
+            outcome = await self._score(job, decoded)
             if outcome is None:
-                continue  # left pending: another replica takes it over
-            item_id = d.id if not isinstance(d, Exception) else ""
+                return  # left pending: another replica takes it over
+            item_id = decoded.id if not isinstance(decoded, Exception) else ""
             if outcome.kind == "expired":  # the client has moved on and resubmits if it still cares
-                await self._until_written(lambda job=job: self._ack(job), job)
-                continue
-            if outcome.kind == "scorer_error":
-                if job.attempt >= self.config.max_attempts:
-                    error = f"dead-lettered after {job.attempt} attempts: {outcome.error}"
-                    await self._dead_letter(job, error, item_id)
-                else:
-                    await self._until_written(lambda job=job, o=outcome: self._requeue(job, o.error), job)
-                continue
-            result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])
-            result.details.update(outcome.details)
-            if outcome.error:
-                result.error = outcome.error
-            await self._until_written(lambda job=job, r=result: self._complete(job, r), job)
+                await self._until_written(lambda: self._ack(job), job)
+            elif outcome.kind == "scorer_error" and job.attempt >= self.config.max_attempts:
+                await self._dead_letter(
+                    job, f"dead-lettered after {job.attempt} attempts: {outcome.error}", item_id
+                )
+            elif outcome.kind == "scorer_error":
+                await self._until_written(lambda: self._requeue(job, outcome.error), job)
+            else:
+                result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])
+                result.details.update(outcome.details)
+                if outcome.error:
+                    result.error = outcome.error
+                await self._until_written(lambda: self._complete(job, result), job)
+        finally:
+            self._held.discard(job.entry_id)
+            self._freed.set()
 
     def _decode_all(self, blobs: list[bytes]) -> list:
         out = []
