@@ -34,7 +34,9 @@ class ExemplarPreconv(nn.Module):
         self.to_v = nn.Linear(text_dim, inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, 4, bias=False)
 
-    def forward(self, exemplar_latents: torch.Tensor, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, exemplar_latents: torch.Tensor, latents: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
         """(B, 4, h, w) exemplar latents, (B, 4, h, w) noisy latents, (B, L, D) text -> (B, 4, h, w)."""
         b, _, h, w = latents.shape
         x = torch.cat([exemplar_latents, latents], dim=1).flatten(2).transpose(1, 2)  # (B, h*w, 8)
@@ -42,7 +44,9 @@ class ExemplarPreconv(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, S, H*d) -> (B, H, S, d)
             return t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(text)), split(self.to_v(text)))
+        attended = F.scaled_dot_product_attention(
+            split(self.to_q(x)), split(self.to_k(text)), split(self.to_v(text))
+        )
         attended = attended.transpose(1, 2).reshape(b, h * w, -1)
         return self.to_out(attended).transpose(1, 2).reshape(b, 4, h, w)
 

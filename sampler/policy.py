@@ -79,7 +79,11 @@ class EditPolicy:
         """N instructions -> (N, L, D) CLIP last hidden states, as the pipeline's `_encode_prompt`."""
         tok = self.c.tokenizer
         ids = tok(
-            list(instructions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            list(instructions),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         return self.c.text_encoder(ids)[0]
 
@@ -93,7 +97,7 @@ class EditPolicy:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> (N, 4, H/f, W/f) VAE latent means (unscaled, as InstructPix2Pix)."""
         vae = self.c.vae
-        x = (images.to(self.device, vae.dtype) * 2 - 1)
+        x = images.to(self.device, vae.dtype) * 2 - 1
         return vae.encode(x).latent_dist.mode()
 
     @torch.no_grad()
@@ -132,7 +136,9 @@ class EditPolicy:
         zeros = torch.zeros_like(image_latents)
         if self.exemplar is None:
             copies = 3
-            model_in = torch.cat([scaled.repeat(3, 1, 1, 1), torch.cat([image_latents, image_latents, zeros])], dim=1)
+            model_in = torch.cat(
+                [scaled.repeat(3, 1, 1, 1), torch.cat([image_latents, image_latents, zeros])], dim=1
+            )
             embeds = torch.cat([text_embeds, null, null])
         else:
             copies = 4
@@ -149,7 +155,9 @@ class EditPolicy:
             )
             embeds = torch.cat([text_embeds, null, null, null])
         unet = self.c.unet
-        out = unet(model_in.to(unet.dtype), t.repeat(copies), encoder_hidden_states=embeds.to(unet.dtype)).sample
+        out = unet(
+            model_in.to(unet.dtype), t.repeat(copies), encoder_hidden_states=embeds.to(unet.dtype)
+        ).sample
         out = out.float()
         if self.exemplar is None:
             e_txt, e_img, e_unc = out.chunk(3)
@@ -243,7 +251,11 @@ class EditPolicy:
             (B,) log-probabilities.
         """
         b = len(batch)
-        j = torch.as_tensor(j, device=batch.latents.device).expand(b) if not torch.is_tensor(j) or j.ndim == 0 else j
+        j = (
+            torch.as_tensor(j, device=batch.latents.device).expand(b)
+            if not torch.is_tensor(j) or j.ndim == 0
+            else j
+        )
         rows = torch.arange(b, device=batch.latents.device)
         x_t, x_prev = batch.latents[rows, j], batch.latents[rows, j + 1]
         index = batch.step_index[rows, j].to(self.device)

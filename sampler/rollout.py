@@ -92,5 +92,7 @@ class Rollout:
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """(N, 3, H, W) float in [0, 1] -> N arrays (H, W, 3) uint8."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     return list(arr)

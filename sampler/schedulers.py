@@ -76,7 +76,9 @@ class LogProbScheduler:
             prev = self.timesteps.long() - ratio
             final = float(scheduler.final_alpha_cumprod)
             self.alpha_t = alphas[self.timesteps.long()].float()  # (T,)
-            self.alpha_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64)).float()
+            self.alpha_prev = torch.where(
+                prev >= 0, alphas[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64)
+            ).float()
             self.clip_sample = bool(config.clip_sample)
             self.clip_range = float(getattr(config, "clip_sample_range", 1.0))
             if getattr(config, "thresholding", False):

@@ -18,3 +18,28 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- the tiny model
+
+TINY_CACHE = "runs/.tiny-ip2p"  # the presets' default `model.tiny_dir`, shared with `make demo`
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    """The seeded tiny InstructPix2Pix saved with `save_pretrained` (built once, then reused)."""
+    from sampler.models import resolve_pretrained
+
+    return resolve_pretrained("tiny", TINY_CACHE, seed=0)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir):
+    """`tiny_config(*overrides)`: configs/tiny.yaml, quiet, writing runs under tmp_path."""
+    from trainer.config import load_config
+
+    def make(*overrides: str):
+        base = [f"run.output_dir={tmp_path / 'runs'}", "run.quiet=true", f"model.tiny_dir={TINY_CACHE}"]
+        return load_config("configs/tiny.yaml", [*base, *overrides])
+
+    return make

@@ -11,8 +11,17 @@ from trainer.errors import UserError
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train an editor with RL from AI feedback")
     p.add_argument("--config", help="YAML preset (configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.learning_rate=1e-5")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. train.learning_rate=1e-5",
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -22,7 +31,14 @@ def register(subparsers) -> None:
     g.add_argument("--instruction", required=True, help="the edit instruction")
     g.add_argument("--out", required=True, help="output folder for the edits")
     g.add_argument("--seed", type=int, default=0, help="noise seed")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a sampling field, e.g. sample.num_steps=50")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sampling field, e.g. sample.num_steps=50",
+    )
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
 
@@ -50,6 +66,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.instruction.strip():
         raise UserError("--instruction is empty")
-    written = generate(args.checkpoint, args.images, args.instruction, args.out, args.seed, args.overrides, progress=not args.quiet)
+    written = generate(
+        args.checkpoint,
+        args.images,
+        args.instruction,
+        args.out,
+        args.seed,
+        args.overrides,
+        progress=not args.quiet,
+    )
     print(f"[spie] wrote {len(written)} edits to {args.out}")
     return 0

@@ -7,6 +7,7 @@ not name keep their defaults. Unknown keys are errors. Overrides use dotted path
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -307,10 +308,8 @@ def _fix_numeric_strings(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
     for key, value in data.items():
         tp = hints.get(key)
         if tp is float and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         elif tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = _fix_numeric_strings(tp, value)
         out[key] = value
@@ -355,7 +354,9 @@ def validate(config: Config) -> None:
     ):
         need(value >= 1, f"{name} must be >= 1, got {value}")
     need(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
-    need(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+    need(
+        0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}"
+    )
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     need(0 < t.eps < 1, f"train.eps must be in (0, 1), got {t.eps}")
     need(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")
@@ -373,7 +374,10 @@ def validate(config: Config) -> None:
         f"= {step}",
     )
     if t.objective == "spie_ranking":
-        need(s.nb_gen >= 2, f"train.objective=spie_ranking ranks edits: sample.nb_gen must be >= 2, got {s.nb_gen}")
+        need(
+            s.nb_gen >= 2,
+            f"train.objective=spie_ranking ranks edits: sample.nb_gen must be >= 2, got {s.nb_gen}",
+        )
         need(
             t.batch_size % s.nb_gen == 0,
             f"train.objective=spie_ranking trains on whole groups: train.batch_size ({t.batch_size}) "
@@ -386,9 +390,7 @@ def validate(config: Config) -> None:
         need(bool(config.data.path), f"data.path is required with data.source={config.data.source}")
     if config.data.source in ("shapes", "folder"):
         need(len(config.data.instructions) >= 1, "data.instructions must list at least one instruction")
-        need(
-            all(i.strip() for i in config.data.instructions), "data.instructions: an instruction is empty"
-        )
+        need(all(i.strip() for i in config.data.instructions), "data.instructions: an instruction is empty")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

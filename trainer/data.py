@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from sampler.scenes import shapes_batch
 from trainer.config import DataConfig
 from trainer.errors import UserError
 
@@ -40,7 +41,12 @@ class Inputs:
 
     def take(self, index: torch.Tensor) -> Inputs:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Inputs(self.sources[index], [self.instructions[i] for i in index.tolist()], pick(self.masks), pick(self.exemplars))
+        return Inputs(
+            self.sources[index],
+            [self.instructions[i] for i in index.tolist()],
+            pick(self.masks),
+            pick(self.exemplars),
+        )
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
@@ -60,25 +66,10 @@ def _load_mask(path: Path, resolution: int) -> torch.Tensor:
     return load_image(path, resolution).mean(0) > 0.5
 
 
-def shapes_scene(rng: np.random.Generator, resolution: int) -> np.ndarray:
-    """One seeded scene: (R, R, 3) uint8, a background and 1-3 coloured rectangles or discs."""
-    img = np.empty((resolution, resolution, 3), dtype=np.uint8)
-    img[:] = rng.integers(30, 225, size=3)
-    yy, xx = np.mgrid[:resolution, :resolution]
-    for _ in range(int(rng.integers(1, 4))):
-        colour = rng.integers(0, 256, size=3)
-        cy, cx = rng.integers(resolution // 6, resolution - resolution // 6, size=2)
-        r = int(rng.integers(resolution // 8, resolution // 3))
-        shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if rng.random() < 0.5 else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
-        img[shape] = colour
-    return img
-
-
 def load_inputs(config: DataConfig, resolution: int, seed: int = 0) -> Inputs:
     """Load (or draw) every training input described by `config`."""
     if config.source == "shapes":
-        rng = np.random.default_rng(seed)
-        scenes = np.stack([shapes_scene(rng, resolution) for _ in range(config.num_items)])
+        scenes = shapes_batch(seed, config.num_items, resolution)
         sources = torch.from_numpy(scenes).permute(0, 3, 1, 2).float() / 255.0
         instructions = [config.instructions[i % len(config.instructions)] for i in range(config.num_items)]
         return Inputs(sources, instructions)
@@ -114,7 +105,9 @@ def _load_jsonl(path: Path, resolution: int) -> Inputs:
         sources.append(load_image(path.parent / record["image"], resolution))
         instructions.append(instruction)
         masks.append(_load_mask(path.parent / record["mask"], resolution) if record.get("mask") else None)
-        exemplars.append(load_image(path.parent / record["exemplar"], resolution) if record.get("exemplar") else None)
+        exemplars.append(
+            load_image(path.parent / record["exemplar"], resolution) if record.get("exemplar") else None
+        )
     if not sources:
         raise UserError(f"{path}: no records")
 

@@ -40,14 +40,18 @@ def generate(
     load_trainable_into_policy(policy, trainable, config.model.use_lora)
     exemplars = None
     if policy.exemplar is not None:
-        raise UserError("generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)")
+        raise UserError(
+            "generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     written = []
     for start in range(0, len(files), batch_size):
         chunk = sources[start : start + batch_size]
-        r = policy.rollout(chunk, [instruction] * len(chunk), generator=gen, exemplars=exemplars, progress=progress)
+        r = policy.rollout(
+            chunk, [instruction] * len(chunk), generator=gen, exemplars=exemplars, progress=progress
+        )
         for f, img in zip(files[start : start + batch_size], r.edited_uint8(), strict=True):
             path = out / (f.stem + ".png")
             Image.fromarray(np.ascontiguousarray(img)).save(path)

@@ -40,20 +40,29 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
     try:
         components = load_components(path, m.revision, m.scheduler)
     except (OSError, ValueError) as err:
-        raise UserError(f"model.pretrained: cannot load {m.pretrained!r}: {str(err).splitlines()[0]}") from err
+        raise UserError(
+            f"model.pretrained: cannot load {m.pretrained!r}: {str(err).splitlines()[0]}"
+        ) from err
     exemplar = None
     if m.exemplar_conditioning:
         expand_conv_in(components.unet, 4)
         torch.manual_seed(config.run.seed)
         text_dim = components.text_encoder.config.hidden_size
         heads = 8 if text_dim % 8 == 0 else 1
-        exemplar = ExemplarPreconv(text_dim=text_dim, inner_dim=max(heads * 8, 320 if text_dim >= 320 else text_dim), heads=heads)
+        exemplar = ExemplarPreconv(
+            text_dim=text_dim, inner_dim=max(heads * 8, 320 if text_dim >= 320 else text_dim), heads=heads
+        )
     if m.use_lora:
         from peft import LoraConfig
 
         torch.manual_seed(config.run.seed)
         components.unet.add_adapter(
-            LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+            LoraConfig(
+                r=m.lora_rank,
+                lora_alpha=m.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
         )
     return EditPolicy(
         components,
@@ -109,9 +118,16 @@ class Learner:
             weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
+        # Steps trained per trajectory: only stochastic steps have a log-prob (DDIM's last step with
+        # alpha_prev = 1 and Euler-ancestral's last step are deterministic).
+        self.steps_per_trajectory = min(config.train_timesteps, int(policy.sched.step_is_stochastic().sum()))
+        if self.steps_per_trajectory < 1:
+            raise UserError("no denoising step draws noise: raise sample.eta or sample.num_steps")
+        # One optimizer step per `gradient_accumulation_steps` micro-batches, each contributing one
+        # backward pass per trained timestep (as ddpo-pytorch does).
         self.accelerator = Accelerator(
             mixed_precision=config.run.mixed_precision,
-            gradient_accumulation_steps=t.gradient_accumulation_steps * config.train_timesteps,
+            gradient_accumulation_steps=t.gradient_accumulation_steps * self.steps_per_trajectory,
             cpu=policy.device.type == "cpu",
         )
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
@@ -146,9 +162,11 @@ class Learner:
     def _timestep_plan(self, rollout: Rollout, generator: torch.Generator) -> torch.Tensor:
         """(N, K) step positions to train on: a random subset of the stochastic steps, per group."""
         steps = torch.nonzero(rollout.stochastic.cpu()).view(-1)
-        k = min(self.config.train_timesteps, len(steps))
+        k = self.steps_per_trajectory
         n_groups = int(rollout.group.max()) + 1
-        perms = torch.stack([steps[torch.randperm(len(steps), generator=generator)[:k]] for _ in range(n_groups)])
+        perms = torch.stack(
+            [steps[torch.randperm(len(steps), generator=generator)[:k]] for _ in range(n_groups)]
+        )
         return perms[rollout.group.cpu()]  # edits of one input share their steps, as in SPIE
 
     def train(
@@ -178,7 +196,7 @@ class Learner:
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
         unet = self.policy.unet
         unet.train()
-        total = t.num_inner_epochs * (n // t.batch_size) * self.config.train_timesteps
+        total = t.num_inner_epochs * (n // t.batch_size) * self.steps_per_trajectory
         bar = tqdm(total=total, desc="training", leave=False, disable=not progress)
         for _ in range(t.num_inner_epochs):
             # Shuffle whole groups for the ranking objective, single edits for PPO.
@@ -225,7 +243,9 @@ class Learner:
             loss = plackett_luce_loss(log_prob, ref, local_rank, t.beta, t.eps)
         else:
             old = batch.log_probs[torch.arange(len(batch)), j].to(log_prob.device)
-            loss, info = ppo_clip_loss(log_prob, old, advantages[index].to(log_prob.device), t.clip_range, t.adv_clip_max)
+            loss, info = ppo_clip_loss(
+                log_prob, old, advantages[index].to(log_prob.device), t.clip_range, t.adv_clip_max
+            )
         if t.kl_coef > 0:
             kl = kl_penalty(log_prob, ref)
             loss = loss + t.kl_coef * kl
@@ -252,11 +272,15 @@ class Learner:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = sorted(set(self.params) - set(state))
         if missing:
-            raise UserError(f"checkpoint lacks trained weights {missing[:3]} (was it made with another model config?)")
+            raise UserError(
+                f"checkpoint lacks trained weights {missing[:3]} (was it made with another model config?)"
+            )
         with torch.no_grad():
             for name, p in self.params.items():
                 if state[name].shape != p.shape:
-                    raise UserError(f"checkpoint weight {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
+                    raise UserError(
+                        f"checkpoint weight {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}"
+                    )
                 p.copy_(state[name].to(p.device, p.dtype))
 
 
@@ -269,4 +293,3 @@ def load_trainable_into_policy(policy: EditPolicy, state: dict[str, torch.Tensor
                 raise UserError(f"checkpoint lacks trained weight {name}")
             p.copy_(state[name].to(p.device, p.dtype))
             p.requires_grad_(False)
-

@@ -41,7 +41,7 @@ class RewardStats:
 
     def update(self, name: str, values: np.ndarray) -> None:
         count, mean, m2 = self.stats.get(name, [0.0, 0.0, 0.0])
-        for v in values[np.isfinite(values)]:
+        for v in values[np.isfinite(values)].tolist():
             count += 1
             delta = v - mean
             mean += delta / count
@@ -70,11 +70,17 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def make_run_dir(config: Config) -> Path:
     name = config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / name
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        raise UserError(
+            f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, or set run.name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def sample_epoch(policy, inputs, config: Config, epoch: int, generator: torch.Generator, progress: bool) -> Rollout:
+def sample_epoch(
+    policy, inputs, config: Config, epoch: int, generator: torch.Generator, progress: bool
+) -> Rollout:
     """Sample the epoch's rollouts: num_batches_per_epoch batches of sample.batch_size inputs x nb_gen."""
     s = config.sample
     parts = []
@@ -106,21 +112,27 @@ def drop_failed(rollout: Rollout, scores: Scores) -> tuple[Rollout, Scores, int]
     keep = [i for i in range(len(rollout)) if int(rollout.group[i]) not in bad_groups]
     if not keep:
         name, i, err = scores.failed()[0]
-        raise RuntimeError(f"every edit failed scoring; first: scorer {name}, item {rollout.item_ids[i]}: {err}")
-    sub = Scores({k: v[keep] for k, v in scores.values.items()}, {k: [e[i] for i in keep] for k, e in scores.errors.items()})
+        raise RuntimeError(
+            f"every edit failed scoring; first: scorer {name}, item {rollout.item_ids[i]}: {err}"
+        )
+    sub = Scores(
+        {k: v[keep] for k, v in scores.values.items()},
+        {k: [e[i] for i in keep] for k, e in scores.errors.items()},
+    )
     return rollout.select(keep), sub, len(rollout) - len(keep)
 
 
 def train(config: Config, resume: str | Path | None = None, progress: bool | None = None) -> Path:
     """Run (or resume) a training job; returns the run folder."""
     progress = (not config.run.quiet) if progress is None else progress
+    # Inputs and scorers first: a broken image or an unknown scorer stops the run before any work.
+    inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
+    rewards = InProcessRewards(config.reward)
     run_dir = Path(resume) if resume else make_run_dir(config)
     print(f"[spie] run folder: {run_dir}")
     print(f"[spie] {config.summary()}")
     policy = build_policy(config)
     learner = Learner(config, policy)
-    inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
-    rewards = InProcessRewards(config.reward)
     stats = RewardStats()
     log = RunLog(run_dir)
     start = 0
@@ -154,7 +166,9 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             rollout_ok, scores_ok, dropped = drop_failed(rollout, scores)
             if t_cfg.objective == "ppo":
                 reward = ppo_rewards(config.reward, scores_ok)
-                fallback = stats.mean_std(config.reward.scorers[0].name) if len(config.reward.scorers) == 1 else None
+                fallback = (
+                    stats.mean_std(config.reward.scorers[0].name) if len(config.reward.scorers) == 1 else None
+                )
                 adv = group_advantages(reward, rollout_ok.group, t_cfg.min_group_size, fallback).float()
                 metrics = learner.train(rollout_ok, gen, advantages=adv, progress=progress)
             else:
@@ -176,7 +190,12 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             log.log(record)
             if config.run.image_log_freq and epoch % config.run.image_log_freq == 0:
                 m = config.sample.batch_size
-                log.save_grid(epoch, rollout.sources[:: config.sample.nb_gen][:m], rollout.images[: m * config.sample.nb_gen], config.sample.nb_gen)
+                log.save_grid(
+                    epoch,
+                    rollout.sources[:: config.sample.nb_gen][:m],
+                    rollout.images[: m * config.sample.nb_gen],
+                    config.sample.nb_gen,
+                )
             means = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith(".mean"))
             print(f"[spie] epoch {epoch}: {means}, loss={record['loss']:.4g}, {t3 - t0:.1f}s")
             last = epoch == config.run.num_epochs - 1

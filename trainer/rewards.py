@@ -31,7 +31,9 @@ class Scores:
     errors: dict[str, list[str | None]]
 
     def failed(self) -> list[tuple[str, int, str]]:
-        return [(name, i, e) for name, errs in self.errors.items() for i, e in enumerate(errs) if e is not None]
+        return [
+            (name, i, e) for name, errs in self.errors.items() for i, e in enumerate(errs) if e is not None
+        ]
 
 
 class InProcessRewards:
@@ -55,7 +57,12 @@ class InProcessRewards:
             step = max(1, int(scorer.max_batch_size))
             for start in range(0, len(batch), step):
                 sl = slice(start, start + step)
-                sub = ScoreBatch(batch.edited[sl], batch.sources[sl], batch.instructions[sl], None if masks is None else masks[sl])
+                sub = ScoreBatch(
+                    batch.edited[sl],
+                    batch.sources[sl],
+                    batch.instructions[sl],
+                    None if masks is None else masks[sl],
+                )
                 result = scorer.score(sub)
                 parts.append(result.scores)
                 errs.extend(result.errors)
@@ -70,7 +77,9 @@ class InProcessRewards:
 
 def _by_role(scorers: tuple[ScorerConfig, ...], scores: Scores, role: str) -> torch.Tensor | None:
     """Weighted sum of the standardised scores of the scorers with `role`, or None if there are none."""
-    parts = [sc.weight * standardize(torch.from_numpy(scores.values[sc.name])) for sc in scorers if sc.role == role]
+    parts = [
+        sc.weight * standardize(torch.from_numpy(scores.values[sc.name])) for sc in scorers if sc.role == role
+    ]
     return torch.stack(parts).sum(0) if parts else None
 
 

@@ -29,7 +29,11 @@ class RunLog:
         """Drop metric lines of epochs after `epoch` (a resumed run rewrites them)."""
         if not self.metrics_path.is_file():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
+        keep = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line and json.loads(line)["epoch"] <= epoch
+        ]
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -42,7 +46,9 @@ class RunLog:
                     self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
             self.writer.flush()
 
-    def save_grid(self, epoch: int, sources: torch.Tensor, edits: torch.Tensor, nb_gen: int, max_rows: int = 8) -> Path:
+    def save_grid(
+        self, epoch: int, sources: torch.Tensor, edits: torch.Tensor, nb_gen: int, max_rows: int = 8
+    ) -> Path:
         """Rows of [source, edit 1 .. edit nb_gen]. sources: (M, 3, H, W), edits: (M * nb_gen, 3, H, W), in [0, 1]."""
         rows = min(max_rows, sources.shape[0])
         tiles = []
