@@ -42,6 +42,8 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(PY) bench/sampler_overhead.py
+	$(PY) bench/reward_server.py
+	$(PY) bench/queue.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

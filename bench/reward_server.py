@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/ holds queue.py: take the folder off sys.path so `import queue` finds the standard library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 from protos.spie.reward.v1 import reward_pb2 as pb  # noqa: E402
