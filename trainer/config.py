@@ -150,6 +150,20 @@ class ScorerConfig:
 class RewardConfig:
     # Scorers judging each edit.
     scorers: tuple[ScorerConfig, ...] = (ScorerConfig(),)
+    # How scores are gathered: "inprocess" (scorers run inside the trainer) or "queue" (rollout
+    # batches go to Redis streams and `spie serve` replicas score them).
+    transport: Literal["inprocess", "queue"] = "inprocess"
+    # Redis for the queue; empty: the REDIS_URL environment variable, else an embedded redis-server
+    # started for the run. The password comes from the URL or REDIS_PASSWORD.
+    redis_url: str = ""
+    # Start local `spie serve` replicas for every scorer (false: they run elsewhere, e.g. compose).
+    launch_servers: bool = True
+    # Local replicas per scorer when launch_servers is true.
+    replicas: int = 1
+    # Seconds a local replica may take to load its model and start consuming.
+    server_start_timeout_s: float = 120.0
+    # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted.
+    deadline_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +398,8 @@ def validate(config: Config) -> None:
             f"must be a multiple of sample.nb_gen ({s.nb_gen})",
         )
     need(len(config.reward.scorers) >= 1, "reward.scorers must list at least one scorer")
+    need(config.reward.replicas >= 1, f"reward.replicas must be >= 1, got {config.reward.replicas}")
+    need(config.reward.deadline_s > 0, f"reward.deadline_s must be > 0, got {config.reward.deadline_s}")
     names = [sc.name for sc in config.reward.scorers]
     need(len(set(names)) == len(names), f"reward.scorers lists a scorer twice: {names}")
     if config.data.source in ("folder", "jsonl"):

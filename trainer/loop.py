@@ -26,8 +26,9 @@ from trainer.data import load_inputs
 from trainer.errors import UserError
 from trainer.learner import Learner, build_policy
 from trainer.objectives import group_advantages, ranking_from_scores
-from trainer.rewards import InProcessRewards, Scores, ppo_rewards, spie_signals
+from trainer.rewards import Scores, ppo_rewards, spie_signals
 from trainer.runlog import RunLog
+from trainer.services import make_rewards
 
 
 class RewardStats:
@@ -127,29 +128,30 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     progress = (not config.run.quiet) if progress is None else progress
     # Inputs and scorers first: a broken image or an unknown scorer stops the run before any work.
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
-    rewards = InProcessRewards(config.reward)
     run_dir = Path(resume) if resume else make_run_dir(config)
-    print(f"[spie] run folder: {run_dir}")
-    print(f"[spie] {config.summary()}")
-    policy = build_policy(config)
-    learner = Learner(config, policy)
-    stats = RewardStats()
-    log = RunLog(run_dir)
-    start = 0
-    if resume:
-        folder = find_checkpoint(run_dir)
-        trainable, state = load_checkpoint(folder)
-        learner.load_trainable_state(trainable)
-        learner.optimizer.load_state_dict(state["optimizer"])
-        learner.version = int(state.get("policy_version", 0))
-        stats.load_state_dict(state.get("reward_stats", {}))
-        restore_rng(state)
-        start = int(state["epoch"]) + 1
-        log.truncate_after(start - 1)
-        print(f"[spie] resumed from {folder} at epoch {start}")
-    dump_config(config, run_dir / "config.yaml")
-    t_cfg = config.train
+    rewards = make_rewards(config, run_id=run_dir.name)
+    log = None
     try:
+        print(f"[spie] run folder: {run_dir}")
+        print(f"[spie] {config.summary()}")
+        policy = build_policy(config)
+        learner = Learner(config, policy)
+        stats = RewardStats()
+        log = RunLog(run_dir)
+        start = 0
+        if resume:
+            folder = find_checkpoint(run_dir)
+            trainable, state = load_checkpoint(folder)
+            learner.load_trainable_state(trainable)
+            learner.optimizer.load_state_dict(state["optimizer"])
+            learner.version = int(state.get("policy_version", 0))
+            stats.load_state_dict(state.get("reward_stats", {}))
+            restore_rng(state)
+            start = int(state["epoch"]) + 1
+            log.truncate_after(start - 1)
+            print(f"[spie] resumed from {folder} at epoch {start}")
+        dump_config(config, run_dir / "config.yaml")
+        t_cfg = config.train
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
@@ -209,7 +211,8 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     {"policy_version": learner.version, "reward_stats": stats.state_dict()},
                 )
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         rewards.close()
     print(f"[spie] done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
