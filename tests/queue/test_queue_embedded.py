@@ -17,8 +17,12 @@ from reward_servers.queue.embedded import EmbeddedRedis
 from reward_servers.queue.protocol import connect
 
 LAUNCHER = """
+import signal
 import sys
 from reward_servers.queue.embedded import EmbeddedRedis
+# Ctrl-C as in a terminal: a process started from a non-interactive shell's background job inherits
+# SIGINT ignored, and Python then raises no KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with EmbeddedRedis() as server:
     print(server.process.pid, server.folder, flush=True)
     sys.stdin.readline()  # "exit": the test closes stdin; otherwise a signal ends the wait
