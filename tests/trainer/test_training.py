@@ -126,3 +126,26 @@ def test_run_outputs_and_generate(tiny_config, tmp_path, capsys):
     assert code == 2
     assert "already holds a run" in capsys.readouterr().err
     json.dumps(metrics)  # metrics are plain JSON
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(tiny_config):
+    """NaN advantages make every loss non-finite: no update happens, the weights stay, the count says so."""
+    from trainer.data import load_inputs
+    from trainer.learner import Learner, build_policy
+    from trainer.loop import epoch_generator, sample_epoch
+
+    config = tiny_config("run.name=nan")
+    policy = build_policy(config)
+    learner = Learner(config, policy)
+    before = learner.trainable_state()
+    inputs = load_inputs(config.data, config.model.resolution)
+    rollout = sample_epoch(policy, inputs, config, 0, epoch_generator(0, 0), False)
+    adv = torch.full((len(rollout),), float("nan"))
+    metrics = learner.train(rollout, torch.Generator().manual_seed(0), advantages=adv)
+    assert metrics["nonfinite_skipped"] == 2 * learner.steps_per_trajectory  # 2 micro-batches x steps
+    after = learner.trainable_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # A finite batch afterwards trains normally.
+    adv = torch.linspace(-1, 1, len(rollout))
+    learner.train(rollout, torch.Generator().manual_seed(0), advantages=adv)
+    assert any(not torch.equal(before[k], learner.trainable_state()[k]) for k in before)
