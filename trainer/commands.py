@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -23,6 +24,16 @@ def register(subparsers) -> None:
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="sample and learn in Ray actors (a local Ray unless RAY_ADDRESS is set)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="join this Ray cluster (e.g. auto, 10.0.0.1:6379); implies --ray",
+    )
     p.set_defaults(func=cmd_train)
 
     g = subparsers.add_parser("generate", help="edit a folder of images with a trained checkpoint")
@@ -48,6 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.loop import ensure_run_config, train
 
     overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
+    if args.ray or args.ray_address:
+        overrides.append("ray.enabled=true")
+    if args.ray_address:
+        overrides.append(f"ray.address={json.dumps(args.ray_address)}")  # quoted YAML
     if args.resume:
         if args.config:
             raise UserError("give either --config or --resume (a resumed run uses its own config.yaml)")

@@ -180,6 +180,42 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    # Sample and learn in Ray actors (rollout workers and a learner) driven by this process; false:
+    # everything runs in this process. `spie train --ray` or `--ray-address` turns it on.
+    enabled: bool = False
+    # Cluster to join: "auto", "<head-ip>:6379" or "ray://<head-ip>:10001". Empty: RAY_ADDRESS if
+    # set (e.g. inside `ray job submit`), else a local Ray is started for the run (no dashboard).
+    address: str = ""
+    # Rollout worker actors. The epoch's sample.num_batches_per_epoch sampling batches are split
+    # over them, so there must be at least as many batches as workers.
+    num_rollout_workers: int = 1
+    # GPUs per rollout worker (0 on CPU).
+    num_gpus_per_worker: float = 0.0
+    # CPUs reserved per rollout worker.
+    num_cpus_per_worker: float = 1.0
+    # Extra custom resources per rollout worker, e.g. {"rollout_slot": 1} to pin workers to the
+    # nodes that advertise that resource.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    # Placement-group strategy for the rollout workers, which are placed as one gang:
+    # "PACK", "SPREAD", "STRICT_PACK" or "STRICT_SPREAD" (one worker per node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # GPUs for the learner actor (0 on CPU).
+    num_gpus_per_learner: float = 0.0
+    # CPUs reserved for the learner actor.
+    num_cpus_per_learner: float = 1.0
+    # Times Ray restarts a rollout worker that died (-1: without limit); its share of the epoch
+    # is then sampled again.
+    max_restarts: int = 3
+    # Seconds for the actors to be placed and to load the model.
+    start_timeout_s: float = 600.0
+    # Seconds one epoch's rollouts may take before the run stops with an error.
+    rollout_timeout_s: float = 1800.0
+    # Seconds one learner update (an epoch of training) may take.
+    train_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -187,6 +223,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     # ---- derived sizes (SPIE prints these at start) ----
     @property
@@ -402,6 +439,22 @@ def validate(config: Config) -> None:
     need(config.reward.deadline_s > 0, f"reward.deadline_s must be > 0, got {config.reward.deadline_s}")
     names = [sc.name for sc in config.reward.scorers]
     need(len(set(names)) == len(names), f"reward.scorers lists a scorer twice: {names}")
+    ray = config.ray
+    need(ray.num_rollout_workers >= 1, f"ray.num_rollout_workers must be >= 1, got {ray.num_rollout_workers}")
+    need(
+        not ray.enabled or ray.num_rollout_workers <= s.num_batches_per_epoch,
+        f"ray.num_rollout_workers ({ray.num_rollout_workers}) exceeds sample.num_batches_per_epoch "
+        f"({s.num_batches_per_epoch}): a worker samples whole batches, so some would sit idle",
+    )
+    need(
+        ray.num_cpus_per_worker > 0 or ray.num_gpus_per_worker > 0 or bool(ray.worker_resources),
+        "ray: a rollout worker must reserve something (num_cpus_per_worker, num_gpus_per_worker or "
+        "worker_resources)",
+    )
+    need(
+        not ray.enabled or r.num_processes == 1,
+        "ray.enabled with run.num_processes > 1: several data-parallel learners are not built yet",
+    )
     if config.data.source in ("folder", "jsonl"):
         need(bool(config.data.path), f"data.path is required with data.source={config.data.source}")
     if config.data.source in ("shapes", "folder"):

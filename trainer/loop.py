@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from sampler.rollout import Rollout
 from trainer.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from trainer.config import Config, dump_config
-from trainer.data import load_inputs
+from trainer.data import Inputs, load_inputs
 from trainer.errors import UserError
 from trainer.learner import Learner, build_policy
 from trainer.objectives import group_advantages, ranking_from_scores
@@ -79,29 +80,102 @@ def make_run_dir(config: Config) -> Path:
     return run_dir
 
 
+@dataclass
+class Shard:
+    """One sampling batch of an epoch: the unit of work handed to a rollout worker.
+
+    Attributes:
+        epoch: the epoch it belongs to.
+        index: its position b in 0 .. sample.num_batches_per_epoch - 1.
+        inputs: sample.batch_size (source, instruction[, mask, exemplar]) inputs.
+    """
+
+    epoch: int
+    index: int
+    inputs: Inputs
+
+
+def plan_epoch(inputs: Inputs, config: Config, epoch: int, generator: torch.Generator) -> list[Shard]:
+    """Draw the epoch's inputs: num_batches_per_epoch shards of sample.batch_size inputs each."""
+    s = config.sample
+    return [
+        Shard(epoch, b, inputs.take(torch.randint(len(inputs), (s.batch_size,), generator=generator)))
+        for b in range(s.num_batches_per_epoch)
+    ]
+
+
+def shard_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The noise stream of one shard: a pure function of (seed, epoch, shard), so the edits do not
+    depend on which worker samples the shard or how many workers there are."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_version: int = 0) -> Rollout:
+    """Sample nb_gen edits of each of a shard's inputs with the shard's own noise: batch_size x nb_gen items."""
+    s = config.sample
+    with policy.eval_mode():
+        r = policy.rollout(
+            shard.inputs.sources,
+            shard.inputs.instructions,
+            nb_gen=s.nb_gen,
+            generator=shard_generator(config.run.seed, shard.epoch, shard.index),
+            shared_noise=s.shared_noise,
+            exemplars=shard.inputs.exemplars,
+            masks=shard.inputs.masks,
+            progress=progress,
+            policy_version=policy_version,
+        )
+    r.item_ids = [f"e{shard.epoch}-b{shard.index}-i{i}" for i in range(len(r))]
+    return r
+
+
 def sample_epoch(
     policy, inputs, config: Config, epoch: int, generator: torch.Generator, progress: bool
 ) -> Rollout:
-    """Sample the epoch's rollouts: num_batches_per_epoch batches of sample.batch_size inputs x nb_gen."""
-    s = config.sample
-    parts = []
-    for b in range(s.num_batches_per_epoch):
-        pick = torch.randint(len(inputs), (s.batch_size,), generator=generator)
-        batch = inputs.take(pick)
-        with policy.eval_mode():
-            r = policy.rollout(
-                batch.sources,
-                batch.instructions,
-                nb_gen=s.nb_gen,
-                generator=generator,
-                shared_noise=s.shared_noise,
-                exemplars=batch.exemplars,
-                masks=batch.masks,
-                progress=progress,
-            )
-        r.item_ids = [f"e{epoch}-b{b}-i{i}" for i in range(len(r))]
-        parts.append(r)
-    return Rollout.concat(parts)
+    """Sample the epoch's rollouts in this process: num_batches_per_epoch shards, concatenated in order."""
+    shards = plan_epoch(inputs, config, epoch, generator)
+    return Rollout.concat([sample_shard(policy, sh, config, progress) for sh in shards])
+
+
+class LocalEngine:
+    """Sampling and learning in this process: one policy that both samples and trains (the default).
+
+    `trainer.ray_loop.RayEngine` has the same methods and runs them on Ray actors instead.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.policy = build_policy(config)
+        self.learner = Learner(config, self.policy)
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
+        self.learner.load_trainable_state(trainable)
+        self.learner.optimizer.load_state_dict(optimizer)
+        self.learner.version = version
+
+    def sample(self, shards: list[Shard], progress: bool) -> Rollout:
+        parts = [sample_shard(self.policy, sh, self.config, progress, self.version) for sh in shards]
+        return Rollout.concat(parts)
+
+    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool, **signal) -> dict:
+        """One epoch of updates; `signal` is `advantages=` (PPO) or `ranking=` (SPIE ranking)."""
+        return self.learner.train(rollout, generator, progress=progress, **signal)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(trainable weights, optimizer state) for `save_checkpoint`."""
+        return self.learner.trainable_state(), self.learner.optimizer.state_dict()
+
+    def metrics(self) -> dict[str, float]:
+        """Engine-specific numbers for the epoch's metrics record."""
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def drop_failed(rollout: Rollout, scores: Scores) -> tuple[Rollout, Scores, int]:
@@ -130,21 +204,18 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
     run_dir = Path(resume) if resume else make_run_dir(config)
     rewards = make_rewards(config, run_id=run_dir.name)
-    log = None
+    log = engine = None
     try:
         print(f"[spie] run folder: {run_dir}")
         print(f"[spie] {config.summary()}")
-        policy = build_policy(config)
-        learner = Learner(config, policy)
+        engine = make_engine(config)
         stats = RewardStats()
         log = RunLog(run_dir)
         start = 0
         if resume:
             folder = find_checkpoint(run_dir)
             trainable, state = load_checkpoint(folder)
-            learner.load_trainable_state(trainable)
-            learner.optimizer.load_state_dict(state["optimizer"])
-            learner.version = int(state.get("policy_version", 0))
+            engine.restore(trainable, state["optimizer"], int(state.get("policy_version", 0)))
             stats.load_state_dict(state.get("reward_stats", {}))
             restore_rng(state)
             start = int(state["epoch"]) + 1
@@ -155,11 +226,16 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
-            rollout = sample_epoch(policy, inputs, config, epoch, gen, progress)
+            rollout = engine.sample(plan_epoch(inputs, config, epoch, gen), progress)
             t1 = time.perf_counter()
             scores = rewards.score(rollout)
             t2 = time.perf_counter()
-            record: dict[str, Any] = {"epoch": epoch, "policy_version": learner.version}
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "policy_version": engine.version,
+                # How many updates behind the learner the weights that sampled this batch are.
+                "rollout_staleness": engine.version - rollout.policy_version,
+            }
             for name, values in scores.values.items():
                 finite = values[np.isfinite(values)]
                 record[f"{name}.mean"] = float(finite.mean()) if finite.size else float("nan")
@@ -172,13 +248,14 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     stats.mean_std(config.reward.scorers[0].name) if len(config.reward.scorers) == 1 else None
                 )
                 adv = group_advantages(reward, rollout_ok.group, t_cfg.min_group_size, fallback).float()
-                metrics = learner.train(rollout_ok, gen, advantages=adv, progress=progress)
+                metrics = engine.learn(rollout_ok, gen, progress, advantages=adv)
             else:
                 structural, semantic = spie_signals(config.reward, t_cfg, scores_ok, rollout_ok)
                 ranking = ranking_from_scores(structural, semantic, rollout_ok.group, t_cfg.score_alpha)
-                metrics = learner.train(rollout_ok, gen, ranking=ranking, progress=progress)
+                metrics = engine.learn(rollout_ok, gen, progress, ranking=ranking)
             t3 = time.perf_counter()
             record.update(metrics)
+            record.update(engine.metrics())
             record.update(
                 {
                     "items": len(rollout),
@@ -202,20 +279,32 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             print(f"[spie] epoch {epoch}: {means}, loss={record['loss']:.4g}, {t3 - t0:.1f}s")
             last = epoch == config.run.num_epochs - 1
             if last or (epoch + 1) % config.run.save_freq == 0:
+                trainable, optimizer = engine.checkpoint_state()
                 save_checkpoint(
                     run_dir,
                     config,
                     epoch,
-                    learner.trainable_state(),
-                    learner.optimizer.state_dict(),
-                    {"policy_version": learner.version, "reward_stats": stats.state_dict()},
+                    trainable,
+                    optimizer,
+                    {"policy_version": engine.version, "reward_stats": stats.state_dict()},
                 )
     finally:
         if log is not None:
             log.close()
+        if engine is not None:
+            engine.close()
         rewards.close()
     print(f"[spie] done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
     return run_dir
+
+
+def make_engine(config: Config):
+    """The engine that samples and learns: this process, or Ray actors with `ray.enabled`."""
+    if config.ray.enabled:
+        from trainer.ray_loop import RayEngine
+
+        return RayEngine(config)
+    return LocalEngine(config)
 
 
 def ensure_run_config(run_dir: Path) -> Path:

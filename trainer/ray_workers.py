@@ -1,0 +1,102 @@
+"""The Ray actors of a training run: rollout workers that sample, and the learner that trains.
+
+Each is a plain class with a few coarse methods; `trainer.ray_loop` wraps them with `ray.remote`
+and the resource counts from `config.ray`, so the same code runs with `num_gpus=0` on a laptop.
+Batches travel as `sampler.rollout.Rollout`, the one batch type, through the object store.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sampler.rollout import Rollout
+from trainer.config import Config
+from trainer.learner import Learner, build_policy, load_trainable_into_policy
+from trainer.loop import Shard, sample_shard
+
+
+class StaleWeightsError(RuntimeError):
+    """A rollout was asked of a worker that does not hold the expected policy version."""
+
+
+class RolloutWorker:
+    """Samples shards of an epoch with its own copy of the policy (one per GPU).
+
+    Args:
+        config: the run configuration.
+        rank: the worker's index, for logs.
+    """
+
+    def __init__(self, config: Config, rank: int) -> None:
+        self.config = config
+        self.rank = rank
+        self.policy = build_policy(config)
+        self.version = -1  # no weights pushed yet
+
+    def ready(self) -> dict:
+        """Where the worker runs: {"rank", "pid", "node_id", "device"}."""
+        import ray
+
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "device": str(self.policy.device),
+        }
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Load the learner's trainable weights (name -> tensor) as policy `version`."""
+        load_trainable_into_policy(self.policy, state, self.config.model.use_lora)
+        self.version = version
+        return version
+
+    def rollout(self, shards: list[Shard], version: int) -> list[Rollout]:
+        """Sample each shard (batch_size x nb_gen edits each), tagged with the policy version.
+
+        Refuses to sample with weights other than `version`: a restarted worker must be sent the
+        current weights first, never sample silently with the base model.
+        """
+        if self.version != version:
+            raise StaleWeightsError(f"rollout worker {self.rank} holds version {self.version}, not {version}")
+        return [sample_shard(self.policy, sh, self.config, False, self.version) for sh in shards]
+
+
+class LearnerActor:
+    """Wraps `trainer.learner.Learner`: owns the trained weights and the optimizer."""
+
+    def __init__(self, config: Config) -> None:
+        self.learner = Learner(config, build_policy(config))
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def train(
+        self,
+        rollout: Rollout,
+        generator_state: torch.Tensor,
+        advantages: torch.Tensor | None = None,
+        ranking: torch.Tensor | None = None,
+    ) -> tuple[dict[str, float], int]:
+        """One epoch of updates (see `Learner.train`); returns (metrics, the new policy version).
+
+        `generator_state` is the driver's epoch generator state, so the shuffles are the ones the
+        single-process loop draws.
+        """
+        gen = torch.Generator()
+        gen.set_state(generator_state)
+        metrics = self.learner.train(rollout, gen, advantages=advantages, ranking=ranking)
+        return metrics, self.learner.version
+
+    def trainable_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(name -> CPU tensor of every trained weight, its policy version)."""
+        return self.learner.trainable_state(), self.learner.version
+
+    def optimizer_state(self) -> dict:
+        return self.learner.optimizer.state_dict()
+
+    def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
+        self.learner.load_trainable_state(trainable)
+        self.learner.optimizer.load_state_dict(optimizer)
+        self.learner.version = version
