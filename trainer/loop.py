@@ -88,38 +88,58 @@ class Shard:
         epoch: the epoch it belongs to.
         index: its position b in 0 .. sample.num_batches_per_epoch - 1.
         inputs: sample.batch_size (source, instruction[, mask, exemplar]) inputs.
+        noise_state: the epoch generator's state where this shard's noise starts (a uint8 tensor).
     """
 
     epoch: int
     index: int
     inputs: Inputs
+    noise_state: torch.Tensor
 
 
-def plan_epoch(inputs: Inputs, config: Config, epoch: int, generator: torch.Generator) -> list[Shard]:
-    """Draw the epoch's inputs: num_batches_per_epoch shards of sample.batch_size inputs each."""
+def latent_shape(policy, resolution: int) -> tuple[int, int, int]:
+    """(C, h, w) of the policy's latents for resolution x resolution images."""
+    vae = policy.c.vae.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    return (int(vae.latent_channels), resolution // factor, resolution // factor)
+
+
+def plan_epoch(
+    inputs: Inputs, config: Config, epoch: int, generator: torch.Generator, latents: tuple[int, int, int]
+) -> list[Shard]:
+    """Draw the epoch's shards from the epoch generator, as one process sampling them in turn would.
+
+    For each shard: draw its inputs, record the generator state, then skip over the noise its
+    rollout draws from that state (x_T, then one draw per step: `EditPolicy.rollout`). Any worker
+    can then sample any shard, and the edits, and the generator the learner gets afterwards, are
+    those of the single-process loop, whatever the number of workers.
+
+    Args:
+        latents: (C, h, w) latent shape (`latent_shape`).
+    """
     s = config.sample
-    return [
-        Shard(epoch, b, inputs.take(torch.randint(len(inputs), (s.batch_size,), generator=generator)))
-        for b in range(s.num_batches_per_epoch)
-    ]
-
-
-def shard_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The noise stream of one shard: a pure function of (seed, epoch, shard), so the edits do not
-    depend on which worker samples the shard or how many workers there are."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+    n = s.batch_size * s.nb_gen
+    shards = []
+    for b in range(s.num_batches_per_epoch):
+        pick = torch.randint(len(inputs), (s.batch_size,), generator=generator)
+        shards.append(Shard(epoch, b, inputs.take(pick), generator.get_state()))
+        torch.randn((s.batch_size if s.shared_noise else n, *latents), generator=generator)
+        for _ in range(s.num_steps):
+            torch.randn((n, *latents), generator=generator)
+    return shards
 
 
 def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_version: int = 0) -> Rollout:
-    """Sample nb_gen edits of each of a shard's inputs with the shard's own noise: batch_size x nb_gen items."""
+    """Sample nb_gen edits of each of a shard's inputs from the shard's noise: batch_size x nb_gen items."""
     s = config.sample
+    generator = torch.Generator()
+    generator.set_state(shard.noise_state)
     with policy.eval_mode():
         r = policy.rollout(
             shard.inputs.sources,
             shard.inputs.instructions,
             nb_gen=s.nb_gen,
-            generator=shard_generator(config.run.seed, shard.epoch, shard.index),
+            generator=generator,
             shared_noise=s.shared_noise,
             exemplars=shard.inputs.exemplars,
             masks=shard.inputs.masks,
@@ -134,7 +154,7 @@ def sample_epoch(
     policy, inputs, config: Config, epoch: int, generator: torch.Generator, progress: bool
 ) -> Rollout:
     """Sample the epoch's rollouts in this process: num_batches_per_epoch shards, concatenated in order."""
-    shards = plan_epoch(inputs, config, epoch, generator)
+    shards = plan_epoch(inputs, config, epoch, generator, latent_shape(policy, config.model.resolution))
     return Rollout.concat([sample_shard(policy, sh, config, progress) for sh in shards])
 
 
@@ -148,6 +168,7 @@ class LocalEngine:
         self.config = config
         self.policy = build_policy(config)
         self.learner = Learner(config, self.policy)
+        self.latent_shape = latent_shape(self.policy, config.model.resolution)
 
     @property
     def version(self) -> int:
@@ -226,7 +247,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
-            rollout = engine.sample(plan_epoch(inputs, config, epoch, gen), progress)
+            rollout = engine.sample(plan_epoch(inputs, config, epoch, gen, engine.latent_shape), progress)
             t1 = time.perf_counter()
             scores = rewards.score(rollout)
             t2 = time.perf_counter()

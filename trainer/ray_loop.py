@@ -3,8 +3,8 @@ actors, and keeps scoring, advantages, metrics and checkpoints for itself.
 
 One epoch with `ray.enabled`:
 1. the driver draws the epoch's shards (`trainer.loop.plan_epoch`) and splits them over the
-   rollout workers (round robin); each shard has its own seeded noise, so the edits are the same
-   whatever the number of workers;
+   rollout workers (round robin); each shard carries the generator state its noise starts from,
+   so the edits are the single-process loop's whatever the number of workers;
 2. it gathers the workers' rollouts, in shard order, into one `Rollout`. A worker that dies is
    restarted by Ray (`ray.max_restarts`), sent the current weights, and samples its share again; if
    it cannot, the run stops: a partial batch is never trained on;
@@ -195,13 +195,15 @@ class RayEngine:
         self.pool = self.learner = None
         try:
             r = config.ray
+            # The rollout gang is placed first, so the learner cannot take a slot it needs.
+            self.pool = RolloutPool(config)
             self.learner = (
                 ray.remote(LearnerActor)
                 .options(num_cpus=r.num_cpus_per_learner, num_gpus=r.num_gpus_per_learner)
                 .remote(config)
             )
-            self.pool = RolloutPool(config)
             ray.get(self.learner.ready.remote(), timeout=r.start_timeout_s)
+            self.latent_shape = tuple(self.pool.placement[0]["latent_shape"])
             nodes = len({p["node_id"] for p in self.pool.placement})
             print(f"[spie] ray: {len(self.pool.workers)} rollout worker(s) on {nodes} node(s), 1 learner")
             self.version = 0

@@ -14,7 +14,7 @@ import torch
 from sampler.rollout import Rollout
 from trainer.config import Config
 from trainer.learner import Learner, build_policy, load_trainable_into_policy
-from trainer.loop import Shard, sample_shard
+from trainer.loop import Shard, latent_shape, sample_shard
 
 
 class StaleWeightsError(RuntimeError):
@@ -36,7 +36,7 @@ class RolloutWorker:
         self.version = -1  # no weights pushed yet
 
     def ready(self) -> dict:
-        """Where the worker runs: {"rank", "pid", "node_id", "device"}."""
+        """Where the worker runs: {"rank", "pid", "node_id", "device", "latent_shape"}."""
         import ray
 
         return {
@@ -44,6 +44,7 @@ class RolloutWorker:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "device": str(self.policy.device),
+            "latent_shape": latent_shape(self.policy, self.config.model.resolution),
         }
 
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:

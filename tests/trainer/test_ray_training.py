@@ -27,8 +27,8 @@ def test_ray_run_reproduces_the_single_process_run(local_ray, tiny_config, capsy
     two_dir = train(tiny_config(*COMMON, "run.name=ray2", "ray.enabled=true", "ray.num_rollout_workers=2"))
     assert "ray: 2 rollout worker(s) on 1 node(s), 1 learner" in capsys.readouterr().out
     two = read_metrics(two_dir)
-    # Each shard has its own noise, so the edits do not depend on the number of workers; the
-    # remaining differences are float rounding (actors run torch on 1 thread, this process on more).
+    # Each shard carries where its noise starts in the epoch's stream, so the edits do not depend on
+    # the number of workers; the remaining differences are float rounding (actors run torch on 1 thread, this process on more).
     for a, b, c in zip(local, one, two, strict=True):
         for key in ("brightness.mean", "brightness.std", "loss", "approx_kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-9), key
@@ -47,9 +47,9 @@ def test_a_killed_rollout_worker_is_restarted_and_its_share_redone(local_ray, ti
 
     config = tiny_config(*COMMON, "ray.enabled=true", "ray.num_rollout_workers=2", "ray.max_restarts=2")
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
-    shards = plan_epoch(inputs, config, 0, epoch_generator(config.run.seed, 0))
     engine = RayEngine(config)
     try:
+        shards = plan_epoch(inputs, config, 0, epoch_generator(config.run.seed, 0), engine.latent_shape)
         pool = engine.pool
         before = pool.placement[0]["pid"]
         clean = pool.sample(shards)
