@@ -34,24 +34,21 @@ def generate(
     if not files:
         raise UserError(f"--images: no images in {images}")
     config = load_config(folder / "config.yaml", overrides)
+    if config.model.exemplar_conditioning:
+        raise UserError(
+            "generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)"
+        )
     sources = torch.stack([load_image(f, config.model.resolution) for f in files])  # fails before any work
     policy = build_policy(config)
     trainable, _ = load_checkpoint(folder)
     load_trainable_into_policy(policy, trainable, config.model.use_lora)
-    exemplars = None
-    if policy.exemplar is not None:
-        raise UserError(
-            "generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)"
-        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     written = []
     for start in range(0, len(files), batch_size):
         chunk = sources[start : start + batch_size]
-        r = policy.rollout(
-            chunk, [instruction] * len(chunk), generator=gen, exemplars=exemplars, progress=progress
-        )
+        r = policy.rollout(chunk, [instruction] * len(chunk), generator=gen, progress=progress)
         for f, img in zip(files[start : start + batch_size], r.edited_uint8(), strict=True):
             path = out / (f.stem + ".png")
             Image.fromarray(np.ascontiguousarray(img)).save(path)
