@@ -25,6 +25,8 @@ class Rollout:
         instructions: N instructions.
         exemplar_latents: (N, C, h, w) exemplar latents, or None without exemplar conditioning.
         masks: (N, H, W) bool edit masks, or None.
+        metadata: N dicts of per-item facts for the scorers (JSON-safe, e.g. the synthetic ground
+            truth an oracle scorer checks), or None.
         policy_version: version of the weights that sampled this batch.
         item_ids: N stable ids, e.g. "e3-b1-i5".
     """
@@ -41,6 +43,7 @@ class Rollout:
     instructions: list[str]
     exemplar_latents: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    metadata: list[dict] | None = None
     policy_version: int = 0
     item_ids: list[str] = field(default_factory=list)
 

@@ -147,6 +147,9 @@ def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_ve
             policy_version=policy_version,
         )
     r.item_ids = [f"e{shard.epoch}-b{shard.index}-i{i}" for i in range(len(r))]
+    meta = getattr(shard.inputs, "metadata", None)
+    if meta is not None:
+        r.metadata = [dict(m) for m in meta for _ in range(s.nb_gen)]
     return r
 
 

@@ -126,6 +126,7 @@ class RewardClient:
                 rollout.instructions[i],
                 None if masks is None else masks[i],
                 encoding=self.config.encoding,
+                metadata=None if rollout.metadata is None else rollout.metadata[i],
             )
             for i in range(len(edited))
         ]

@@ -50,7 +50,10 @@ class InProcessRewards:
 
     def score(self, rollout: Rollout) -> Scores:
         masks = None if rollout.masks is None else list(rollout.masks.cpu().numpy())
-        batch = ScoreBatch(rollout.edited_uint8(), rollout.sources_uint8(), rollout.instructions, masks=masks)
+        meta = rollout.metadata
+        batch = ScoreBatch(
+            rollout.edited_uint8(), rollout.sources_uint8(), rollout.instructions, masks=masks, metadata=meta
+        )
         values, errors = {}, {}
         for name, scorer in self.scorers.items():
             parts, errs = [], []
@@ -62,6 +65,7 @@ class InProcessRewards:
                     batch.sources[sl],
                     batch.instructions[sl],
                     None if masks is None else masks[sl],
+                    metadata=None if meta is None else meta[sl],
                 )
                 result = scorer.score(sub)
                 parts.append(result.scores)
