@@ -114,6 +114,7 @@ ScorerFactory = Callable[..., Scorer]
 _REGISTRY: dict[str, ScorerFactory] = {}
 _BUILTIN_MODULES = (
     "reward_servers.weightfree",
+    "reward_servers.oracle",
     "reward_servers.depth",
     "reward_servers.segmentation",
     "reward_servers.aesthetic",

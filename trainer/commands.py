@@ -25,6 +25,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="report bad input items (one line each, on stderr) and train on the good ones",
+    )
+    p.add_argument(
         "--ray",
         action="store_true",
         help="sample and learn in Ray actors (a local Ray unless RAY_ADDRESS is set)",
@@ -59,6 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.loop import ensure_run_config, train
 
     overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
     if args.ray or args.ray_address:
         overrides.append("ray.enabled=true")
     if args.ray_address:

@@ -168,15 +168,42 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Where inputs come from: "shapes" (built-in seeded scenes), "folder" (images in `path`
-    # edited with `instructions`) or "jsonl" (`path` lists {"image", "instruction"} records).
-    source: Literal["shapes", "folder", "jsonl"] = "shapes"
-    # Image folder or JSONL file for the "folder" and "jsonl" sources.
+    # Where inputs come from (formats in trainer/data.py and the README):
+    # "shapes": built-in seeded scenes edited with `instructions` (no ground truth);
+    # "synthetic": seeded synthetic edits with ground-truth targets, masks and oracle metadata;
+    # "folder": images in `path` edited with `instructions`;
+    # "jsonl": `path` lists {"image", "instruction"[, "target", "mask", "exemplars", "metadata"]};
+    # "spie": SPIE's layout, input images plus a folder of exemplar images for one concept;
+    # "triplets": InstructPix2Pix (original, edit prompt, edited) triplets, a folder or a JSONL.
+    source: Literal["shapes", "synthetic", "folder", "jsonl", "spie", "triplets"] = "shapes"
+    # Image folder or JSONL file for the "folder", "jsonl", "spie" and "triplets" sources.
     path: str = ""
-    # Instructions cycled over the inputs (the "shapes" and "folder" sources).
+    # Instructions cycled over the inputs (the "shapes" and "folder" sources, and "spie" when
+    # `input_name`/`style_name` are not given).
     instructions: tuple[str, ...] = ("make it brighter",)
-    # Number of inputs drawn by the "shapes" source.
+    # Number of inputs drawn by the "shapes" and "synthetic" sources.
     num_items: int = 64
+    # Seed of the "synthetic" data and of the "spie" source's instruction/exemplar draws; -1: run.seed.
+    seed: int = -1
+    # Split of the "synthetic" source: "train" or "heldout" (disjoint scenes, for evaluation).
+    split: Literal["train", "heldout"] = "train"
+    # Edit kinds of the "synthetic" source, cycled over the samples.
+    kinds: tuple[Literal["recolor", "background", "remove", "brighten"], ...] = (
+        "recolor",
+        "background",
+        "remove",
+        "brighten",
+    )
+    # "spie" source: folder of exemplar images; empty: `<path>/exemplars`.
+    exemplar_path: str = ""
+    # "spie" source: name of what is edited (SPIE's input_name), filled into SPIE's templates
+    # ("turn the {input_name} into {style_name}", ...). Empty: `instructions` are cycled instead.
+    input_name: str = ""
+    # "spie" source: name of the exemplars' concept (SPIE's style_name); set with `input_name`.
+    style_name: str = ""
+    # Report bad items (unreadable image, missing instruction, bad JSONL line) on stderr, one line
+    # each, and load the good ones; false: the first bad item stops the run. `spie train --skip-bad`.
+    skip_bad: bool = False
 
 
 @dataclass(frozen=True)
@@ -455,9 +482,20 @@ def validate(config: Config) -> None:
         not ray.enabled or r.num_processes == 1,
         "ray.enabled with run.num_processes > 1: several data-parallel learners are not built yet",
     )
-    if config.data.source in ("folder", "jsonl"):
-        need(bool(config.data.path), f"data.path is required with data.source={config.data.source}")
-    if config.data.source in ("shapes", "folder"):
+    d = config.data
+    if d.source in ("folder", "jsonl", "spie", "triplets"):
+        need(bool(d.path), f"data.path is required with data.source={d.source}")
+    if d.source in ("shapes", "synthetic"):
+        need(d.num_items >= 1, f"data.num_items must be >= 1, got {d.num_items}")
+    if d.source == "synthetic":
+        need(len(d.kinds) >= 1, "data.kinds must list at least one edit kind")
+        need(m.resolution >= 16, f"data.source=synthetic needs model.resolution >= 16, got {m.resolution}")
+    if d.source == "spie":
+        need(
+            bool(d.input_name) == bool(d.style_name),
+            "data.input_name and data.style_name go together (SPIE's instruction templates need both)",
+        )
+    if d.source in ("shapes", "folder") or (d.source == "spie" and not d.input_name):
         need(len(config.data.instructions) >= 1, "data.instructions must list at least one instruction")
         need(all(i.strip() for i in config.data.instructions), "data.instructions: an instruction is empty")
 
