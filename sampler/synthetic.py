@@ -48,7 +48,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "recolor": (
         "make the {shape} {colour}",
         "turn the {shape} {colour}",
-        "change the colour of the {shape} to {colour}",
+        "recolour the {shape} {colour}",
         "paint the {shape} {colour}",
     ),
     "background": (

@@ -96,3 +96,14 @@ def test_save_synthetic_round_trips_through_the_jsonl_loader(tmp_path):
     as_uint8 = lambda t: (t * 255).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     np.testing.assert_array_equal(as_uint8(inputs.sources), np.stack([s.source for s in samples]))
     np.testing.assert_array_equal(as_uint8(inputs.targets), np.stack([s.target for s in samples]))
+
+
+def test_every_instruction_fits_the_tiny_tokenizer_untruncated():
+    """The tiny model's byte-level tokenizer takes 32 tokens; a truncated instruction loses its colour."""
+    from sampler.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    longest = max(
+        (len(tok(s.instruction).input_ids), s.instruction) for s in synthetic_edits(0, 400, 32, kinds=ALL_KINDS)
+    )
+    assert longest[0] <= tok.model_max_length, longest
