@@ -15,6 +15,7 @@ from trainer.errors import UserError
 # Modules exposing `register(subparsers)`; a module that does not exist yet is skipped.
 _COMMAND_MODULES = (
     "trainer.commands",
+    "trainer.eval_commands",
     "reward_servers.cli",
     "reward_servers.queue.cli",
 )

@@ -1,0 +1,231 @@
+"""Per-item evaluation metrics and their aggregates, for `spie evaluate`.
+
+Per item (images in [0, 1], shapes (M, 3, R, R), masks (R, R) bool, True inside the edit region):
+- `l2_outside_mask`: SPIE's reconstruction metric, the mean squared difference between edit and
+  source over the pixels (and the 3 channels) outside the edit mask; NaN for an item without a mask;
+- with a CLIP model (transformers `CLIPModel`, a local folder or a hub id):
+  `clip_text_image`, the cosine between the edit's image embedding and the text embedding of the
+  item's `target_caption` (metadata) or else its instruction; `clip_image`, the cosine between the
+  image embeddings of edit and source; `clip_direction`, the directional similarity of Gal et al.
+  (StyleGAN-NADA) used by InstructPix2Pix: cos(E(edit) - E(source), T(target_caption) -
+  T(source_caption)) when the metadata has both captions, else cos(E(edit) - E(source),
+  T(instruction));
+- every configured reward scorer: `<name>` is its score as the scorer gives it, `<name>.<key>` each
+  number of its per-item details (e.g. `oracle_edit.success`).
+
+Aggregates: the mean with a percentile bootstrap interval, and for two models evaluated on the same
+items the paired difference (B - A) with its own bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from reward_servers.base import ScoreBatch, Scorer, build_scorer
+from sampler.rollout import to_uint8
+from trainer.config import RewardConfig
+from trainer.errors import UserError
+
+# Whether a larger value is better, for metrics that are not reward scorers.
+BUILTIN_DIRECTION = {
+    "l2_outside_mask": False,
+    "clip_text_image": True,
+    "clip_image": True,
+    "clip_direction": True,
+}
+
+
+def l2_outside_mask(
+    edited: torch.Tensor, sources: torch.Tensor, masks: list[torch.Tensor | None]
+) -> np.ndarray:
+    """(M,) MSE between edit and source outside each item's mask (NaN without a mask).
+
+    Args:
+        edited, sources: (M, 3, R, R) in [0, 1].
+        masks: M entries, (R, R) bool or None.
+    """
+    out = np.full(len(masks), np.nan)
+    for i, mask in enumerate(masks):
+        if mask is None:
+            continue
+        keep = ~mask.bool().cpu()
+        if keep.any():
+            diff = (edited[i].double().cpu() - sources[i].double().cpu()) ** 2  # (3, R, R)
+            out[i] = float(diff[:, keep].mean())
+    return out
+
+
+class ClipMetric:
+    """CLIP text-image, image-image and directional similarities.
+
+    Args:
+        model_id: a local folder or hub id holding a transformers `CLIPModel` and its tokenizer.
+        device: where the model runs.
+    """
+
+    def __init__(self, model_id: str, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        try:
+            self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_id)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--clip-model: cannot load {model_id!r}: {str(err).splitlines()[0]}") from err
+        self.device = torch.device(device)
+        self.image_size = int(self.model.config.vision_config.image_size)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N, P) unit image embeddings (short side resized, centre crop)."""
+        from reward_servers.vision import CLIP_MEAN, CLIP_STD, resize_short_center_crop, to_tensor
+
+        crops = [resize_short_center_crop(im, self.image_size) for im in to_uint8(images)]
+        pixels = to_tensor(crops, CLIP_MEAN, CLIP_STD, self.device)
+        return _unit(_features(self.model.get_image_features(pixel_values=pixels)))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """N strings -> (N, P) unit text embeddings."""
+        tok = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(self.device)
+        return _unit(_features(self.model.get_text_features(**tok)))
+
+    def __call__(
+        self, edited: torch.Tensor, sources: torch.Tensor, instructions: list[str], metadata: list[dict]
+    ) -> dict[str, np.ndarray]:
+        """M edits -> {"clip_text_image", "clip_image", "clip_direction"}: (M,) arrays."""
+        e, s = self.embed_images(edited), self.embed_images(sources)
+        target = [m.get("target_caption") or ins for m, ins in zip(metadata, instructions, strict=True)]
+        t_target = self.embed_texts(target)
+        captions = [bool(m.get("source_caption") and m.get("target_caption")) for m in metadata]
+        t_source = self.embed_texts([m.get("source_caption") or "" for m in metadata])
+        t_instr = self.embed_texts(instructions)
+        text_dir = torch.where(torch.tensor(captions, device=e.device)[:, None], t_target - t_source, t_instr)
+
+        def cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+            c = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+            return c.double().clamp(-1, 1).cpu().numpy()  # rounding may step past +-1
+
+        return {
+            "clip_text_image": cos(e, t_target),
+            "clip_image": cos(e, s),
+            "clip_direction": cos(e - s, text_dir),
+        }
+
+
+def _features(out: Any) -> torch.Tensor:
+    """`get_*_features` returns a tensor (transformers 4) or an output with `pooler_output` (5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)).float()
+
+
+def build_scorers(config: RewardConfig) -> dict[str, Scorer]:
+    """The configured reward scorers, built in this process."""
+    scorers = {}
+    for sc in config.scorers:
+        try:
+            scorers[sc.name] = build_scorer(sc.name, **sc.kwargs)
+        except (KeyError, ValueError) as err:
+            raise UserError(f"reward.scorers: {err.args[0]}") from err
+    return scorers
+
+
+def score_with(
+    scorers: dict[str, Scorer],
+    edited: torch.Tensor,
+    sources: torch.Tensor,
+    instructions: list[str],
+    masks: list[torch.Tensor | None],
+    metadata: list[dict],
+) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+    """Score M edits with every scorer.
+
+    Returns:
+        metric name -> (M,) float64 (`<name>` and `<name>.<detail>`, NaN where missing), and M dicts
+        scorer name -> error message for the items a scorer refused.
+    """
+    m = len(instructions)
+    edit_u8, src_u8 = to_uint8(edited), to_uint8(sources)
+    mask_np = [None if k is None else k.bool().cpu().numpy() for k in masks]
+    values: dict[str, np.ndarray] = {}
+    errors: list[dict[str, str]] = [{} for _ in range(m)]
+    for name, scorer in scorers.items():
+        scores = np.full(m, np.nan)
+        details: list[dict[str, float]] = [{} for _ in range(m)]
+        step = max(1, int(scorer.max_batch_size))
+        for start in range(0, m, step):
+            sl = slice(start, start + step)
+            result = scorer.score(
+                ScoreBatch(
+                    edit_u8[sl], src_u8[sl], instructions[sl], masks=mask_np[sl], metadata=metadata[sl]
+                )
+            )
+            scores[sl] = result.scores
+            for k, (info, err) in enumerate(zip(result.details, result.errors, strict=True)):
+                details[start + k] = info
+                if err is not None:
+                    errors[start + k][name] = err
+        values[name] = scores
+        keys = sorted({k for info in details for k, v in info.items() if isinstance(v, int | float)})
+        for key in keys:
+            values[f"{name}.{key}"] = np.array([float(info.get(key, math.nan)) for info in details])
+    return values, errors
+
+
+# --------------------------------------------------------------------------- aggregates
+
+
+def bootstrap_ci(
+    values: np.ndarray, resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (finite entries only), seeded.
+
+    Draws `resamples` samples of n = len(values) with replacement; the interval is the
+    ((1 - confidence) / 2, (1 + confidence) / 2) quantiles of their means.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def summarize(values: np.ndarray, resamples: int, confidence: float, seed: int) -> dict[str, Any]:
+    """{"mean", "std", "n", "ci_low", "ci_high"} of the finite entries of (M,) `values`."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    low, high = bootstrap_ci(x, resamples, confidence, seed)
+    return {
+        "mean": float(x.mean()) if x.size else math.nan,
+        "std": float(x.std()) if x.size else math.nan,
+        "n": int(x.size),
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, resamples: int, confidence: float, seed: int
+) -> dict[str, Any]:
+    """Mean of b - a over the items finite in both, its bootstrap interval and whether it excludes 0."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    both = np.isfinite(a) & np.isfinite(b)
+    out = summarize(b[both] - a[both], resamples, confidence, seed)
+    out["excludes_zero"] = bool(out["n"] > 0 and (out["ci_low"] > 0 or out["ci_high"] < 0))
+    return out

@@ -1,0 +1,137 @@
+"""Pictures of a run and of an evaluation: `reward_curve.png` and `before_after.png`.
+
+matplotlib runs on its Agg backend (files only, no display), selected per figure through
+`matplotlib.figure.Figure` so that importing this module changes no global state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.errors import UserError
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"metrics file not found: {path}")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+        if isinstance(record, dict):
+            records.append(record)
+    if not records:
+        raise UserError(f"{path}: no metric records")
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of the records that have a finite number under `key`."""
+    pts = [
+        (r.get("epoch", i), r[key])
+        for i, r in enumerate(records)
+        if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+    ]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    x, y = zip(*pts, strict=True)
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+
+def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Plot each scorer's `<name>.mean` per epoch, with a +-1 std band where `<name>.std` is logged
+    and every other `<name>.<key>` number (e.g. `oracle_edit.success`) as a dashed line; one panel
+    per scorer. Returns the PNG path."""
+    path, out = Path(metrics_jsonl), Path(out_png)
+    records = _read_jsonl(path)
+    keys = sorted({k for r in records for k in r})
+    names = [k[: -len(".mean")] for k in keys if k.endswith(".mean")]
+    if not names:
+        raise UserError(f"{path}: no '<scorer>.mean' keys to plot")
+    fig = _figure(4.2 * len(names), 3.2)
+    for col, name in enumerate(names, start=1):
+        ax = fig.add_subplot(1, len(names), col)
+        x, mean = _series(records, f"{name}.mean")
+        ax.plot(x, mean, marker="o", markersize=3, label=f"{name} mean")
+        xs, std = _series(records, f"{name}.std")
+        if std.size == mean.size and std.size and np.array_equal(xs, x):
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2, label="± std")
+        for extra in keys:
+            if extra.startswith(f"{name}.") and extra not in (f"{name}.mean", f"{name}.std"):
+                ex, ey = _series(records, extra)
+                if ey.size:
+                    ax.plot(ex, ey, linestyle="--", marker=".", label=extra)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def before_after(
+    out_png: str | Path,
+    columns: Sequence[tuple[str, torch.Tensor]],
+    row_titles: Sequence[str] = (),
+    max_rows: int = 8,
+) -> Path:
+    """A grid of images, one row per input, one titled column per kind (source, each model's edit,
+    the target).
+
+    Args:
+        out_png: where to write the PNG.
+        columns: (title, (K, 3, R, R) images in [0, 1]) per column, all with the same K.
+        row_titles: K short strings shown left of each row (e.g. the instruction).
+        max_rows: at most this many rows.
+    """
+    out = Path(out_png)
+    rows = min(max_rows, *(int(images.shape[0]) for _, images in columns))
+    fig = _figure(1.9 * len(columns) + 0.4, 1.9 * rows + 0.3)
+    for r in range(rows):
+        for c, (title, images) in enumerate(columns):
+            ax = fig.add_subplot(rows, len(columns), r * len(columns) + c + 1)
+            arr = images[r].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            ax.imshow(arr, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0 and r < len(row_titles):
+                ax.set_ylabel(_wrap(row_titles[r]), fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def _wrap(text: str, width: int = 22) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    return "\n".join(lines[:3])
