@@ -114,34 +114,51 @@ def build_tiny_components(seed: int = 0) -> dict:
     }
 
 
-def warm_up_vae(vae, seed: int = 0, steps: int = 200, batch_size: int = 32, lr: float = 2e-3) -> float:
-    """Fit the VAE to reconstruct seeded synthetic scenes (MSE + a tiny KL); returns the last loss.
+def fit_vae(
+    vae,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> float:
+    """Fit a VAE to reconstruct `images` (MSE + a tiny KL); returns the last loss.
 
     Args:
         vae: an `AutoencoderKL`, trained in place and left frozen in eval mode.
-        steps: optimizer steps; 0 leaves the random weights.
+        images: (M, 3, H, W) in [-1, 1].
+        steps: optimizer steps; 0 leaves the weights as they are.
     """
-    from sampler.scenes import shapes_batch
-
     if steps <= 0:
         return float("nan")
-    scenes = (
-        torch.from_numpy(shapes_batch(seed, 512, TINY_RESOLUTION)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    )
+    from tqdm.auto import tqdm
+
+    device = next(vae.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        x = scenes[torch.randint(len(scenes), (batch_size,), generator=gen)]
+    for _ in tqdm(range(steps), desc="vae", leave=False, disable=not progress):
+        x = images[torch.randint(len(images), (batch_size,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
         loss = ((vae.decode(z).sample - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     vae.eval().requires_grad_(False)
     return float(loss)
+
+
+def warm_up_vae(vae, seed: int = 0, steps: int = 200, batch_size: int = 32, lr: float = 2e-3) -> float:
+    """Fit the VAE to seeded synthetic scenes (`fit_vae` on 512 `shapes_batch` scenes)."""
+    from sampler.scenes import shapes_batch
+
+    scenes = (
+        torch.from_numpy(shapes_batch(seed, 512, TINY_RESOLUTION)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    )
+    return fit_vae(vae, scenes, steps, batch_size, lr, seed)
 
 
 def save_tiny_model(path: str | Path, seed: int = 0, vae_warmup_steps: int = 200) -> Path:
