@@ -49,3 +49,16 @@ def test_the_trainer_command_is_a_consistent_config():
     config = load_config(args.config, args.overrides)
     assert config.reward.transport == "queue" and not config.reward.launch_servers
     assert config.effective_train_batch == 256
+
+
+def test_the_trainer_drives_a_ray_head_that_publishes_nothing():
+    services = COMPOSE["services"]
+    head = services["ray-head"]["command"]
+    assert head[:3] == ["ray", "start", "--head"] and "--dashboard-host=127.0.0.1" in head
+    client_port = next(a.split("=")[1] for a in head if a.startswith("--ray-client-server-port="))
+    trainer = services["trainer"]
+    command = trainer["command"]
+    assert command[command.index("--ray-address") + 1] == f"ray://ray-head:{client_port}"
+    assert trainer["depends_on"]["ray-head"] == {"condition": "service_healthy"}
+    assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
+    assert not any("ports" in s for s in services.values())  # nothing reachable from outside

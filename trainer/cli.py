@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "trainer.eval_commands",
     "reward_servers.cli",
     "reward_servers.queue.cli",
+    "trainer.cluster.cli",
 )
 
 

@@ -231,6 +231,21 @@ class RayConfig:
     num_gpus_per_learner: float = 0.0
     # CPUs reserved for the learner actor.
     num_cpus_per_learner: float = 1.0
+    # Data-parallel learner actors (0: run.num_processes). They form one torch.distributed process
+    # group (gloo on CPU, NCCL on GPU); each trains on its 1/num_learners share of the gathered batch
+    # (whole groups; advantages and rankings are computed over the whole batch first), and their
+    # gradients are averaged by an all-reduce before every optimizer step. Each learner is one of the
+    # data-parallel processes the per-process sizes count (sample.batch_size, num_batches_per_epoch,
+    # train.batch_size), so the driver samples num_learners x sample.num_batches_per_epoch batches.
+    num_learners: int = 0
+    # Address of the learners' rendezvous, a TCP store on learner 0 that listens on it alone (gloo
+    # and NCCL use the same interface): "127.0.0.1" for learners on one node; "auto" for learner 0's
+    # node address as Ray knows it, or that address itself, when they span nodes (then keep the port
+    # range closed to all but the cluster's network: the store accepts anyone who reaches it).
+    learner_host: str = "127.0.0.1"
+    # Placement-group strategy for the learners, placed as one gang ("PACK" keeps them on one node
+    # when they fit, which the loopback rendezvous needs).
+    learner_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Times Ray restarts a rollout worker that died (-1: without limit); its share of the epoch
     # is then sampled again.
     max_restarts: int = 3
@@ -254,14 +269,29 @@ class Config:
 
     # ---- derived sizes (SPIE prints these at start) ----
     @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel training processes: the Ray learner actors with `ray.enabled`
+        (`ray.num_learners`, 0: `run.num_processes`), else `run.num_processes`."""
+        if self.ray.enabled and self.ray.num_learners:
+            return self.ray.num_learners
+        return self.run.num_processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Sampling batches drawn per epoch: with Ray, `sample.num_batches_per_epoch` for each
+        learner; the single-process loop samples `sample.num_batches_per_epoch`."""
+        n = self.sample.num_batches_per_epoch
+        return n * self.data_parallel_size if self.ray.enabled else n
+
+    @property
     def images_per_epoch(self) -> int:
         s = self.sample
-        return s.batch_size * s.nb_gen * s.num_batches_per_epoch * self.run.num_processes
+        return s.batch_size * s.nb_gen * s.num_batches_per_epoch * self.data_parallel_size
 
     @property
     def effective_train_batch(self) -> int:
         t = self.train
-        return t.batch_size * t.gradient_accumulation_steps * self.run.num_processes
+        return t.batch_size * t.gradient_accumulation_steps * self.data_parallel_size
 
     @property
     def updates_per_epoch(self) -> int:
@@ -469,19 +499,27 @@ def validate(config: Config) -> None:
     ray = config.ray
     need(ray.num_rollout_workers >= 1, f"ray.num_rollout_workers must be >= 1, got {ray.num_rollout_workers}")
     need(
-        not ray.enabled or ray.num_rollout_workers <= s.num_batches_per_epoch,
-        f"ray.num_rollout_workers ({ray.num_rollout_workers}) exceeds sample.num_batches_per_epoch "
-        f"({s.num_batches_per_epoch}): a worker samples whole batches, so some would sit idle",
+        not ray.enabled or ray.num_rollout_workers <= config.batches_per_epoch,
+        f"ray.num_rollout_workers ({ray.num_rollout_workers}) exceeds the sampling batches per epoch "
+        f"({config.batches_per_epoch}: sample.num_batches_per_epoch x learners): a worker samples "
+        "whole batches, so some would sit idle",
     )
     need(
         ray.num_cpus_per_worker > 0 or ray.num_gpus_per_worker > 0 or bool(ray.worker_resources),
         "ray: a rollout worker must reserve something (num_cpus_per_worker, num_gpus_per_worker or "
         "worker_resources)",
     )
+    need(ray.num_learners >= 0, f"ray.num_learners must be >= 0, got {ray.num_learners}")
     need(
-        not ray.enabled or r.num_processes == 1,
-        "ray.enabled with run.num_processes > 1: several data-parallel learners are not built yet",
+        not ray.enabled or not ray.num_learners or r.num_processes in (1, ray.num_learners),
+        f"run.num_processes ({r.num_processes}) and ray.num_learners ({ray.num_learners}) disagree: "
+        "with ray.enabled the learners are the data-parallel processes; set one of them",
     )
+    need(
+        ray.num_cpus_per_learner > 0 or ray.num_gpus_per_learner > 0,
+        "ray: a learner must reserve something (num_cpus_per_learner or num_gpus_per_learner)",
+    )
+    need(bool(ray.learner_host.strip()), "ray.learner_host is empty (127.0.0.1, auto, or an address)")
     d = config.data
     if d.source in ("folder", "jsonl", "spie", "triplets"):
         need(bool(d.path), f"data.path is required with data.source={d.source}")

@@ -120,7 +120,7 @@ def plan_epoch(
     s = config.sample
     n = s.batch_size * s.nb_gen
     shards = []
-    for b in range(s.num_batches_per_epoch):
+    for b in range(config.batches_per_epoch):  # x learners with Ray: the sizes are per process
         pick = torch.randint(len(inputs), (s.batch_size,), generator=generator)
         shards.append(Shard(epoch, b, inputs.take(pick), generator.get_state()))
         torch.randn((s.batch_size if s.shared_noise else n, *latents), generator=generator)

@@ -9,9 +9,10 @@ One epoch with `ray.enabled`:
    restarted by Ray (`ray.max_restarts`), sent the current weights, and samples its share again; if
    it cannot, the run stops: a partial batch is never trained on;
 3. the loop scores the whole batch and computes advantages or rankings over all of it;
-4. the learner actor trains; its new trainable weights (LoRA only, with LoRA) are put in the object
-   store once and every worker loads them from there.
-Several data-parallel learners (torch.distributed over gloo / NCCL) are not built yet: one learner.
+4. the learner actors train, each on its share of whole groups, their gradients averaged over a
+   torch.distributed process group when there are several (`trainer.ray_learners`); rank 0's new
+   trainable weights (LoRA only, with LoRA) are put in the object store once and every worker loads
+   them from there.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from sampler.rollout import Rollout
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.loop import Shard
-from trainer.ray_workers import LearnerActor, RolloutWorker
+from trainer.ray_learners import LearnerGroup
+from trainer.ray_workers import RolloutWorker
 
 
 def connect(config: Config) -> bool:
@@ -187,25 +189,21 @@ class RolloutPool:
 
 
 class RayEngine:
-    """`trainer.loop.LocalEngine`'s methods, run on a learner actor and a pool of rollout workers."""
+    """`trainer.loop.LocalEngine`'s methods, run on learner actors and a pool of rollout workers."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_ray = connect(config)
-        self.pool = self.learner = None
+        self.pool = self.learners = None
         try:
-            r = config.ray
-            # The rollout gang is placed first, so the learner cannot take a slot it needs.
+            # The rollout gang is placed first, so the learners cannot take a slot it needs.
             self.pool = RolloutPool(config)
-            self.learner = (
-                ray.remote(LearnerActor)
-                .options(num_cpus=r.num_cpus_per_learner, num_gpus=r.num_gpus_per_learner)
-                .remote(config)
-            )
-            ray.get(self.learner.ready.remote(), timeout=r.start_timeout_s)
+            self.learners = LearnerGroup(config)
             self.latent_shape = tuple(self.pool.placement[0]["latent_shape"])
             nodes = len({p["node_id"] for p in self.pool.placement})
-            print(f"[spie] ray: {len(self.pool.workers)} rollout worker(s) on {nodes} node(s), 1 learner")
+            n = len(self.learners)
+            learners = "1 learner" if n == 1 else f"{n} data-parallel learners"
+            print(f"[spie] ray: {len(self.pool.workers)} rollout worker(s) on {nodes} node(s), {learners}")
             self.version = 0
             self.last_sync_s = self._sync_weights()
         except BaseException:
@@ -213,46 +211,38 @@ class RayEngine:
             raise
 
     def _sync_weights(self) -> float:
-        state, self.version = ray.get(
-            self.learner.trainable_state.remote(), timeout=self.config.ray.start_timeout_s
-        )
+        state, self.version = self.learners.trainable_state()
         return self.pool.push_weights(state, self.version)
 
     def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
-        ray.get(
-            self.learner.restore.remote(trainable, optimizer, version),
-            timeout=self.config.ray.start_timeout_s,
-        )
+        self.learners.restore(trainable, optimizer, version)
         self._sync_weights()
 
     def sample(self, shards: list[Shard], progress: bool) -> Rollout:
         return self.pool.sample(shards)
 
     def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool, **signal) -> dict:
-        """Train on the whole gathered batch, then send the new weights to every worker."""
-        ref = self.learner.train.remote(rollout, generator.get_state(), **signal)
-        metrics, self.version = ray.get(ref, timeout=self.config.ray.train_timeout_s)
+        """Train on the whole gathered batch (split between the learners), then send rank 0's new
+        weights to every worker."""
+        metrics, self.version = self.learners.train(rollout, generator.get_state(), **signal)
         self.last_sync_s = self._sync_weights()
         return metrics
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        timeout = self.config.ray.start_timeout_s
-        (state, _), optimizer = ray.get(
-            [self.learner.trainable_state.remote(), self.learner.optimizer_state.remote()], timeout=timeout
-        )
-        return state, optimizer
+        return self.learners.checkpoint_state()
 
     def metrics(self) -> dict[str, float]:
         return {
             "rollout_workers": float(len(self.pool.workers)),
             "rollout_worker_restarts": float(self.pool.restarts),
+            "learners": float(len(self.learners)),
             "time_weight_sync_s": self.last_sync_s,
         }
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        if self.learner is not None:
-            ray.kill(self.learner)
+        if self.learners is not None:
+            self.learners.close()
         if self.started_ray:
             ray.shutdown()

@@ -1,4 +1,4 @@
-"""The Ray actors of a training run: rollout workers that sample, and the learner that trains.
+"""The Ray actors of a training run: rollout workers that sample, and the learners that train.
 
 Each is a plain class with a few coarse methods; `trainer.ray_loop` wraps them with `ray.remote`
 and the resource counts from `config.ray`, so the same code runs with `num_gpus=0` on a laptop.
@@ -13,6 +13,7 @@ import torch
 
 from sampler.rollout import Rollout
 from trainer.config import Config
+from trainer.ddp import DistributedLearner, backend_for, join_process_group, open_rendezvous
 from trainer.learner import Learner, build_policy, load_trainable_into_policy
 from trainer.loop import Shard, latent_shape, sample_shard
 
@@ -65,13 +66,50 @@ class RolloutWorker:
 
 
 class LearnerActor:
-    """Wraps `trainer.learner.Learner`: owns the trained weights and the optimizer."""
+    """Wraps `trainer.learner.Learner`: owns the trained weights and the optimizer.
 
-    def __init__(self, config: Config) -> None:
-        self.learner = Learner(config, build_policy(config))
+    With `world_size` > 1 it is rank `rank` of the data-parallel learners (`trainer.ddp`): the driver
+    asks rank 0 to `listen`, then every rank to `join` the process group.
 
-    def ready(self) -> int:
-        return os.getpid()
+    Args:
+        config: the run configuration.
+        rank: this learner's rank.
+        world_size: the number of learners.
+    """
+
+    def __init__(self, config: Config, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
+        policy = build_policy(config)
+        self.learner = (DistributedLearner if world_size > 1 else Learner)(config, policy)
+        self.listener = None
+
+    def ready(self) -> dict:
+        """Where the learner runs: {"rank", "pid", "node_id", "node_ip", "device"}."""
+        import ray
+
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "device": str(self.learner.policy.device),
+        }
+
+    def listen(self, host: str) -> tuple[str, int]:
+        """Rank 0: open the rendezvous on `host` ("auto": this node's address); returns (host, port)."""
+        import ray
+
+        if host == "auto":
+            host = ray.util.get_node_ip_address()
+        self.listener = open_rendezvous(host)
+        return host, self.listener.getsockname()[1]
+
+    def join(self, host: str, port: int, timeout_s: float) -> None:
+        """Join the learners' process group (gloo on CPU, NCCL on GPU); weights start from rank 0's."""
+        backend = backend_for(self.learner.policy.device)
+        join_process_group(self.rank, self.world_size, host, port, backend, timeout_s, self.listener)
+        self.listener = None
+        self.learner.broadcast_weights(0)
 
     def train(
         self,
@@ -82,8 +120,10 @@ class LearnerActor:
     ) -> tuple[dict[str, float], int]:
         """One epoch of updates (see `Learner.train`); returns (metrics, the new policy version).
 
-        `generator_state` is the driver's epoch generator state, so the shuffles are the ones the
-        single-process loop draws.
+        `rollout` is this learner's share (whole groups; the whole batch with one learner), with
+        `advantages` (n,) or `ranking` (g, K) indexed within it. `generator_state` is the driver's
+        epoch generator state, so with one learner the shuffles are the ones the single-process
+        loop draws; every rank uses it to shuffle its own share.
         """
         gen = torch.Generator()
         gen.set_state(generator_state)
@@ -98,6 +138,7 @@ class LearnerActor:
         return self.learner.optimizer.state_dict()
 
     def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
+        """Load a checkpoint's weights, optimizer state and policy version (every rank loads it)."""
         self.learner.load_trainable_state(trainable)
         self.learner.optimizer.load_state_dict(optimizer)
         self.learner.version = version
