@@ -1,4 +1,4 @@
-"""`spie train` and `spie generate`."""
+"""`spie train`, `spie sft` and `spie generate`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--ray",
         action="store_true",
-        help="sample and learn in Ray actors (a local Ray unless RAY_ADDRESS is set)",
+        help="sample and learn in Ray actors (a local Ray unless RAY_ADDRESS is set; the default "
+        "unless the config sets ray.enabled: false)",
+    )
+    p.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="sample and learn in this process, without Ray (sets ray.enabled=false)",
     )
     p.add_argument(
         "--ray-address",
@@ -40,6 +46,21 @@ def register(subparsers) -> None:
         help="join this Ray cluster (e.g. auto, 10.0.0.1:6379); implies --ray",
     )
     p.set_defaults(func=cmd_train)
+
+    f = subparsers.add_parser(
+        "sft", help="supervised InstructPix2Pix fine-tuning (the warm start before RL, e.g. the toy editor)"
+    )
+    f.add_argument("--config", required=True, help="YAML preset (e.g. configs/sft-toy.yaml)")
+    f.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. sft.steps=100",
+    )
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_sft)
 
     g = subparsers.add_parser("generate", help="edit a folder of images with a trained checkpoint")
     g.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (latest checkpoint)")
@@ -66,8 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
+    if args.no_ray and (args.ray or args.ray_address):
+        raise UserError("give either --no-ray or --ray / --ray-address")
     if args.ray or args.ray_address:
         overrides.append("ray.enabled=true")
+    if args.no_ray:
+        overrides.append("ray.enabled=false")
     if args.ray_address:
         overrides.append(f"ray.address={json.dumps(args.ray_address)}")  # quoted YAML
     if args.resume:
@@ -80,6 +105,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.config:
         raise UserError("--config is required (e.g. --config configs/tiny.yaml)")
     train(load_config(args.config, overrides))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.sft import sft
+
+    overrides = list(args.overrides) + (["run.quiet=true"] if args.quiet else [])
+    sft(load_config(args.config, overrides))
     return 0
 
 

@@ -89,6 +89,10 @@ class SampleConfig:
     nb_gen: int = 2
     # The nb_gen edits of an input start from the same initial noise (True) or independent noise.
     shared_noise: bool = False
+    # "async": each sampling batch is scored (on a background thread, through the reward servers
+    # or in process) while the next one is sampled, so sampling and scoring overlap; "sync": the
+    # whole epoch is sampled, then scored. Both give the same edits, scores and updates.
+    pipeline: Literal["sync", "async"] = "async"
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,8 @@ class RewardConfig:
     replicas: int = 1
     # Seconds a local replica may take to load its model and start consuming.
     server_start_timeout_s: float = 120.0
-    # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted.
+    # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted. The
+    # loop waits at most 2.5 x this for one batch's scores before it stops the run.
     deadline_s: float = 120.0
 
 
@@ -208,9 +213,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    # Sample and learn in Ray actors (rollout workers and a learner) driven by this process; false:
-    # everything runs in this process. `spie train --ray` or `--ray-address` turns it on.
-    enabled: bool = False
+    # Sample and learn in Ray actors (rollout workers and a learner) driven by this process (a
+    # local Ray is started unless `address` or RAY_ADDRESS names one); false: everything runs in
+    # this process (`spie train --no-ray`).
+    enabled: bool = True
     # Cluster to join: "auto", "<head-ip>:6379" or "ray://<head-ip>:10001". Empty: RAY_ADDRESS if
     # set (e.g. inside `ray job submit`), else a local Ray is started for the run (no dashboard).
     address: str = ""
@@ -258,6 +264,59 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What `spie train` does after the last epoch: plots, and a held-out comparison (`spie evaluate`)."""
+
+    # Compare the starting model (model.pretrained) with the trained one on held-out inputs and
+    # write eval/eval.json and eval/before_after.png in the run folder.
+    after_training: bool = False
+    # Held-out inputs to compare on (the first n of the evaluation data).
+    num_items: int = 64
+    # Noise seed of the comparison (item i uses the same noise for both models) and bootstrap seed.
+    seed: int = 0
+    # `--set` overrides that turn the training data into the held-out data.
+    data_overrides: tuple[str, ...] = ("data.split=heldout",)
+    # Bootstrap resamples for the 95 % confidence intervals.
+    resamples: int = 2000
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised InstructPix2Pix fine-tuning (`spie sft`): the warm start before RL."""
+
+    # Optimizer steps on the UNet (plus the text encoder with `train_text_encoder`).
+    steps: int = 1000
+    # (source, instruction, target) triplets per step.
+    batch_size: int = 32
+    # AdamW learning rate (constant after `warmup_steps` of linear warm-up).
+    learning_rate: float = 1e-4
+    # Linear learning-rate warm-up steps.
+    warmup_steps: int = 50
+    # AdamW weight decay.
+    weight_decay: float = 1e-2
+    # Gradient-norm clipping (0 = off).
+    max_grad_norm: float = 1.0
+    # InstructPix2Pix conditioning dropout: each of "text only", "image only" and "both" is dropped
+    # with this probability (the paper's 5 % each), so classifier-free guidance works on both inputs.
+    conditioning_dropout: float = 0.05
+    # Exponential moving average of the UNet weights (0 = off); the saved model uses the EMA weights.
+    ema_decay: float = 0.0
+    # Also train the text encoder (the toy model's random one); InstructPix2Pix keeps CLIP frozen.
+    train_text_encoder: bool = False
+    # Steps that fit the VAE to the training images before the UNet (the toy model only; 0 = off).
+    vae_steps: int = 0
+    # VAE learning rate for `vae_steps`.
+    vae_learning_rate: float = 2e-3
+    # Encode every source and target with the (then frozen) VAE once, before the UNet steps: faster
+    # when the data fits in memory (the toy model), instead of encoding each batch.
+    cache_latents: bool = False
+    # Where the fine-tuned model is written, in the diffusers pipeline layout.
+    output_dir: str = "models/sft"
+    # Print/log the loss every this many steps.
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -266,6 +325,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- derived sizes (SPIE prints these at start) ----
     @property
@@ -462,6 +523,14 @@ def validate(config: Config) -> None:
     ):
         need(value >= 1, f"{name} must be >= 1, got {value}")
     need(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
+    f = config.sft
+    need(f.steps >= 0 and f.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1")
+    need(f.learning_rate > 0, f"sft.learning_rate must be > 0, got {f.learning_rate}")
+    need(
+        0 <= f.conditioning_dropout <= 1 / 3,
+        f"sft.conditioning_dropout must be in [0, 1/3] (three cases), got {f.conditioning_dropout}",
+    )
+    need(0 <= f.ema_decay < 1, f"sft.ema_decay must be in [0, 1), got {f.ema_decay}")
     need(
         0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}"
     )

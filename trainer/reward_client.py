@@ -32,7 +32,7 @@ import redis
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.queue import protocol as P
 from trainer.errors import UserError
-from trainer.rewards import Scores
+from trainer.rewards import Scores, details_arrays
 
 log = logging.getLogger("spie.reward_client")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -302,8 +302,9 @@ class RewardClient:
         return self._higher[scorer]
 
     def _to_scores(self, results: dict[str, list[pb.Result | None]]) -> Scores:
-        values, errors = {}, {}
+        values, errors, details = {}, {}, {}
         for scorer, rs in results.items():
+            details.update(details_arrays(scorer, [dict(r.details) for r in rs]))
             v = np.full(len(rs), math.nan)
             errs: list[str | None] = []
             for i, r in enumerate(rs):
@@ -314,7 +315,7 @@ class RewardClient:
                     errs.append(r.error or pb.Result.Status.Name(r.status))
             values[scorer] = v if self._higher_is_better(scorer) else -v
             errors[scorer] = errs
-        return Scores(values, errors)
+        return Scores(values, errors, details)
 
     def _diagnose(self, missing: dict[str, list[int]]) -> str:
         """'; scorer X: N jobs queued, K replicas' for the scorers with missing items."""

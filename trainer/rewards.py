@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,10 +25,21 @@ class Scores:
     Attributes:
         values: scorer name -> (N,) float64.
         errors: scorer name -> N entries, None or the item's error message.
+        details: "<scorer>.<detail>" -> (N,) float64 of the scorers' named per-item numbers (e.g.
+            "oracle_edit.success"), NaN where an item has none; logged, not trained on.
     """
 
     values: dict[str, np.ndarray]
     errors: dict[str, list[str | None]]
+    details: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def select(self, keep: list[int]) -> Scores:
+        """The scores of items `keep`."""
+        return Scores(
+            {k: v[keep] for k, v in self.values.items()},
+            {k: [e[i] for i in keep] for k, e in self.errors.items()},
+            {k: v[keep] for k, v in self.details.items()},
+        )
 
     def failed(self) -> list[tuple[str, int, str]]:
         return [
@@ -54,9 +65,9 @@ class InProcessRewards:
         batch = ScoreBatch(
             rollout.edited_uint8(), rollout.sources_uint8(), rollout.instructions, masks=masks, metadata=meta
         )
-        values, errors = {}, {}
+        values, errors, details = {}, {}, {}
         for name, scorer in self.scorers.items():
-            parts, errs = [], []
+            parts, errs, dets = [], [], []
             step = max(1, int(scorer.max_batch_size))
             for start in range(0, len(batch), step):
                 sl = slice(start, start + step)
@@ -70,13 +81,24 @@ class InProcessRewards:
                 result = scorer.score(sub)
                 parts.append(result.scores)
                 errs.extend(result.errors)
+                dets.extend(result.details)
             v = np.concatenate(parts)
             values[name] = v if scorer.higher_is_better else -v
             errors[name] = errs
-        return Scores(values, errors)
+            details.update(details_arrays(name, dets))
+        return Scores(values, errors, details)
 
     def close(self) -> None:
         self.scorers.clear()
+
+
+def details_arrays(scorer: str, per_item: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    """N dicts of named numbers -> {"<scorer>.<name>": (N,) float64}, NaN where an item lacks one."""
+    names = sorted({k for d in per_item for k in d})
+    return {
+        f"{scorer}.{k}": np.array([float(d.get(k, np.nan)) for d in per_item], dtype=np.float64)
+        for k in names
+    }
 
 
 def _by_role(scorers: tuple[ScorerConfig, ...], scores: Scores, role: str) -> torch.Tensor | None:

@@ -142,6 +142,20 @@ class SFTTrainer:
         self.ema = EMA(unet, self.f.ema_decay) if self.f.ema_decay > 0 else None
         with torch.no_grad():
             self.null_ids = tokenize(self.c, [""], self.device)
+        self.cache = self._encode_all() if self.f.cache_latents else None
+
+    @torch.no_grad()
+    def _encode_all(self, chunk: int = 256) -> dict[str, torch.Tensor]:
+        """VAE encodings of every input: target posterior "mean"/"std" and source "mode", (M, 4, h, w)."""
+        vae, dev = self.c.vae, self.device
+        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "mode": []}
+        for start in range(0, len(self.inputs), chunk):
+            sl = slice(start, start + chunk)
+            post = vae.encode(self.inputs.targets[sl].to(dev) * 2 - 1).latent_dist
+            parts["mean"].append(post.mean)
+            parts["std"].append(post.std)
+            parts["mode"].append(vae.encode(self.inputs.sources[sl].to(dev) * 2 - 1).latent_dist.mode())
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def loss(self, index: torch.Tensor) -> torch.Tensor:
         """The InstructPix2Pix loss (module docstring) on the B inputs at `index` ((B,) long)."""
@@ -150,10 +164,14 @@ class SFTTrainer:
         b = len(batch)
         vae = c.vae
         with torch.no_grad():
-            post = vae.encode(batch.targets.to(dev) * 2 - 1).latent_dist
-            eps_z = torch.randn(post.mean.shape, generator=g).to(dev)
-            z0 = (post.mean + post.std * eps_z) * vae.config.scaling_factor
-            image_latents = vae.encode(batch.sources.to(dev) * 2 - 1).latent_dist.mode()
+            if self.cache is not None:
+                at = index.to(dev)
+                mean, std, image_latents = (self.cache[k][at] for k in ("mean", "std", "mode"))
+            else:
+                post = vae.encode(batch.targets.to(dev) * 2 - 1).latent_dist
+                mean, std = post.mean, post.std
+                image_latents = vae.encode(batch.sources.to(dev) * 2 - 1).latent_dist.mode()
+            z0 = (mean + std * torch.randn(mean.shape, generator=g).to(dev)) * vae.config.scaling_factor
         drop_text, drop_image = dropout_masks(b, self.f.conditioning_dropout, g)
         ids = tokenize(c, batch.instructions, dev)
         ids[drop_text.to(dev)] = self.null_ids
