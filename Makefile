@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/sampler_overhead.py
 	$(PY) bench/reward_server.py
 	$(PY) bench/queue.py
+	$(PY) bench/overlap.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

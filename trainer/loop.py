@@ -27,6 +27,7 @@ from trainer.data import Inputs, load_inputs
 from trainer.errors import UserError
 from trainer.learner import Learner, build_policy
 from trainer.objectives import group_advantages, ranking_from_scores
+from trainer.pipeline import ScoringThread, sample_and_score
 from trainer.rewards import Scores, ppo_rewards, spie_signals
 from trainer.runlog import RunLog
 from trainer.services import make_rewards
@@ -214,11 +215,7 @@ def drop_failed(rollout: Rollout, scores: Scores) -> tuple[Rollout, Scores, int]
         raise RuntimeError(
             f"every edit failed scoring; first: scorer {name}, item {rollout.item_ids[i]}: {err}"
         )
-    sub = Scores(
-        {k: v[keep] for k, v in scores.values.items()},
-        {k: [e[i] for i in keep] for k, e in scores.errors.items()},
-    )
-    return rollout.select(keep), sub, len(rollout) - len(keep)
+    return rollout.select(keep), scores.select(keep), len(rollout) - len(keep)
 
 
 def train(config: Config, resume: str | Path | None = None, progress: bool | None = None) -> Path:
@@ -228,7 +225,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
     run_dir = Path(resume) if resume else make_run_dir(config)
     rewards = make_rewards(config, run_id=run_dir.name)
-    log = engine = None
+    log = engine = scorer = None
     try:
         print(f"[spie] run folder: {run_dir}")
         print(f"[spie] {config.summary()}")
@@ -247,12 +244,13 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             print(f"[spie] resumed from {folder} at epoch {start}")
         dump_config(config, run_dir / "config.yaml")
         t_cfg = config.train
+        # sample.pipeline=async: shards are scored on a background thread while the next are sampled.
+        scorer = ScoringThread(rewards) if config.sample.pipeline == "async" else None
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
-            rollout = engine.sample(plan_epoch(inputs, config, epoch, gen, engine.latent_shape), progress)
-            t1 = time.perf_counter()
-            scores = rewards.score(rollout)
+            shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
+            rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
             t2 = time.perf_counter()
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -265,6 +263,10 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 record[f"{name}.mean"] = float(finite.mean()) if finite.size else float("nan")
                 record[f"{name}.std"] = float(finite.std()) if finite.size else float("nan")
                 stats.update(name, values)
+            for key, values in scores.details.items():  # e.g. "oracle_edit.success": its epoch mean
+                finite = values[np.isfinite(values)]
+                if finite.size:
+                    record[key] = float(finite.mean())
             rollout_ok, scores_ok, dropped = drop_failed(rollout, scores)
             if t_cfg.objective == "ppo":
                 reward = ppo_rewards(config.reward, scores_ok)
@@ -284,10 +286,10 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 {
                     "items": len(rollout),
                     "items_dropped": dropped,
-                    "samples_per_s": len(rollout) / max(t1 - t0, 1e-9),
-                    "time_sampling_s": t1 - t0,
-                    "time_scoring_s": t2 - t1,
+                    "samples_per_s": len(rollout) / max(times["time_sampling_s"], 1e-9),
+                    **times,
                     "time_training_s": t3 - t2,
+                    "time_epoch_s": t3 - t0,
                 }
             )
             log.log(record)
@@ -313,13 +315,51 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     {"policy_version": engine.version, "reward_stats": stats.state_dict()},
                 )
     finally:
+        if scorer is not None:
+            scorer.close()
         if log is not None:
             log.close()
         if engine is not None:
             engine.close()
         rewards.close()
-    print(f"[spie] done: metrics in {run_dir / 'metrics.jsonl'}, checkpoints in {run_dir / 'checkpoints'}")
+    final_report(config, run_dir, progress)
     return run_dir
+
+
+def final_report(config: Config, run_dir: Path, progress: bool) -> None:
+    """After the last epoch: the reward curve, the held-out comparison (`eval.after_training`), and
+    where every output is."""
+    from trainer.plots import reward_curve
+
+    lines = [
+        f"metrics:      {run_dir / 'metrics.jsonl'}",
+        f"checkpoints:  {run_dir / 'checkpoints'}",
+        f"samples:      {run_dir / 'samples'}",
+        f"TensorBoard:  tensorboard --logdir {run_dir / 'tensorboard'}",
+        f"reward curve: {reward_curve(run_dir / 'metrics.jsonl', run_dir / 'reward_curve.png')}",
+    ]
+    e = config.eval
+    if e.after_training:
+        from trainer.evaluate import evaluate_models, format_table
+
+        print(f"[spie] evaluating {config.model.pretrained} against the trained model on held-out inputs")
+        summary = evaluate_models(
+            [config.model.pretrained, str(run_dir)],
+            config=config,
+            out_dir=run_dir,
+            num_items=e.num_items,
+            seed=e.seed,
+            overrides=e.data_overrides,
+            labels=["start", "trained"],
+            resamples=e.resamples,
+            progress=progress,
+        )
+        print(format_table(summary))
+        lines += [
+            f"evaluation:   {run_dir / 'eval.json'}",
+            f"before/after: {run_dir / 'before_after.png'}",
+        ]
+    print("[spie] done:\n  " + "\n  ".join(lines))
 
 
 def make_engine(config: Config):
