@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo test lint format protos bench clean
+.PHONY: install demo toy-editor test lint format protos bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,8 +23,13 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Each demo run gets its own folder (runs/demo-<time>), so running it again loses nothing.
 demo: $(STAMP)
-	$(VENV)/bin/spie train --config $(CONFIG)
+	$(VENV)/bin/spie train --config $(CONFIG) --set run.name=demo-$$(date +%Y%m%d-%H%M%S)
+
+# Regenerate the toy editor shipped in models/toy-editor (supervised fine-tuning, CPU, ~15 min).
+toy-editor: $(STAMP)
+	$(VENV)/bin/spie sft --config configs/sft-toy.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -148,7 +148,7 @@ def fit_vae(
         loss.backward()
         opt.step()
     vae.eval().requires_grad_(False)
-    return float(loss)
+    return float(loss.detach())
 
 
 def warm_up_vae(vae, seed: int = 0, steps: int = 200, batch_size: int = 32, lr: float = 2e-3) -> float:

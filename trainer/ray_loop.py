@@ -43,7 +43,8 @@ def connect(config: Config) -> bool:
             ray.init(address=address, log_to_driver=True)
         else:
             # A local Ray for this run: no dashboard (its job API runs code for whoever reaches it).
-            ray.init(include_dashboard=False, log_to_driver=True)
+            # Its processes listen on loopback only: nothing off this machine can reach them.
+            ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     except ConnectionError as err:
         raise UserError(f"ray.address={address!r}: cannot join the Ray cluster ({err})") from err
     return True
