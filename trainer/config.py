@@ -237,6 +237,10 @@ class RayConfig:
     num_gpus_per_learner: float = 0.0
     # CPUs reserved for the learner actor.
     num_cpus_per_learner: float = 1.0
+    # Torch threads in each rollout-worker and learner actor (0: Ray's default, one per reserved
+    # CPU). The synchronous loop runs sampling and learning in turn, so on a small machine both may
+    # use every core (the demo sets 2 on 2 cores).
+    torch_threads: int = 0
     # Data-parallel learner actors (0: run.num_processes). They form one torch.distributed process
     # group (gloo on CPU, NCCL on GPU); each trains on its 1/num_learners share of the gathered batch
     # (whole groups; advantages and rankings are computed over the whole batch first), and their
@@ -588,6 +592,7 @@ def validate(config: Config) -> None:
         ray.num_cpus_per_learner > 0 or ray.num_gpus_per_learner > 0,
         "ray: a learner must reserve something (num_cpus_per_learner or num_gpus_per_learner)",
     )
+    need(ray.torch_threads >= 0, f"ray.torch_threads must be >= 0, got {ray.torch_threads}")
     need(bool(ray.learner_host.strip()), "ray.learner_host is empty (127.0.0.1, auto, or an address)")
     d = config.data
     if d.source in ("folder", "jsonl", "spie", "triplets"):

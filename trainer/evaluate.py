@@ -64,9 +64,9 @@ class ModelSpec:
 
     @property
     def short(self) -> str:
-        """A short name for pictures: `<run>/<epoch_NNNN>` or the base model's folder name."""
+        """A short name for pictures: the checkpoint's `epoch_NNNN` or the base model's folder name."""
         if self.checkpoint is not None:
-            return f"{self.checkpoint.parent.parent.name}/{self.checkpoint.name}"
+            return self.checkpoint.name
         return Path(self.spec).name or self.spec
 
     def describe(self) -> dict[str, Any]:
@@ -311,7 +311,7 @@ def _finish(
     grid = out_json.parent / "before_after.png"
     columns = [("source", items.sources)]
     columns += [
-        (f"{m['label']}: {m.get('short') or Path(m['spec']).name}", edits[m["label"]]) for m in models
+        (f"{m['label']}\n{m.get('short') or Path(m['spec']).name}", edits[m["label"]]) for m in models
     ]
     k = min(grid_items, len(items))
     if k and all(t is not None for t in items.targets[:k]):

@@ -59,8 +59,8 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Plot each scorer's `<name>.mean` per epoch, with a +-1 std band where `<name>.std` is logged
-    and every other `<name>.<key>` number (e.g. `oracle_edit.success`) as a dashed line; one panel
-    per scorer. Returns the PNG path."""
+    and the other `<name>.<key>` numbers on the same scale (e.g. `oracle_edit.success`) as dashed
+    lines; one panel per scorer. Returns the PNG path."""
     path, out = Path(metrics_jsonl), Path(out_png)
     records = _read_jsonl(path)
     keys = sorted({k for r in records for k in r})
@@ -75,11 +75,20 @@ def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
         xs, std = _series(records, f"{name}.std")
         if std.size == mean.size and std.size and np.array_equal(xs, x):
             ax.fill_between(x, mean - std, mean + std, alpha=0.2, label="± std")
+        shown = [mean]
+        lo, hi = float(np.nanmin(mean)), float(np.nanmax(mean))
         for extra in keys:
             if extra.startswith(f"{name}.") and extra not in (f"{name}.mean", f"{name}.std"):
                 ex, ey = _series(records, extra)
-                if ey.size:
+                # Details on the mean's scale only (e.g. a success rate next to a [0, 1] score; a
+                # colour error in RGB units would flatten it), and none that repeats a drawn line.
+                same_scale = (
+                    ey.size and min(lo, 0.0) - 1e-9 <= np.nanmin(ey) and np.nanmax(ey) <= max(hi, 1.0)
+                )
+                repeat = any(y.shape == ey.shape and np.allclose(y, ey, equal_nan=True) for y in shown)
+                if same_scale and not repeat:
                     ax.plot(ex, ey, linestyle="--", marker=".", label=extra)
+                    shown.append(ey)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -22,6 +22,12 @@ class StaleWeightsError(RuntimeError):
     """A rollout was asked of a worker that does not hold the expected policy version."""
 
 
+def set_threads(config: Config) -> None:
+    """Apply `ray.torch_threads` in this actor process (0 leaves Ray's one thread per reserved CPU)."""
+    if config.ray.torch_threads > 0:
+        torch.set_num_threads(config.ray.torch_threads)
+
+
 class RolloutWorker:
     """Samples shards of an epoch with its own copy of the policy (one per GPU).
 
@@ -33,6 +39,7 @@ class RolloutWorker:
     def __init__(self, config: Config, rank: int) -> None:
         self.config = config
         self.rank = rank
+        set_threads(config)
         self.policy = build_policy(config)
         self.version = -1  # no weights pushed yet
 
@@ -79,6 +86,7 @@ class LearnerActor:
 
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1) -> None:
         self.rank, self.world_size = rank, world_size
+        set_threads(config)
         policy = build_policy(config)
         self.learner = (DistributedLearner if world_size > 1 else Learner)(config, policy)
         self.listener = None
