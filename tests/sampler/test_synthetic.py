@@ -104,6 +104,7 @@ def test_every_instruction_fits_the_tiny_tokenizer_untruncated():
 
     tok = tiny_tokenizer()
     longest = max(
-        (len(tok(s.instruction).input_ids), s.instruction) for s in synthetic_edits(0, 400, 32, kinds=ALL_KINDS)
+        (len(tok(s.instruction).input_ids), s.instruction)
+        for s in synthetic_edits(0, 400, 32, kinds=ALL_KINDS)
     )
     assert longest[0] <= tok.model_max_length, longest

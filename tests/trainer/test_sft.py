@@ -72,7 +72,9 @@ def test_sft_writes_a_loadable_model_with_ema(tiny_config, tmp_path):
     from trainer.learner import build_policy
 
     policy = build_policy(tiny_config(f"model.pretrained={out}"))
-    r = policy.rollout(inputs := torch.rand(1, 3, 32, 32), ["make the circle red"], generator=torch.Generator())
+    r = policy.rollout(
+        inputs := torch.rand(1, 3, 32, 32), ["make the circle red"], generator=torch.Generator()
+    )
     assert r.images.shape == inputs.shape
 
 
@@ -83,7 +85,16 @@ def test_sft_refuses_data_without_targets(tiny_config, tmp_path):
 
 def test_spie_sft_cli_rejects_a_bad_field(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "sft", "--config", "configs/sft-toy.yaml", "--set", "sft.stepz=3"],
+        [
+            sys.executable,
+            "-m",
+            "trainer.cli",
+            "sft",
+            "--config",
+            "configs/sft-toy.yaml",
+            "--set",
+            "sft.stepz=3",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
