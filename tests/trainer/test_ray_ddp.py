@@ -106,9 +106,10 @@ def test_two_learners_train_as_one_on_the_same_batch(local_ray, tiny_config, cap
     for name in w1:
         step = (w1[name] - w1_first[name]).norm()  # what epoch 1's update moved
         assert step > 1e-5, name
-        # Within 5 % of the update, in norm (measured 0.8 %): Adam divides by sqrt(v), so where a gradient is near 0
-        # the float rounding of the other summation order can flip an element's step (a max-norm
-        # bound of 1 % failed once at 1.9 %); a real error in the all-reduce moves the whole update.
+        # Within 5 % of the update, in norm (measured 0.8 %): Adam divides by sqrt(v), so where a
+        # gradient is near 0 the float rounding of the other summation order can flip an element's
+        # step (a max-element bound of 1 % failed once at 1.9 %); a missing all-reduce moves the
+        # whole update.
         worst = max(worst, float((w2[name] - w1[name]).norm() / step))
     print(f"largest relative difference: {worst:.2e}")
     assert worst < 5e-2
