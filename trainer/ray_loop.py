@@ -38,16 +38,26 @@ def connect(config: Config) -> bool:
     if ray.is_initialized():
         return False
     address = config.ray.address or None
-    try:
-        if address:
+    if not address:
+        # A local Ray for this run: no dashboard (its job API runs code for whoever reaches it).
+        # Its processes listen on loopback only: nothing off this machine can reach them.
+        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        return True
+    # A Ray Client head (ray://) can refuse a client while it is still starting ("Starting Ray
+    # client server failed" before its runtime-env agent is up): try again, 5 s apart, for up to
+    # a minute (or `ray.start_timeout_s`); any other address fails at once. Then one line.
+    retry_s = min(60.0, config.ray.start_timeout_s) if address.startswith("ray://") else 0.0
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
             ray.init(address=address, log_to_driver=True)
-        else:
-            # A local Ray for this run: no dashboard (its job API runs code for whoever reaches it).
-            # Its processes listen on loopback only: nothing off this machine can reach them.
-            ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
-    except ConnectionError as err:
-        raise UserError(f"ray.address={address!r}: cannot join the Ray cluster ({err})") from err
-    return True
+            return True
+        except ConnectionError as err:
+            if time.monotonic() + 5 > deadline:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(f"ray.address={address!r}: cannot join the Ray cluster ({first})") from err
+            print(f"[spie] ray: cannot join {address} yet ({type(err).__name__}); retrying in 5 s")
+            time.sleep(5)
 
 
 def worker_bundle(config: Config) -> dict[str, float]:
