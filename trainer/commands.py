@@ -9,17 +9,22 @@ from pathlib import Path
 from trainer.errors import UserError
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train an editor with RL from AI feedback")
-    p.add_argument("--config", help="YAML preset (configs/*.yaml)")
-    p.add_argument(
+def add_overrides(parser, example: str, what: str = "override a field") -> None:
+    """The `--set KEY=VALUE` option (repeatable) that every config-driven command takes."""
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field, e.g. train.learning_rate=1e-5",
+        help=f"{what}, e.g. {example}",
     )
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train an editor with RL from AI feedback")
+    p.add_argument("--config", help="YAML preset (configs/*.yaml)")
+    add_overrides(p, "train.learning_rate=1e-5")
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
@@ -51,14 +56,7 @@ def register(subparsers) -> None:
         "sft", help="supervised InstructPix2Pix fine-tuning (the warm start before RL, e.g. the toy editor)"
     )
     f.add_argument("--config", required=True, help="YAML preset (e.g. configs/sft-toy.yaml)")
-    f.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. sft.steps=100",
-    )
+    add_overrides(f, "sft.steps=100")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_sft)
 
@@ -68,14 +66,7 @@ def register(subparsers) -> None:
     g.add_argument("--instruction", required=True, help="the edit instruction")
     g.add_argument("--out", required=True, help="output folder for the edits")
     g.add_argument("--seed", type=int, default=0, help="noise seed")
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sampling field, e.g. sample.num_steps=50",
-    )
+    add_overrides(g, "sample.num_steps=50", "override a sampling field")
     g.add_argument("--quiet", action="store_true")
     g.set_defaults(func=cmd_generate)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.commands import add_overrides
 from trainer.errors import UserError
 
 _EPILOG = """\
@@ -38,14 +39,7 @@ def register(subparsers) -> None:
         "to compare (B - A)",
     )
     p.add_argument("--config", help="YAML preset (default: the first run's own config)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. data.split=heldout or sample.num_steps=50",
-    )
+    add_overrides(p, "data.split=heldout or sample.num_steps=50")
     p.add_argument("--inputs", metavar="PATH", help="inputs (JSONL or folder) instead of the config's data")
     p.add_argument("--instruction", help="instruction for every item that has none of its own")
     p.add_argument("--num-items", type=int, metavar="N", help="evaluate the first N items (default: all)")
