@@ -31,9 +31,11 @@ demo: $(STAMP)
 toy-editor: $(STAMP)
 	$(VENV)/bin/spie sft --config configs/sft-toy.yaml
 
+# ruff, then the layer contracts in pyproject.toml ([tool.importlinter]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

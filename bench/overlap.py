@@ -41,7 +41,7 @@ def run(args, out: Path, name: str, *overrides: str) -> list[dict]:
     """Train `args.epochs` epochs of the tiny preset with `overrides`; metrics of epochs 1.. (0 is warm-up)."""
     from trainer.config import load_config
     from trainer.loop import train
-    from trainer.runlog import read_metrics
+    from trainer.run.log import read_metrics
 
     config = load_config(
         "configs/tiny.yaml",

@@ -32,7 +32,7 @@ from reward_servers.client import ScorerClient  # noqa: E402
 from reward_servers.images import make_item  # noqa: E402
 from reward_servers.queue import protocol as P  # noqa: E402
 from reward_servers.queue.embedded import EmbeddedRedis  # noqa: E402
-from trainer.reward_client import QueueClientConfig, RewardClient  # noqa: E402
+from trainer.rewards.queue import QueueClientConfig, RewardClient  # noqa: E402
 
 
 def start_replica(redis: EmbeddedRedis, folder: Path, batch_seconds: float, max_batch_size: int):

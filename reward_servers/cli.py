@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import UserError
+from reward_servers.errors import UserError
 
 TOKEN_ENV = "SPIE_REWARD_TOKEN"
 

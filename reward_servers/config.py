@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from reward_servers.batcher import BatcherConfig
+from reward_servers.errors import UserError
 from reward_servers.images import DEFAULT_MAX_PIXELS
 from reward_servers.queue.consumer import ConsumerConfig
-from trainer.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -178,11 +178,10 @@ class EditPolicy:
         sources: torch.Tensor,
         instructions: list[str],
         nb_gen: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         shared_noise: bool = False,
         exemplars: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
-        initial_latents: torch.Tensor | None = None,
         progress: bool = False,
         policy_version: int = 0,
     ) -> Rollout:
@@ -192,11 +191,14 @@ class EditPolicy:
             sources: (M, 3, H, W) in [0, 1].
             instructions: M instructions.
             nb_gen: edits per input; the result holds N = M * nb_gen items, input-major.
-            generator: CPU generator for all noise (initial latents and per-step noise).
-            shared_noise: the nb_gen edits of one input start from the same x_T.
+            generator: CPU generator for all noise (initial latents and per-step noise), or a list of
+                N generators, one per item (as diffusers' `randn_tensor` takes them): item i's noise
+                then comes from generator i alone, so its edit does not depend on the batch it is
+                in (paired evaluation samples two models this way).
+            shared_noise: the nb_gen edits of one input start from the same x_T (with a list, the
+                generator of the input's first edit draws it).
             exemplars: (M, 3, H, W) exemplar images in [0, 1] (exemplar conditioning only).
             masks: (M, H, W) bool edit masks, carried along for the scorers.
-            initial_latents: (N, 4, h, w) x_T to use instead of drawing it (already scaled).
             progress: show a progress bar over the denoising steps.
         """
         m = sources.shape[0]
@@ -208,17 +210,20 @@ class EditPolicy:
         image_latents = rep(self.encode_images(sources))
         ex_latents = rep(self.encode_images(exemplars)) if exemplars is not None else None
         shape = (n, image_latents.shape[1], *image_latents.shape[2:])
-        if initial_latents is None:
-            base = torch.randn((m if shared_noise else n, *shape[1:]), generator=generator)
-            initial_latents = (rep(base) if shared_noise else base) * self.sched.init_noise_sigma
-        x = initial_latents.to(self.device, torch.float32)
+        if isinstance(generator, list) and len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} edits")
+        first = generator[::nb_gen] if shared_noise and isinstance(generator, list) else generator
+        base = randn((m if shared_noise else n, *shape[1:]), first)
+        x = ((rep(base) if shared_noise else base) * self.sched.init_noise_sigma).to(
+            self.device, torch.float32
+        )
         steps = self.sched.num_steps
         traj, log_probs = [x], []
         bar = tqdm(range(steps), desc="sampling", leave=False, disable=not progress)
         for i in bar:
             index = torch.full((n,), i, dtype=torch.long, device=self.device)
             eps = self.guided_noise(x, index, text, image_latents, ex_latents)
-            noise = torch.randn(shape, generator=generator).to(self.device)
+            noise = randn(shape, generator).to(self.device)
             out = self.sched.step(eps, index, x, noise=noise)
             x = out.prev_sample
             traj.append(x)
@@ -273,3 +278,10 @@ class EditPolicy:
             yield
         finally:
             self.c.unet.train(was)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """(B, ...) standard normal on the CPU from one generator, or row b from `generator[b]` of B."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)

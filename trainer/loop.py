@@ -10,64 +10,27 @@ One epoch (DDPO's outer loop):
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sampler.rollout import Rollout
-from trainer.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from trainer.algo.objectives import group_advantages, ranking_from_scores
+from trainer.algo.signals import ppo_rewards, spie_signals
+from trainer.algo.stats import RewardStats
 from trainer.config import Config, dump_config
-from trainer.data import Inputs, load_inputs
+from trainer.data.inputs import load_inputs
+from trainer.engine.local import LocalEngine
+from trainer.engine.shards import epoch_generator, plan_epoch
 from trainer.errors import UserError
-from trainer.learner import Learner, build_policy
-from trainer.objectives import group_advantages, ranking_from_scores
 from trainer.pipeline import ScoringThread, sample_and_score
-from trainer.rewards import Scores, ppo_rewards, spie_signals
-from trainer.runlog import RunLog
-from trainer.services import make_rewards
-
-
-class RewardStats:
-    """Running mean and variance of each scorer's scores across epochs (Welford), kept in checkpoints.
-
-    PPO normalises groups smaller than `train.min_group_size` with these statistics.
-    """
-
-    def __init__(self) -> None:
-        self.stats: dict[str, list[float]] = {}  # name -> [count, mean, M2]
-
-    def update(self, name: str, values: np.ndarray) -> None:
-        count, mean, m2 = self.stats.get(name, [0.0, 0.0, 0.0])
-        for v in values[np.isfinite(values)].tolist():
-            count += 1
-            delta = v - mean
-            mean += delta / count
-            m2 += delta * (v - mean)
-        self.stats[name] = [count, mean, m2]
-
-    def mean_std(self, name: str) -> tuple[float, float] | None:
-        count, mean, m2 = self.stats.get(name, [0.0, 0.0, 0.0])
-        if count < 2:
-            return None
-        return mean, math.sqrt(m2 / (count - 1))
-
-    def state_dict(self) -> dict[str, list[float]]:
-        return {k: list(v) for k, v in self.stats.items()}
-
-    def load_state_dict(self, state: dict[str, list[float]]) -> None:
-        self.stats = {k: [float(x) for x in v] for k, v in state.items()}
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The epoch's random stream (noise, input draws, shuffles): a pure function of (seed, epoch), so
-    a resumed run draws exactly what an uninterrupted one would."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+from trainer.rewards.scores import Scores
+from trainer.rewards.services import make_rewards
+from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from trainer.run.log import RunLog
 
 
 def make_run_dir(config: Config) -> Path:
@@ -79,128 +42,6 @@ def make_run_dir(config: Config) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-@dataclass
-class Shard:
-    """One sampling batch of an epoch: the unit of work handed to a rollout worker.
-
-    Attributes:
-        epoch: the epoch it belongs to.
-        index: its position b in 0 .. sample.num_batches_per_epoch - 1.
-        inputs: sample.batch_size (source, instruction[, mask, exemplar]) inputs.
-        noise_state: the epoch generator's state where this shard's noise starts (a uint8 tensor).
-    """
-
-    epoch: int
-    index: int
-    inputs: Inputs
-    noise_state: torch.Tensor
-
-
-def latent_shape(policy, resolution: int) -> tuple[int, int, int]:
-    """(C, h, w) of the policy's latents for resolution x resolution images."""
-    vae = policy.c.vae.config
-    factor = 2 ** (len(vae.block_out_channels) - 1)
-    return (int(vae.latent_channels), resolution // factor, resolution // factor)
-
-
-def plan_epoch(
-    inputs: Inputs, config: Config, epoch: int, generator: torch.Generator, latents: tuple[int, int, int]
-) -> list[Shard]:
-    """Draw the epoch's shards from the epoch generator, as one process sampling them in turn would.
-
-    For each shard: draw its inputs, record the generator state, then skip over the noise its
-    rollout draws from that state (x_T, then one draw per step: `EditPolicy.rollout`). Any worker
-    can then sample any shard, and the edits, and the generator the learner gets afterwards, are
-    those of the single-process loop, whatever the number of workers.
-
-    Args:
-        latents: (C, h, w) latent shape (`latent_shape`).
-    """
-    s = config.sample
-    n = s.batch_size * s.nb_gen
-    shards = []
-    for b in range(config.batches_per_epoch):  # x learners with Ray: the sizes are per process
-        pick = torch.randint(len(inputs), (s.batch_size,), generator=generator)
-        shards.append(Shard(epoch, b, inputs.take(pick), generator.get_state()))
-        torch.randn((s.batch_size if s.shared_noise else n, *latents), generator=generator)
-        for _ in range(s.num_steps):
-            torch.randn((n, *latents), generator=generator)
-    return shards
-
-
-def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_version: int = 0) -> Rollout:
-    """Sample nb_gen edits of each of a shard's inputs from the shard's noise: batch_size x nb_gen items."""
-    s = config.sample
-    generator = torch.Generator()
-    generator.set_state(shard.noise_state)
-    with policy.eval_mode():
-        r = policy.rollout(
-            shard.inputs.sources,
-            shard.inputs.instructions,
-            nb_gen=s.nb_gen,
-            generator=generator,
-            shared_noise=s.shared_noise,
-            exemplars=shard.inputs.exemplars,
-            masks=shard.inputs.masks,
-            progress=progress,
-            policy_version=policy_version,
-        )
-    r.item_ids = [f"e{shard.epoch}-b{shard.index}-i{i}" for i in range(len(r))]
-    meta = getattr(shard.inputs, "metadata", None)
-    if meta is not None:
-        r.metadata = [dict(m) for m in meta for _ in range(s.nb_gen)]
-    return r
-
-
-def sample_epoch(
-    policy, inputs, config: Config, epoch: int, generator: torch.Generator, progress: bool
-) -> Rollout:
-    """Sample the epoch's rollouts in this process: num_batches_per_epoch shards, concatenated in order."""
-    shards = plan_epoch(inputs, config, epoch, generator, latent_shape(policy, config.model.resolution))
-    return Rollout.concat([sample_shard(policy, sh, config, progress) for sh in shards])
-
-
-class LocalEngine:
-    """Sampling and learning in this process: one policy that both samples and trains (the default).
-
-    `trainer.ray_loop.RayEngine` has the same methods and runs them on Ray actors instead.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.policy = build_policy(config)
-        self.learner = Learner(config, self.policy)
-        self.latent_shape = latent_shape(self.policy, config.model.resolution)
-
-    @property
-    def version(self) -> int:
-        return self.learner.version
-
-    def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
-        self.learner.load_trainable_state(trainable)
-        self.learner.optimizer.load_state_dict(optimizer)
-        self.learner.version = version
-
-    def sample(self, shards: list[Shard], progress: bool) -> Rollout:
-        parts = [sample_shard(self.policy, sh, self.config, progress, self.version) for sh in shards]
-        return Rollout.concat(parts)
-
-    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool, **signal) -> dict:
-        """One epoch of updates; `signal` is `advantages=` (PPO) or `ranking=` (SPIE ranking)."""
-        return self.learner.train(rollout, generator, progress=progress, **signal)
-
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(trainable weights, optimizer state) for `save_checkpoint`."""
-        return self.learner.trainable_state(), self.learner.optimizer.state_dict()
-
-    def metrics(self) -> dict[str, float]:
-        """Engine-specific numbers for the epoch's metrics record."""
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def drop_failed(rollout: Rollout, scores: Scores) -> tuple[Rollout, Scores, int]:
@@ -329,7 +170,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
 def final_report(config: Config, run_dir: Path, progress: bool) -> None:
     """After the last epoch: the reward curve, the held-out comparison (`eval.after_training`), and
     where every output is."""
-    from trainer.plots import reward_curve
+    from trainer.run.plots import reward_curve
 
     lines = [
         f"metrics:      {run_dir / 'metrics.jsonl'}",
@@ -340,7 +181,7 @@ def final_report(config: Config, run_dir: Path, progress: bool) -> None:
     ]
     e = config.eval
     if e.after_training:
-        from trainer.evaluate import evaluate_models, format_table
+        from trainer.evaluate.compare import evaluate_models, format_table
 
         print(f"[spie] evaluating {config.model.pretrained} against the trained model on held-out inputs")
         summary = evaluate_models(
@@ -365,7 +206,7 @@ def final_report(config: Config, run_dir: Path, progress: bool) -> None:
 def make_engine(config: Config):
     """The engine that samples and learns: this process, or Ray actors with `ray.enabled`."""
     if config.ray.enabled:
-        from trainer.ray_loop import RayEngine
+        from trainer.engine.ray.engine import RayEngine
 
         return RayEngine(config)
     return LocalEngine(config)

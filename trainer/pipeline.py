@@ -26,7 +26,7 @@ import numpy as np
 
 from sampler.rollout import Rollout
 from trainer.config import Config
-from trainer.rewards import Scores
+from trainer.rewards.scores import Scores
 
 
 class ScoringThread:

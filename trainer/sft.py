@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from sampler.models import Components, load_components, resolve_pretrained
 from sampler.tiny import fit_vae
 from trainer.config import Config, dump_config
-from trainer.data import Inputs, load_inputs
+from trainer.data.inputs import Inputs, load_inputs
+from trainer.engine.policy import resolve_device
 from trainer.errors import UserError
-from trainer.learner import resolve_device
 
 RECIPE_FILE = "spie_sft.json"
 

@@ -5,5 +5,5 @@
 - `consumer`: the stream consumer that runs inside each reward-server replica, beside gRPC.
 - `stats`: what `spie queue stats` prints (`cli` registers the command).
 
-The trainer side is `trainer.reward_client.RewardClient`.
+The trainer side is `trainer.rewards.queue.RewardClient`.
 """

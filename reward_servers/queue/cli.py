@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainer.errors import UserError
+from reward_servers.errors import UserError
 
 
 def register(subparsers) -> None:

@@ -26,7 +26,7 @@ import time
 import weakref
 from pathlib import Path
 
-from trainer.errors import UserError
+from reward_servers.errors import UserError
 
 _LIVE: weakref.WeakSet[EmbeddedRedis] = weakref.WeakSet()
 _HANDLERS_INSTALLED = False

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from trainer.evaluate import evaluate_models
+from trainer.evaluate.compare import evaluate_models
 from trainer.loop import train
-from trainer.runlog import read_metrics
+from trainer.run.log import read_metrics
 
 ORACLE = [
     "data.source=synthetic",

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from protos.spie.reward.v1 import reward_pb2 as pb
+from reward_servers.__main__ import main
 from reward_servers.cli import TOKEN_ENV
 from reward_servers.client import ScorerClient
 from reward_servers.config import load_serve_config
 from reward_servers.images import make_item
-from trainer.cli import main
 from trainer.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def start_serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """Start `spie serve` on a free port; return the process and its HOST:PORT once listening."""
-    cmd = [sys.executable, "-m", "trainer.cli", "serve", *args, "--port", "0"]
+    cmd = [sys.executable, "-m", "reward_servers", "serve", *args, "--port", "0"]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,

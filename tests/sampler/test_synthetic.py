@@ -85,7 +85,7 @@ def test_kinds_cycle_and_any_resolution():
 
 def test_save_synthetic_round_trips_through_the_jsonl_loader(tmp_path):
     from trainer.config import DataConfig
-    from trainer.data import load_inputs
+    from trainer.data.inputs import load_inputs
 
     samples = synthetic_edits(0, 5, 32, "heldout")
     path = save_synthetic(tmp_path / "set", samples)

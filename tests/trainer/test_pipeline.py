@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import list_checkpoints
 from trainer.loop import train
-from trainer.runlog import read_metrics
+from trainer.run.checkpoint import list_checkpoints
+from trainer.run.log import read_metrics
 
 # Three sampling batches per epoch, so each epoch has three scoring calls to overlap.
 COMMON = ["run.num_epochs=2", "run.image_log_freq=0", "sample.num_batches_per_epoch=3", "sample.batch_size=2"]
@@ -60,7 +60,7 @@ def test_merge_scores_keeps_item_order_and_fills_missing_details():
     import numpy as np
 
     from trainer.pipeline import merge_scores
-    from trainer.rewards import Scores
+    from trainer.rewards.scores import Scores
 
     a = Scores({"s": np.array([1.0, 2.0])}, {"s": [None, "bad"]}, {"s.hit": np.array([1.0, 0.0])})
     b = Scores({"s": np.array([3.0])}, {"s": [None]}, {})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sampler.models import load_components
-from trainer.data import load_inputs
+from trainer.data.inputs import load_inputs
 from trainer.errors import UserError
 from trainer.sft import SFTTrainer, dropout_masks, sft
 
@@ -69,7 +69,7 @@ def test_sft_writes_a_loadable_model_with_ema(tiny_config, tmp_path):
     c = load_components(str(out))
     assert c.unet.config.in_channels == 8
     # RL starts from it like from any InstructPix2Pix folder.
-    from trainer.learner import build_policy
+    from trainer.engine.policy import build_policy
 
     policy = build_policy(tiny_config(f"model.pretrained={out}"))
     r = policy.rollout(

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from trainer.checkpoint import list_checkpoints
+from sampler.rollout import Rollout
 from trainer.loop import train
-from trainer.runlog import read_metrics
+from trainer.run.checkpoint import list_checkpoints
+from trainer.run.log import read_metrics
 
 # The learning check: tiny model, brightness reward, CPU. Same sizes for both objectives.
 LEARNING = [
@@ -130,16 +131,20 @@ def test_run_outputs_and_generate(tiny_config, tmp_path, capsys):
 
 def test_a_non_finite_loss_is_skipped_and_counted(tiny_config):
     """NaN advantages make every loss non-finite: no update happens, the weights stay, the count says so."""
-    from trainer.data import load_inputs
-    from trainer.learner import Learner, build_policy
-    from trainer.loop import epoch_generator, sample_epoch
+    from trainer.data.inputs import load_inputs
+    from trainer.engine.learner import Learner
+    from trainer.engine.policy import build_policy
+    from trainer.engine.shards import epoch_generator, latent_shape, plan_epoch, sample_shard
 
     config = tiny_config("run.name=nan")
     policy = build_policy(config)
     learner = Learner(config, policy)
     before = learner.trainable_state()
     inputs = load_inputs(config.data, config.model.resolution)
-    rollout = sample_epoch(policy, inputs, config, 0, epoch_generator(0, 0), False)
+    shards = plan_epoch(
+        inputs, config, 0, epoch_generator(0, 0), latent_shape(policy, config.model.resolution)
+    )
+    rollout = Rollout.concat([sample_shard(policy, sh, config, False) for sh in shards])
     adv = torch.full((len(rollout),), float("nan"))
     metrics = learner.train(rollout, torch.Generator().manual_seed(0), advantages=adv)
     assert metrics["nonfinite_skipped"] == 2 * learner.steps_per_trajectory  # 2 micro-batches x steps

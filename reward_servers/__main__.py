@@ -1,0 +1,34 @@
+"""`python -m reward_servers` (or the `spie-reward` script): the reward-server side of the `spie`
+command, `serve`, `score` and `queue`, runnable where only `reward_servers` and `protos` are installed
+(the reward-server image)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reward_servers import cli
+from reward_servers.errors import UserError
+from reward_servers.queue import cli as queue_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="spie-reward", description="Serve and inspect spie's reward scorers."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cli.register(subparsers)
+    queue_cli.register(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"spie-reward {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spie-reward {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The run configuration: `schema` holds the dataclasses (one per YAML section), `loader` reads
+presets, applies `--set` overrides and validates."""
+
+from trainer.config.loader import dump_config, load_config, to_dict, validate, with_overrides
+from trainer.config.schema import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RayConfig,
+    RewardConfig,
+    RunConfig,
+    SampleConfig,
+    ScorerConfig,
+    SFTConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RayConfig",
+    "RewardConfig",
+    "RunConfig",
+    "SFTConfig",
+    "SampleConfig",
+    "ScorerConfig",
+    "TrainConfig",
+    "dump_config",
+    "load_config",
+    "to_dict",
+    "validate",
+    "with_overrides",
+]

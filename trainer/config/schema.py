@@ -1,0 +1,366 @@
+"""Typed run configuration: one frozen dataclass per YAML section, a comment on every field.
+
+A preset in `configs/` is a YAML file whose sections mirror the dataclasses below; fields it does
+not name keep their defaults. Reading, overrides and validation live in `trainer.config.loader`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Run name; the run directory is `<output_dir>/<name>`. Empty: a timestamped name.
+    name: str = ""
+    # Parent directory of all runs.
+    output_dir: str = "runs"
+    # Global random seed (sampling noise, data order, tiny-model weights).
+    seed: int = 0
+    # Number of epochs; each epoch samples a fresh batch of edits, scores it and trains on it.
+    num_epochs: int = 10
+    # Save a checkpoint every this many epochs (the last epoch is always saved).
+    save_freq: int = 1
+    # Keep at most this many checkpoints (0: keep all).
+    checkpoint_limit: int = 3
+    # Device for the policy: "auto" (cuda if present, else cpu), "cpu", "cuda", "cuda:1"...
+    device: str = "auto"
+    # Mixed precision for the trainable forward/backward: "no", "fp16" or "bf16".
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Number of data-parallel training processes (learners); sets the effective batch sizes.
+    num_processes: int = 1
+    # Suppress progress bars (CI, logs).
+    quiet: bool = False
+    # Save a grid of sample edits every this many epochs (0: never).
+    image_log_freq: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Base model: a hub id ("timbrooks/instruct-pix2pix"), a local folder saved with
+    # `save_pretrained`, or "tiny" to build a seeded tiny InstructPix2Pix in `tiny_dir`.
+    pretrained: str = "tiny"
+    # Hub revision of `pretrained` (ignored for local folders).
+    revision: str = "main"
+    # Where the tiny model is built and cached when `pretrained` is "tiny".
+    tiny_dir: str = "runs/.tiny-ip2p"
+    # Sampling scheduler with log-probs: "ddim" or "euler_ancestral" (SPIE's two).
+    scheduler: Literal["ddim", "euler_ancestral"] = "ddim"
+    # Train LoRA adapters on the UNet attention projections (True) or the whole UNet (False).
+    use_lora: bool = True
+    # LoRA rank.
+    lora_rank: int = 8
+    # LoRA alpha (scale = alpha / rank).
+    lora_alpha: float = 8.0
+    # SPIE exemplar conditioning: 4 zero-initialised extra conv_in channels plus the
+    # cross-attention pre-conv module. Needs exemplar images in the data.
+    exemplar_conditioning: bool = False
+    # Image side in pixels; inputs are resized to resolution x resolution.
+    resolution: int = 256
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    # Denoising steps per rollout.
+    num_steps: int = 20
+    # DDIM eta (0: deterministic, 1: DDPM-like variance). Log-probs need eta > 0.
+    eta: float = 1.0
+    # Text classifier-free guidance scale.
+    guidance_scale: float = 7.5
+    # Source-image classifier-free guidance scale.
+    image_guidance_scale: float = 1.5
+    # Exemplar-image guidance scale (only with model.exemplar_conditioning).
+    exemplar_guidance_scale: float = 3.0
+    # (source, instruction) inputs per sampling batch, per process.
+    batch_size: int = 4
+    # Sampling batches per epoch, per process.
+    num_batches_per_epoch: int = 2
+    # Edits generated per (source, instruction): the group size for advantages and rankings.
+    nb_gen: int = 2
+    # The nb_gen edits of an input start from the same initial noise (True) or independent noise.
+    shared_noise: bool = False
+    # "async": each sampling batch is scored (on a background thread, through the reward servers
+    # or in process) while the next one is sampled, so sampling and scoring overlap; "sync": the
+    # whole epoch is sampled, then scored. Both give the same edits, scores and updates.
+    pipeline: Literal["sync", "async"] = "async"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Objective: "ppo" (DDPO PPO-clip on per-step ratios) or "spie_ranking" (Plackett-Luce over
+    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference).
+    objective: Literal["ppo", "spie_ranking"] = "ppo"
+    # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
+    batch_size: int = 2
+    # Micro-batches accumulated per optimizer step.
+    gradient_accumulation_steps: int = 1
+    # AdamW learning rate.
+    learning_rate: float = 3e-4
+    # AdamW beta1.
+    adam_beta1: float = 0.9
+    # AdamW beta2.
+    adam_beta2: float = 0.999
+    # AdamW weight decay.
+    adam_weight_decay: float = 1e-4
+    # AdamW epsilon.
+    adam_epsilon: float = 1e-8
+    # Gradient-norm clipping threshold.
+    max_grad_norm: float = 1.0
+    # Passes over each epoch's samples.
+    num_inner_epochs: int = 1
+    # Fraction of the denoising steps trained on per trajectory (random subset each pass).
+    timestep_fraction: float = 1.0
+    # PPO: clip range of the probability ratio.
+    clip_range: float = 1e-4
+    # PPO: advantages are clipped to [-adv_clip_max, adv_clip_max].
+    adv_clip_max: float = 5.0
+    # PPO: groups smaller than this use whole-batch statistics for normalisation.
+    min_group_size: int = 2
+    # SPIE ranking: exponent applied to the clamped ratio (the KL coefficient of D3PO/DPO).
+    beta: float = 0.1
+    # SPIE ranking: the ratio to the reference is clamped to [1 - eps, 1 + eps].
+    eps: float = 0.1
+    # SPIE ranking: weight of the semantic score against the structural score.
+    score_alpha: float = 1.0
+    # SPIE: weight of the MSE reconstruction term outside the edit region.
+    rec_lambda: float = 0.5
+    # Weight of a per-step KL penalty to the frozen reference (0: off).
+    kl_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    # Registered scorer name, e.g. "brightness", "ssim_structure", "vlm_judge".
+    name: str = "brightness"
+    # Role in SPIE's ranking: "semantic" (did the edit do what was asked) or "structural".
+    role: Literal["semantic", "structural"] = "semantic"
+    # Weight of this scorer in the PPO reward (sum of weighted, per-scorer normalised scores).
+    weight: float = 1.0
+    # Keyword arguments for the scorer's constructor.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # Scorers judging each edit.
+    scorers: tuple[ScorerConfig, ...] = (ScorerConfig(),)
+    # How scores are gathered: "inprocess" (scorers run inside the trainer) or "queue" (rollout
+    # batches go to Redis streams and `spie serve` replicas score them).
+    transport: Literal["inprocess", "queue"] = "inprocess"
+    # Redis for the queue; empty: the REDIS_URL environment variable, else an embedded redis-server
+    # started for the run. The password comes from the URL or REDIS_PASSWORD.
+    redis_url: str = ""
+    # Start local `spie serve` replicas for every scorer (false: they run elsewhere, e.g. compose).
+    launch_servers: bool = True
+    # Local replicas per scorer when launch_servers is true.
+    replicas: int = 1
+    # Seconds a local replica may take to load its model and start consuming.
+    server_start_timeout_s: float = 120.0
+    # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted. The
+    # loop waits at most 2.5 x this for one batch's scores before it stops the run.
+    deadline_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Where inputs come from (formats in trainer/data.py and the README):
+    # "shapes": built-in seeded scenes edited with `instructions` (no ground truth);
+    # "synthetic": seeded synthetic edits with ground-truth targets, masks and oracle metadata;
+    # "folder": images in `path` edited with `instructions`;
+    # "jsonl": `path` lists {"image", "instruction"[, "target", "mask", "exemplars", "metadata"]};
+    # "spie": SPIE's layout, input images plus a folder of exemplar images for one concept;
+    # "triplets": InstructPix2Pix (original, edit prompt, edited) triplets, a folder or a JSONL.
+    source: Literal["shapes", "synthetic", "folder", "jsonl", "spie", "triplets"] = "shapes"
+    # Image folder or JSONL file for the "folder", "jsonl", "spie" and "triplets" sources.
+    path: str = ""
+    # Instructions cycled over the inputs (the "shapes" and "folder" sources, and "spie" when
+    # `input_name`/`style_name` are not given).
+    instructions: tuple[str, ...] = ("make it brighter",)
+    # Number of inputs drawn by the "shapes" and "synthetic" sources.
+    num_items: int = 64
+    # Seed of the "synthetic" data and of the "spie" source's instruction/exemplar draws; -1: run.seed.
+    seed: int = -1
+    # Split of the "synthetic" source: "train" or "heldout" (disjoint scenes, for evaluation).
+    split: Literal["train", "heldout"] = "train"
+    # Edit kinds of the "synthetic" source, cycled over the samples.
+    kinds: tuple[Literal["recolor", "background", "remove", "brighten"], ...] = (
+        "recolor",
+        "background",
+        "remove",
+        "brighten",
+    )
+    # "spie" source: folder of exemplar images; empty: `<path>/exemplars`.
+    exemplar_path: str = ""
+    # "spie" source: name of what is edited (SPIE's input_name), filled into SPIE's templates
+    # ("turn the {input_name} into {style_name}", ...). Empty: `instructions` are cycled instead.
+    input_name: str = ""
+    # "spie" source: name of the exemplars' concept (SPIE's style_name); set with `input_name`.
+    style_name: str = ""
+    # Report bad items (unreadable image, missing instruction, bad JSONL line) on stderr, one line
+    # each, and load the good ones; false: the first bad item stops the run. `spie train --skip-bad`.
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Sample and learn in Ray actors (rollout workers and a learner) driven by this process (a
+    # local Ray is started unless `address` or RAY_ADDRESS names one); false: everything runs in
+    # this process (`spie train --no-ray`).
+    enabled: bool = True
+    # Cluster to join: "auto", "<head-ip>:6379" or "ray://<head-ip>:10001". Empty: RAY_ADDRESS if
+    # set (e.g. inside `ray job submit`), else a local Ray is started for the run (no dashboard).
+    address: str = ""
+    # Rollout worker actors. The epoch's sample.num_batches_per_epoch sampling batches are split
+    # over them, so there must be at least as many batches as workers.
+    num_rollout_workers: int = 1
+    # GPUs per rollout worker (0 on CPU).
+    num_gpus_per_worker: float = 0.0
+    # CPUs reserved per rollout worker.
+    num_cpus_per_worker: float = 1.0
+    # Extra custom resources per rollout worker, e.g. {"rollout_slot": 1} to pin workers to the
+    # nodes that advertise that resource.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    # Placement-group strategy for the rollout workers, which are placed as one gang:
+    # "PACK", "SPREAD", "STRICT_PACK" or "STRICT_SPREAD" (one worker per node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # GPUs for the learner actor (0 on CPU).
+    num_gpus_per_learner: float = 0.0
+    # CPUs reserved for the learner actor.
+    num_cpus_per_learner: float = 1.0
+    # Torch threads in each rollout-worker and learner actor (0: Ray's default, one per reserved
+    # CPU). The synchronous loop runs sampling and learning in turn, so on a small machine both may
+    # use every core (the demo sets 2 on 2 cores).
+    torch_threads: int = 0
+    # Data-parallel learner actors (0: run.num_processes). They form one torch.distributed process
+    # group (gloo on CPU, NCCL on GPU); each trains on its 1/num_learners share of the gathered batch
+    # (whole groups; advantages and rankings are computed over the whole batch first), and their
+    # gradients are averaged by an all-reduce before every optimizer step. Each learner is one of the
+    # data-parallel processes the per-process sizes count (sample.batch_size, num_batches_per_epoch,
+    # train.batch_size), so the driver samples num_learners x sample.num_batches_per_epoch batches.
+    num_learners: int = 0
+    # Address of the learners' rendezvous, a TCP store on learner 0 that listens on it alone (gloo
+    # and NCCL use the same interface): "127.0.0.1" for learners on one node; "auto" for learner 0's
+    # node address as Ray knows it, or that address itself, when they span nodes (then keep the port
+    # range closed to all but the cluster's network: the store accepts anyone who reaches it).
+    learner_host: str = "127.0.0.1"
+    # Placement-group strategy for the learners, placed as one gang ("PACK" keeps them on one node
+    # when they fit, which the loopback rendezvous needs).
+    learner_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Times Ray restarts a rollout worker that died (-1: without limit); its share of the epoch
+    # is then sampled again.
+    max_restarts: int = 3
+    # Seconds for the actors to be placed and to load the model.
+    start_timeout_s: float = 600.0
+    # Seconds one epoch's rollouts may take before the run stops with an error.
+    rollout_timeout_s: float = 1800.0
+    # Seconds one learner update (an epoch of training) may take.
+    train_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `spie train` does after the last epoch: plots, and a held-out comparison (`spie evaluate`)."""
+
+    # Compare the starting model (model.pretrained) with the trained one on held-out inputs and
+    # write eval/eval.json and eval/before_after.png in the run folder.
+    after_training: bool = False
+    # Held-out inputs to compare on (the first n of the evaluation data).
+    num_items: int = 64
+    # Noise seed of the comparison (item i uses the same noise for both models) and bootstrap seed.
+    seed: int = 0
+    # `--set` overrides that turn the training data into the held-out data.
+    data_overrides: tuple[str, ...] = ("data.split=heldout",)
+    # Bootstrap resamples for the 95 % confidence intervals.
+    resamples: int = 2000
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised InstructPix2Pix fine-tuning (`spie sft`): the warm start before RL."""
+
+    # Optimizer steps on the UNet (plus the text encoder with `train_text_encoder`).
+    steps: int = 1000
+    # (source, instruction, target) triplets per step.
+    batch_size: int = 32
+    # AdamW learning rate (constant after `warmup_steps` of linear warm-up).
+    learning_rate: float = 1e-4
+    # Linear learning-rate warm-up steps.
+    warmup_steps: int = 50
+    # AdamW weight decay.
+    weight_decay: float = 1e-2
+    # Gradient-norm clipping (0 = off).
+    max_grad_norm: float = 1.0
+    # InstructPix2Pix conditioning dropout: each of "text only", "image only" and "both" is dropped
+    # with this probability (the paper's 5 % each), so classifier-free guidance works on both inputs.
+    conditioning_dropout: float = 0.05
+    # Exponential moving average of the UNet weights (0 = off); the saved model uses the EMA weights.
+    ema_decay: float = 0.0
+    # Also train the text encoder (the toy model's random one); InstructPix2Pix keeps CLIP frozen.
+    train_text_encoder: bool = False
+    # Steps that fit the VAE to the training images before the UNet (the toy model only; 0 = off).
+    vae_steps: int = 0
+    # VAE learning rate for `vae_steps`.
+    vae_learning_rate: float = 2e-3
+    # Encode every source and target with the (then frozen) VAE once, before the UNet steps: faster
+    # when the data fits in memory (the toy model), instead of encoding each batch.
+    cache_latents: bool = False
+    # Where the fine-tuned model is written, in the diffusers pipeline layout.
+    output_dir: str = "models/sft"
+    # Print/log the loss every this many steps.
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- derived sizes (SPIE prints these at start) ----
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel training processes: the Ray learner actors with `ray.enabled`
+        (`ray.num_learners`, 0: `run.num_processes`), else `run.num_processes`."""
+        if self.ray.enabled and self.ray.num_learners:
+            return self.ray.num_learners
+        return self.run.num_processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Sampling batches drawn per epoch: with Ray, `sample.num_batches_per_epoch` for each
+        learner; the single-process loop samples `sample.num_batches_per_epoch`."""
+        n = self.sample.num_batches_per_epoch
+        return n * self.data_parallel_size if self.ray.enabled else n
+
+    @property
+    def images_per_epoch(self) -> int:
+        s = self.sample
+        return s.batch_size * s.nb_gen * s.num_batches_per_epoch * self.data_parallel_size
+
+    @property
+    def effective_train_batch(self) -> int:
+        t = self.train
+        return t.batch_size * t.gradient_accumulation_steps * self.data_parallel_size
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.images_per_epoch // self.effective_train_batch * self.train.num_inner_epochs
+
+    @property
+    def train_timesteps(self) -> int:
+        return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
+
+    def summary(self) -> str:
+        return (
+            f"images per epoch = {self.images_per_epoch}, "
+            f"effective train batch = {self.effective_train_batch}, "
+            f"gradient updates per epoch = {self.updates_per_epoch}, "
+            f"timesteps trained per trajectory = {self.train_timesteps}"
+        )

@@ -1,0 +1,1 @@
+"""Training inputs: where (source, instruction[, mask, exemplars, metadata]) come from."""

@@ -1,0 +1,210 @@
+"""The policy being trained: model setup (LoRA or full), the optimizer, and one epoch of updates.
+
+The update loop follows ddpo-pytorch `scripts/train.py` (inner epochs, per-trajectory shuffled
+timesteps, gradient accumulation over timesteps and micro-batches through accelerate) and SPIE
+`scripts/train.py` (the ranking loss per timestep against a frozen reference). Written anew around
+`EditPolicy.step_log_prob`.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from sampler.policy import EditPolicy
+from sampler.rollout import Rollout
+from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss
+from trainer.config import Config
+from trainer.engine.policy import trainable_parameters
+from trainer.errors import UserError
+
+
+class Learner:
+    """Owns the optimizer and runs the objective on rollouts.
+
+    Args:
+        config: the run configuration.
+        policy: the policy to train (its UNet is updated in place).
+    """
+
+    def __init__(self, config: Config, policy: EditPolicy) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.policy = policy
+        t = config.train
+        self.params = trainable_parameters(policy, config.model.use_lora)
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()),
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+        )
+        # Steps trained per trajectory: only stochastic steps have a log-prob (DDIM's last step with
+        # alpha_prev = 1 and Euler-ancestral's last step are deterministic).
+        self.steps_per_trajectory = min(config.train_timesteps, int(policy.sched.step_is_stochastic().sum()))
+        if self.steps_per_trajectory < 1:
+            raise UserError("no denoising step draws noise: raise sample.eta or sample.num_steps")
+        # One optimizer step per `gradient_accumulation_steps` micro-batches, each contributing one
+        # backward pass per trained timestep (as ddpo-pytorch does).
+        self.accelerator = Accelerator(
+            mixed_precision=config.run.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps * self.steps_per_trajectory,
+            cpu=policy.device.type == "cpu",
+        )
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        self.needs_reference = t.objective == "spie_ranking" or t.kl_coef > 0
+        self._reference_unet = None
+        if self.needs_reference and not config.model.use_lora:
+            self._reference_unet = copy.deepcopy(policy.unet).requires_grad_(False).eval()
+        self.version = 0
+        self.nonfinite_skipped = 0
+
+    # ------------------------------------------------------------------ reference policy
+
+    @contextmanager
+    def _reference(self):
+        """Run the policy as the frozen reference: LoRA adapters off, or the frozen full copy."""
+        unet = self.policy.c.unet
+        if self.config.model.use_lora:
+            unet.disable_adapters()
+            try:
+                yield
+            finally:
+                unet.enable_adapters()
+        else:
+            self.policy.c.unet = self._reference_unet
+            try:
+                yield
+            finally:
+                self.policy.c.unet = unet
+
+    # ------------------------------------------------------------------ one epoch of updates
+
+    def _timestep_plan(self, rollout: Rollout, generator: torch.Generator) -> torch.Tensor:
+        """(N, K) step positions to train on: a random subset of the stochastic steps, per group."""
+        steps = torch.nonzero(rollout.stochastic.cpu()).view(-1)
+        k = self.steps_per_trajectory
+        n_groups = int(rollout.group.max()) + 1
+        perms = torch.stack(
+            [steps[torch.randperm(len(steps), generator=generator)[:k]] for _ in range(n_groups)]
+        )
+        return perms[rollout.group.cpu()]  # edits of one input share their steps, as in SPIE
+
+    def train(
+        self,
+        rollout: Rollout,
+        generator: torch.Generator,
+        advantages: torch.Tensor | None = None,
+        ranking: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """Run `train.num_inner_epochs` passes of the objective over a rollout batch.
+
+        Args:
+            rollout: N edits (whole groups, contiguous).
+            generator: drives the shuffles (seeded per epoch, so a resumed run repeats them).
+            advantages: (N,) for PPO.
+            ranking: (G, K) best-first batch indices for SPIE ranking.
+        """
+        t = self.config.train
+        ranked = t.objective == "spie_ranking"
+        if ranked and ranking is None:
+            raise ValueError("spie_ranking needs a ranking")
+        if not ranked and advantages is None:
+            raise ValueError("ppo needs advantages")
+        n = len(rollout)
+        group_size = ranking.shape[1] if ranked else 1
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
+        unet = self.policy.unet
+        unet.train()
+        total = t.num_inner_epochs * (n // t.batch_size) * self.steps_per_trajectory
+        bar = tqdm(total=total, desc="training", leave=False, disable=not progress)
+        for _ in range(t.num_inner_epochs):
+            # Shuffle whole groups for the ranking objective, single edits for PPO.
+            if ranked:
+                order = ranking[torch.randperm(ranking.shape[0], generator=generator)]
+                micro = order.view(-1, t.batch_size // group_size, group_size)
+            else:
+                micro = torch.randperm(n, generator=generator).view(-1, t.batch_size)
+            plan = self._timestep_plan(rollout, generator)
+            for mb in micro:
+                index = mb.reshape(-1)
+                batch = rollout.select(index)
+                local_rank = torch.arange(index.numel()).view(mb.shape) if ranked else None
+                for k in range(plan.shape[1]):
+                    j = plan[index, k]
+                    with self.accelerator.accumulate(unet), self.accelerator.autocast():
+                        loss, info = self._step_loss(batch, j, advantages, index, local_rank)
+                        if torch.isfinite(loss):
+                            self.accelerator.backward(loss)
+                        else:
+                            self.nonfinite_skipped += 1
+                        if self.accelerator.sync_gradients:
+                            self._apply_update()
+                    stats["loss"].append(float(loss.detach()))
+                    for key, value in info.items():
+                        stats[key].append(float(value))
+                    bar.update()
+        bar.close()
+        unet.eval()
+        self.version += 1
+        out = {k: (sum(v) / len(v) if v else 0.0) for k, v in stats.items()}
+        out["nonfinite_skipped"] = float(self.nonfinite_skipped)
+        return out
+
+    def _step_loss(self, batch, j, advantages, index, local_rank):
+        t = self.config.train
+        log_prob = self.policy.step_log_prob(batch, j)
+        info: dict[str, torch.Tensor] = {}
+        ref = None
+        if self.needs_reference:
+            with torch.no_grad(), self._reference():
+                ref = self.policy.step_log_prob(batch, j)
+        if t.objective == "spie_ranking":
+            loss = plackett_luce_loss(log_prob, ref, local_rank, t.beta, t.eps)
+        else:
+            old = batch.log_probs[torch.arange(len(batch)), j].to(log_prob.device)
+            loss, info = ppo_clip_loss(
+                log_prob, old, advantages[index].to(log_prob.device), t.clip_range, t.adv_clip_max
+            )
+        if t.kl_coef > 0:
+            kl = kl_penalty(log_prob, ref)
+            loss = loss + t.kl_coef * kl
+            info["kl"] = kl.detach()
+        return loss, info
+
+    def _apply_update(self) -> None:
+        """Clip and step, unless a gradient is non-finite (then skip the step and count it)."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if any(not torch.isfinite(g).all() for g in grads):
+            self.nonfinite_skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self.accelerator.clip_grad_norm_(list(self.params.values()), self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ state
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Name -> CPU copy of every trained tensor (what rollout workers and checkpoints need)."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.params) - set(state))
+        if missing:
+            raise UserError(
+                f"checkpoint lacks trained weights {missing[:3]} (was it made with another model config?)"
+            )
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if state[name].shape != p.shape:
+                    raise UserError(
+                        f"checkpoint weight {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}"
+                    )
+                p.copy_(state[name].to(p.device, p.dtype))

@@ -1,0 +1,52 @@
+"""The local engine: sampling and learning in this process, one policy that both samples and trains."""
+
+from __future__ import annotations
+
+import torch
+
+from sampler.rollout import Rollout
+from trainer.config import Config
+from trainer.engine.learner import Learner
+from trainer.engine.policy import build_policy
+from trainer.engine.shards import Shard, latent_shape, sample_shard
+
+
+class LocalEngine:
+    """Sampling and learning in this process: one policy that both samples and trains (the default).
+
+    `trainer.ray_loop.RayEngine` has the same methods and runs them on Ray actors instead.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.policy = build_policy(config)
+        self.learner = Learner(config, self.policy)
+        self.latent_shape = latent_shape(self.policy, config.model.resolution)
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
+        self.learner.load_trainable_state(trainable)
+        self.learner.optimizer.load_state_dict(optimizer)
+        self.learner.version = version
+
+    def sample(self, shards: list[Shard], progress: bool) -> Rollout:
+        parts = [sample_shard(self.policy, sh, self.config, progress, self.version) for sh in shards]
+        return Rollout.concat(parts)
+
+    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool, **signal) -> dict:
+        """One epoch of updates; `signal` is `advantages=` (PPO) or `ranking=` (SPIE ranking)."""
+        return self.learner.train(rollout, generator, progress=progress, **signal)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(trainable weights, optimizer state) for `save_checkpoint`."""
+        return self.learner.trainable_state(), self.learner.optimizer.state_dict()
+
+    def metrics(self) -> dict[str, float]:
+        """Engine-specific numbers for the epoch's metrics record."""
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,100 @@
+"""Building the policy from config, and the one checked way to put trained weights into it.
+
+`build_policy` loads the base model (a local folder, a hub id, or `tiny`), adds exemplar parts and
+LoRA adapters per config; `load_trainable_into_policy` copies a run's trained tensors in, refusing
+missing or mis-shaped ones. Train, generate, evaluate and Ray workers all go through these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sampler.exemplar import ExemplarPreconv, expand_conv_in
+from sampler.models import load_components, resolve_pretrained
+from sampler.policy import EditPolicy
+from trainer.config import Config
+from trainer.errors import UserError
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"run.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_policy(config: Config, device: torch.device | None = None) -> EditPolicy:
+    """Load the base model and wrap it for sampling; adds LoRA adapters and exemplar parts per config."""
+    m, s = config.model, config.sample
+    path = resolve_pretrained(m.pretrained, m.tiny_dir, seed=config.run.seed)
+    try:
+        components = load_components(path, m.revision, m.scheduler)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.pretrained: cannot load {m.pretrained!r}: {str(err).splitlines()[0]}"
+        ) from err
+    exemplar = None
+    if m.exemplar_conditioning:
+        expand_conv_in(components.unet, 4)
+        torch.manual_seed(config.run.seed)
+        text_dim = components.text_encoder.config.hidden_size
+        heads = 8 if text_dim % 8 == 0 else 1
+        exemplar = ExemplarPreconv(
+            text_dim=text_dim, inner_dim=max(heads * 8, 320 if text_dim >= 320 else text_dim), heads=heads
+        )
+    if m.use_lora:
+        from peft import LoraConfig
+
+        torch.manual_seed(config.run.seed)
+        components.unet.add_adapter(
+            LoraConfig(
+                r=m.lora_rank,
+                lora_alpha=m.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGETS,
+            )
+        )
+    return EditPolicy(
+        components,
+        scheduler=m.scheduler,
+        num_steps=s.num_steps,
+        eta=s.eta,
+        guidance_scale=s.guidance_scale,
+        image_guidance_scale=s.image_guidance_scale,
+        exemplar_guidance_scale=s.exemplar_guidance_scale,
+        exemplar=exemplar,
+        device=device or resolve_device(config.run.device),
+    )
+
+
+def trainable_parameters(policy: EditPolicy, use_lora: bool) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter of everything the optimizer updates (marks them requires_grad)."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for name, p in policy.unet.named_parameters():
+        keep = ("lora_" in name) if use_lora else True
+        if policy.exemplar is not None and name.startswith("conv_in."):
+            keep = True
+        if keep:
+            p.requires_grad_(True)
+            params[f"unet.{name}"] = p
+    if policy.exemplar is not None:
+        for name, p in policy.exemplar.named_parameters():
+            p.requires_grad_(True)
+            params[f"exemplar.{name}"] = p
+    if not params:
+        raise UserError("model: nothing to train (no LoRA parameters found)")
+    return params
+
+
+def load_trainable_into_policy(policy: EditPolicy, state: dict[str, torch.Tensor], use_lora: bool) -> None:
+    """Copy trained weights into a policy that does not train (generation, rollout workers)."""
+    params = trainable_parameters(policy, use_lora)
+    with torch.no_grad():
+        for name, p in params.items():
+            if name not in state:
+                raise UserError(f"checkpoint lacks trained weight {name}")
+            p.copy_(state[name].to(p.device, p.dtype))
+            p.requires_grad_(False)

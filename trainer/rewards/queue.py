@@ -1,0 +1,346 @@
+"""`RewardClient`: score rollout batches through the Redis queue fabric.
+
+It offers the same `score(rollout) -> Scores` and `close()` as `InProcessRewards`, so the training
+loop can use either. For one rollout batch it:
+
+1. encodes each edit once as a `reward.proto` Item and stores it as a blob with a TTL (shared by
+   every scorer; the last scorer to finish with it deletes it);
+2. adds one job per (item, scorer) to that scorer's stream, keeping each stream at most
+   `max_in_flight` jobs long (backpressure: a slow scorer slows submission, memory stays bounded);
+3. gathers results, woken by the batch's signal list and checking every `poll_s` besides; each
+   (item, scorer) result key is written once by whichever replica finished first, and anything seen
+   twice is ignored;
+4. after `deadline_s`, resubmits what is missing (`resubmits` times), then fails with a
+   `RewardQueueError` naming the scorer and the items. It never waits past its deadlines.
+
+If Redis restarts meanwhile (its data gone), the client notices its batch marker is missing and
+resubmits every unfinished job at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from protos.spie.reward.v1 import reward_pb2 as pb
+from reward_servers.queue import protocol as P
+from trainer.errors import UserError
+from trainer.rewards.scores import Scores, details_arrays
+
+log = logging.getLogger("spie.reward_client")
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class RewardQueueError(RuntimeError):
+    """Scores could not be gathered in time; the message names the scorer(s) and the items."""
+
+
+@dataclass(frozen=True)
+class QueueClientConfig:
+    # Redis URL (redis://, rediss://, unix://); empty: the REDIS_URL environment variable. The
+    # password comes from the URL, the `password` argument or REDIS_PASSWORD.
+    url: str = ""
+    # Run id used in key names (letters, digits, '-', '_'); empty: a random one.
+    run_id: str = ""
+    # Seconds to gather one rollout batch before the missing jobs are resubmitted.
+    deadline_s: float = 300.0
+    # Times the missing jobs are resubmitted after a deadline before `score` fails.
+    resubmits: int = 1
+    # Most jobs waiting or being scored in one scorer's stream (backpressure).
+    max_in_flight: int = 1024
+    # Seconds an item blob lives in Redis if no scorer releases it (a crashed run).
+    blob_ttl_s: int = 3600
+    # Wire encoding of images: "raw" (fast on loopback) or "png" (smaller across slow links).
+    encoding: str = "raw"
+    # Seconds between full checks of the missing results (signals wake the gatherer sooner).
+    poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.deadline_s <= 0 or self.poll_s <= 0:
+            raise UserError("queue: deadline_s and poll_s must be > 0")
+        if self.resubmits < 0 or self.max_in_flight < 1 or self.blob_ttl_s < 1:
+            raise UserError("queue: resubmits must be >= 0, max_in_flight and blob_ttl_s >= 1")
+        if self.encoding not in ("raw", "png"):
+            raise UserError(f"queue.encoding must be 'raw' or 'png', got {self.encoding!r}")
+
+
+@dataclass
+class GatherStats:
+    """What happened while gathering the last batch."""
+
+    submitted: int = 0  # jobs added to streams, resubmissions included
+    resubmitted: int = 0  # of which resubmissions (after a deadline or a Redis restart)
+    duplicates_ignored: int = 0  # results seen again for an (item, scorer) already gathered
+    redis_errors: int = 0  # failed Redis calls that were retried
+    max_stream_len: dict[str, int] = field(default_factory=dict)  # highest XLEN seen per scorer
+    seconds: float = 0.0
+
+
+class RewardClient:
+    """Scores rollout batches with reward-server replicas through Redis.
+
+    Args:
+        scorers: scorer names, or a `trainer.config.RewardConfig` (its `scorers[*].name`).
+        config: queue settings.
+        password: Redis password when it is not in the URL (default: REDIS_PASSWORD).
+    """
+
+    def __init__(self, scorers, config: QueueClientConfig | None = None, password: str | None = None) -> None:
+        self.config = config or QueueClientConfig()
+        names = [getattr(s, "name", s) for s in getattr(scorers, "scorers", scorers)]
+        if not names or len(set(names)) != len(names):
+            raise UserError(f"reward client: scorer names must be given and unique, got {names}")
+        self.scorers: list[str] = names
+        url = P.redis_url(self.config.url)
+        if not url:
+            raise UserError("reward client: no Redis URL (set queue.url or REDIS_URL)")
+        self.url = url
+        self.run_id = self.config.run_id or secrets.token_hex(4)
+        P.BatchKeys(self.run_id, "0")  # validates the run id
+        self.redis = P.connect(url, password)
+        self.stats = GatherStats()
+        self._seq = 0
+        self._higher: dict[str, bool] = {}
+
+    # ---- the InProcessRewards interface ---------------------------------------------------------
+
+    def score(self, rollout) -> Scores:
+        """Score a `sampler.rollout.Rollout` with every scorer; see `score_items`."""
+        from reward_servers.images import make_item
+
+        edited, sources = rollout.edited_uint8(), rollout.sources_uint8()
+        masks = None if rollout.masks is None else list(rollout.masks.cpu().numpy())
+        ids = list(rollout.item_ids) or [f"i{i}" for i in range(len(edited))]
+        items = [
+            make_item(
+                ids[i],
+                edited[i],
+                sources[i],
+                rollout.instructions[i],
+                None if masks is None else masks[i],
+                encoding=self.config.encoding,
+                metadata=None if rollout.metadata is None else rollout.metadata[i],
+            )
+            for i in range(len(edited))
+        ]
+        return self.score_items(items)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- gathering -------------------------------------------------------------------------------
+
+    def score_items(self, items: Sequence[pb.Item]) -> Scores:
+        """Score proto Items with every scorer; returns N x S scores (NaN and an error for failed
+        items), oriented so that higher is better. Raises `RewardQueueError` when results are still
+        missing after the last resubmission's deadline."""
+        start = time.monotonic()
+        self._seq += 1
+        keys = P.BatchKeys(self.run_id, f"b{self._seq}")
+        blobs = [item.SerializeToString() for item in items]
+        self.stats = GatherStats()
+        results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in self.scorers}
+        try:
+            self._call(lambda: self.redis.set(keys.live, "1", ex=self.config.blob_ttl_s))
+            for round_ in range(self.config.resubmits + 1):
+                todo = {s: [i for i, r in enumerate(results[s]) if r is None] for s in self.scorers}
+                if round_:
+                    self.stats.resubmitted += sum(map(len, todo.values()))
+                    log.warning("reward queue: resubmitting %s", _summary(todo, items))
+                self._round(keys, blobs, todo, results, time.monotonic() + self.config.deadline_s)
+                if all(r is not None for rs in results.values() for r in rs):
+                    break
+            else:
+                missing = {s: [i for i, r in enumerate(rs) if r is None] for s, rs in results.items()}
+                raise RewardQueueError(
+                    f"reward queue at {P.describe(self.url)}: no result after "
+                    f"{self.config.resubmits + 1} x {self.config.deadline_s:g}s for {_summary(missing, items)}"
+                    f"{self._diagnose(missing)}"
+                )
+        finally:
+            self._cleanup(keys, len(items))
+            self.stats.seconds = time.monotonic() - start
+        return self._to_scores(results)
+
+    def _round(self, keys, blobs, todo: dict[str, list[int]], results, deadline: float) -> None:
+        """Submit `todo` (respecting the in-flight cap) and gather until done or `deadline`."""
+        queued = {s: list(v) for s, v in todo.items()}
+        uploaded: set[int] = set()
+        next_sweep = 0.0
+        while time.monotonic() < deadline:
+            if all(r is not None for rs in results.values() for r in rs):
+                return
+            try:
+                if not self.redis.exists(keys.live):  # Redis lost our data: start over
+                    self.redis.set(keys.live, "1", ex=self.config.blob_ttl_s)
+                    if uploaded:
+                        log.warning(
+                            "reward queue: batch %s lost (Redis restarted?); resubmitting", keys.batch
+                        )
+                        queued = {s: [i for i, r in enumerate(results[s]) if r is None] for s in todo}
+                        self.stats.resubmitted += sum(map(len, queued.values()))
+                        uploaded.clear()
+                self._submit(keys, blobs, queued, uploaded, deadline)
+                wait = max(0.01, min(self.config.poll_s, deadline - time.monotonic()))
+                signalled = self._wait_signals(keys, wait)
+                sweep = time.monotonic() >= next_sweep
+                if sweep:
+                    next_sweep = time.monotonic() + self.config.poll_s
+                self._fetch(keys, results, signalled, sweep, todo)
+            except _REDIS_DOWN as err:
+                self.stats.redis_errors += 1
+                log.warning("reward queue: Redis error (%s); retrying", err)
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _submit(self, keys, blobs, queued: dict[str, list[int]], uploaded: set[int], deadline: float) -> None:
+        deadline_ms = int((time.time() + deadline - time.monotonic()) * 1000)
+        for scorer, indices in queued.items():
+            if not indices:
+                continue
+            length = self.redis.xlen(P.jobs_key(scorer))
+            peak = self.stats.max_stream_len
+            peak[scorer] = max(peak.get(scorer, 0), length)
+            room = self.config.max_in_flight - length
+            if room <= 0:
+                continue
+            take, queued[scorer] = indices[:room], indices[room:]
+            ttl = self.config.blob_ttl_s
+            with self.redis.pipeline(transaction=False) as pipe:
+                for i in take:
+                    if i not in uploaded:
+                        pipe.set(keys.blob(i), blobs[i], ex=ttl)
+                    pipe.sadd(keys.need(i), scorer)
+                    pipe.expire(keys.need(i), ttl)
+                    pipe.xadd(P.jobs_key(scorer), P.job_fields(keys.run, keys.batch, i, deadline_ms))
+                pipe.execute()
+            uploaded.update(take)
+            self.stats.submitted += len(take)
+            peak[scorer] = max(peak[scorer], length + len(take))
+
+    def _wait_signals(self, keys, wait: float) -> list[tuple[str, int]]:
+        """Block up to `wait` s for the batch's signal list; return every (scorer, index) signalled."""
+        first = self.redis.blpop([keys.signal], timeout=wait)
+        if first is None:
+            return []
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lrange(keys.signal, 0, -1)
+            pipe.delete(keys.signal)
+            rest, _ = pipe.execute()
+        out = []
+        for raw in [first[1], *rest]:
+            scorer, _, index = raw.decode().partition(" ")
+            out.append((scorer, int(index)))
+        return out
+
+    def _fetch(self, keys, results, signalled, sweep: bool, todo) -> None:
+        wanted: list[tuple[str, int]] = []
+        for scorer, index in signalled:
+            if scorer not in results or not 0 <= index < len(results[scorer]):
+                continue
+            if results[scorer][index] is not None:
+                self.stats.duplicates_ignored += 1
+            else:
+                wanted.append((scorer, index))
+        if sweep:
+            wanted += [(s, i) for s in todo for i, r in enumerate(results[s]) if r is None]
+        wanted = list(dict.fromkeys(wanted))
+        if not wanted:
+            return
+        values = self.redis.mget([keys.result(s, i) for s, i in wanted])
+        for (scorer, index), value in zip(wanted, values, strict=True):
+            if value is not None and results[scorer][index] is None:
+                results[scorer][index] = pb.Result.FromString(value)
+
+    def _cleanup(self, keys, n: int) -> None:
+        """Delete the batch's blobs and bookkeeping (results stay until their TTL, so a late
+        duplicate still finds its key taken)."""
+        try:
+            names = [keys.signal, keys.attempts, keys.live]
+            names += [keys.blob(i) for i in range(n)] + [keys.need(i) for i in range(n)]
+            for start in range(0, len(names), 1000):
+                self.redis.delete(*names[start : start + 1000])
+        except _REDIS_DOWN as err:
+            log.warning(
+                "reward queue: cleanup of batch %s failed (%s); keys expire on their own", keys.batch, err
+            )
+
+    def _call(self, fn, tries: int = 20):
+        for attempt in range(tries):
+            try:
+                return fn()
+            except _REDIS_DOWN:
+                self.stats.redis_errors += 1
+                if attempt == tries - 1:
+                    raise
+                time.sleep(0.1)
+        return None
+
+    # ---- results ---------------------------------------------------------------------------------
+
+    def _higher_is_better(self, scorer: str) -> bool:
+        if scorer not in self._higher:
+            value = self._call(lambda: self.redis.hget(P.info_key(scorer), "higher_is_better"))
+            if value is None:
+                from reward_servers import base
+
+                base.available_scorers()
+                value = b"1" if getattr(base._REGISTRY.get(scorer), "higher_is_better", True) else b"0"
+            self._higher[scorer] = value == b"1"
+        return self._higher[scorer]
+
+    def _to_scores(self, results: dict[str, list[pb.Result | None]]) -> Scores:
+        values, errors, details = {}, {}, {}
+        for scorer, rs in results.items():
+            details.update(details_arrays(scorer, [dict(r.details) for r in rs]))
+            v = np.full(len(rs), math.nan)
+            errs: list[str | None] = []
+            for i, r in enumerate(rs):
+                if r.status == pb.Result.STATUS_OK and math.isfinite(r.score):
+                    v[i] = r.score
+                    errs.append(None)
+                else:
+                    errs.append(r.error or pb.Result.Status.Name(r.status))
+            values[scorer] = v if self._higher_is_better(scorer) else -v
+            errors[scorer] = errs
+        return Scores(values, errors, details)
+
+    def _diagnose(self, missing: dict[str, list[int]]) -> str:
+        """'; scorer X: N jobs queued, K replicas' for the scorers with missing items."""
+        parts = []
+        for scorer, indices in missing.items():
+            if not indices:
+                continue
+            try:
+                length = self.redis.xlen(P.jobs_key(scorer))
+                groups = self.redis.xinfo_groups(P.jobs_key(scorer))
+                consumers = sum(g["consumers"] for g in groups if g["name"] in (P.GROUP, P.GROUP.encode()))
+                parts.append(f"{scorer}: {length} job(s) in its stream, {consumers} replica(s) in its group")
+            except (redis.ResponseError, *_REDIS_DOWN) as err:
+                parts.append(f"{scorer}: stream unavailable ({type(err).__name__})")
+        return "; " + "; ".join(parts) if parts else ""
+
+
+def _summary(by_scorer: dict[str, list[int]], items: Sequence[pb.Item], shown: int = 8) -> str:
+    """ "scorer 'x': 3 of 16 items (a, b, c)" for each scorer with indices."""
+    parts = []
+    for scorer, indices in by_scorer.items():
+        if indices:
+            names = [items[i].id or f"#{i}" for i in indices[:shown]]
+            more = f", ... {len(indices) - shown} more" if len(indices) > shown else ""
+            parts.append(
+                f"scorer {scorer!r}: {len(indices)} of {len(items)} items ({', '.join(names)}{more})"
+            )
+    return "; ".join(parts)
