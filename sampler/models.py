@@ -32,6 +32,12 @@ def resolve_pretrained(pretrained: str, tiny_dir: str | Path = "runs/.tiny-ip2p"
     return pretrained
 
 
+def looks_local(pretrained: str) -> bool:
+    """True for what can only be a folder (absolute, `./`, `../`, `~`, or more than `org/name`): such a
+    name is never looked up on a model hub."""
+    return pretrained.startswith(("/", "./", "../", "~")) or len(Path(pretrained).parts) > 2
+
+
 def load_components(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> Components:
     """Load unet, vae, text encoder, tokenizer and a `scheduler`-kind scheduler with `from_pretrained`.
 
@@ -43,7 +49,10 @@ def load_components(pretrained: str, revision: str | None = None, scheduler: str
     from diffusers import AutoencoderKL, DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    local = Path(pretrained).is_dir()
+    local = Path(pretrained).expanduser().is_dir()
+    if not local and looks_local(pretrained):
+        raise FileNotFoundError(f"model folder not found: {pretrained}")
+    pretrained = str(Path(pretrained).expanduser()) if local else pretrained
     kwargs = {} if local else {"revision": revision}
     unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kwargs)

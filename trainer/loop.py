@@ -10,6 +10,7 @@ One epoch (DDPO's outer loop):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,16 @@ from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
 from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from trainer.run.log import RunLog
+
+
+def with_local_paths(config: Config) -> Config:
+    """The config with a local base model's folder made absolute, so the run (its config.yaml, its
+    checkpoints) finds the model from any working folder and never mistakes it for a hub id."""
+    m = config.model
+    if m.pretrained != "tiny" and Path(m.pretrained).expanduser().is_dir():
+        model = dataclasses.replace(m, pretrained=str(Path(m.pretrained).expanduser().resolve()))
+        return dataclasses.replace(config, model=model)
+    return config
 
 
 def make_run_dir(config: Config) -> Path:
@@ -64,6 +75,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     progress = (not config.run.quiet) if progress is None else progress
     # Inputs and scorers first: a broken image or an unknown scorer stops the run before any work.
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
+    config = with_local_paths(config)
     run_dir = Path(resume) if resume else make_run_dir(config)
     rewards = make_rewards(config, run_id=run_dir.name)
     log = engine = scorer = None

@@ -128,6 +128,17 @@ def _fix_numeric_strings(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _drop_replaced_keys(tree: dict[str, Any]) -> None:
+    """Older run folders say `run.num_processes: 1`; the number of learners is `ray.num_learners` now."""
+    run = tree.get("run")
+    if isinstance(run, dict) and "num_processes" in run:
+        if run["num_processes"] != 1:
+            raise UserError(
+                "run.num_processes: replaced by ray.num_learners (data-parallel learners, with Ray)"
+            )
+        del run["num_processes"]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset, apply `--set` overrides, check consistency. Raises `UserError` on any problem."""
     return _from_tree(_read_yaml(Path(path)) if path else {}, overrides)
@@ -141,6 +152,7 @@ def with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Co
 def _from_tree(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
     for item in overrides:
         _apply_override(tree, item)
+    _drop_replaced_keys(tree)
     tree = _fix_numeric_strings(Config, tree)
     if "reward" in tree and isinstance(tree["reward"], dict) and "scorers" in tree["reward"]:
         scorers = tree["reward"]["scorers"]
@@ -161,7 +173,6 @@ def validate(config: Config) -> None:
 
     for name, value in (
         ("run.num_epochs", r.num_epochs),
-        ("run.num_processes", r.num_processes),
         ("sample.num_steps", s.num_steps),
         ("sample.batch_size", s.batch_size),
         ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
@@ -214,6 +225,11 @@ def validate(config: Config) -> None:
     need(len(config.reward.scorers) >= 1, "reward.scorers must list at least one scorer")
     need(config.reward.replicas >= 1, f"reward.replicas must be >= 1, got {config.reward.replicas}")
     need(config.reward.deadline_s > 0, f"reward.deadline_s must be > 0, got {config.reward.deadline_s}")
+    q = config.reward.queue
+    need(q.resubmits >= 0, f"reward.queue.resubmits must be >= 0, got {q.resubmits}")
+    need(q.max_in_flight >= 1, f"reward.queue.max_in_flight must be >= 1, got {q.max_in_flight}")
+    need(q.blob_ttl_s >= 1, f"reward.queue.blob_ttl_s must be >= 1, got {q.blob_ttl_s}")
+    need(q.poll_s > 0, f"reward.queue.poll_s must be > 0, got {q.poll_s}")
     names = [sc.name for sc in config.reward.scorers]
     need(len(set(names)) == len(names), f"reward.scorers lists a scorer twice: {names}")
     ray = config.ray
@@ -229,11 +245,11 @@ def validate(config: Config) -> None:
         "ray: a rollout worker must reserve something (num_cpus_per_worker, num_gpus_per_worker or "
         "worker_resources)",
     )
-    need(ray.num_learners >= 0, f"ray.num_learners must be >= 0, got {ray.num_learners}")
+    need(ray.num_learners >= 1, f"ray.num_learners must be >= 1, got {ray.num_learners}")
     need(
-        not ray.enabled or not ray.num_learners or r.num_processes in (1, ray.num_learners),
-        f"run.num_processes ({r.num_processes}) and ray.num_learners ({ray.num_learners}) disagree: "
-        "with ray.enabled the learners are the data-parallel processes; set one of them",
+        ray.enabled or ray.num_learners == 1,
+        f"ray.num_learners={ray.num_learners} needs ray.enabled: true (without Ray one process samples "
+        "and learns)",
     )
     need(
         ray.num_cpus_per_learner > 0 or ray.num_gpus_per_learner > 0,

@@ -28,8 +28,6 @@ class RunConfig:
     device: str = "auto"
     # Mixed precision for the trainable forward/backward: "no", "fp16" or "bf16".
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    # Number of data-parallel training processes (learners); sets the effective batch sizes.
-    num_processes: int = 1
     # Suppress progress bars (CI, logs).
     quiet: bool = False
     # Save a grid of sample edits every this many epochs (0: never).
@@ -141,6 +139,26 @@ class ScorerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# Seconds to gather one rollout batch's scores before the missing jobs are resubmitted.
+DEFAULT_DEADLINE_S = 120.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """How the trainer's queue client talks to Redis (`reward.queue`, with `reward.transport: queue`)."""
+
+    # Times the missing jobs are resubmitted after a deadline before scoring fails.
+    resubmits: int = 1
+    # Most jobs waiting or being scored in one scorer's stream (backpressure).
+    max_in_flight: int = 1024
+    # Seconds an item blob lives in Redis if no scorer releases it (a crashed run).
+    blob_ttl_s: int = 3600
+    # Wire encoding of images: "raw" (fast on loopback) or "png" (smaller across slow links).
+    encoding: Literal["raw", "png"] = "raw"
+    # Seconds between full checks of the missing results (signals wake the gatherer sooner).
+    poll_s: float = 0.5
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     # Scorers judging each edit.
@@ -157,9 +175,11 @@ class RewardConfig:
     replicas: int = 1
     # Seconds a local replica may take to load its model and start consuming.
     server_start_timeout_s: float = 120.0
-    # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted. The
-    # loop waits at most 2.5 x this for one batch's scores before it stops the run.
-    deadline_s: float = 120.0
+    # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted (the one
+    # scoring deadline). The loop waits at most 2.5 x this for one batch's scores before it stops.
+    deadline_s: float = DEFAULT_DEADLINE_S
+    # The queue client's other settings.
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
 
 @dataclass(frozen=True)
@@ -232,13 +252,14 @@ class RayConfig:
     # CPU). The synchronous loop runs sampling and learning in turn, so on a small machine both may
     # use every core (the demo sets 2 on 2 cores).
     torch_threads: int = 0
-    # Data-parallel learner actors (0: run.num_processes). They form one torch.distributed process
+    # Data-parallel learners: the one knob for the number of training processes (more than 1 needs
+    # ray.enabled). The learner actors form one torch.distributed process
     # group (gloo on CPU, NCCL on GPU); each trains on its 1/num_learners share of the gathered batch
     # (whole groups; advantages and rankings are computed over the whole batch first), and their
     # gradients are averaged by an all-reduce before every optimizer step. Each learner is one of the
     # data-parallel processes the per-process sizes count (sample.batch_size, num_batches_per_epoch,
     # train.batch_size), so the driver samples num_learners x sample.num_batches_per_epoch batches.
-    num_learners: int = 0
+    num_learners: int = 1
     # Address of the learners' rendezvous, a TCP store on learner 0 that listens on it alone (gloo
     # and NCCL use the same interface): "127.0.0.1" for learners on one node; "auto" for learner 0's
     # node address as Ray knows it, or that address itself, when they span nodes (then keep the port
@@ -326,18 +347,13 @@ class Config:
     # ---- derived sizes (SPIE prints these at start) ----
     @property
     def data_parallel_size(self) -> int:
-        """Data-parallel training processes: the Ray learner actors with `ray.enabled`
-        (`ray.num_learners`, 0: `run.num_processes`), else `run.num_processes`."""
-        if self.ray.enabled and self.ray.num_learners:
-            return self.ray.num_learners
-        return self.run.num_processes
+        """Data-parallel training processes: `ray.num_learners` learner actors (1 without Ray)."""
+        return self.ray.num_learners if self.ray.enabled else 1
 
     @property
     def batches_per_epoch(self) -> int:
-        """Sampling batches drawn per epoch: with Ray, `sample.num_batches_per_epoch` for each
-        learner; the single-process loop samples `sample.num_batches_per_epoch`."""
-        n = self.sample.num_batches_per_epoch
-        return n * self.data_parallel_size if self.ray.enabled else n
+        """Sampling batches drawn per epoch: `sample.num_batches_per_epoch` for each learner."""
+        return self.sample.num_batches_per_epoch * self.data_parallel_size
 
     @property
     def images_per_epoch(self) -> int:

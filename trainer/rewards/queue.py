@@ -31,6 +31,7 @@ import redis
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.queue import protocol as P
+from trainer.config.schema import DEFAULT_DEADLINE_S, QueueConfig
 from trainer.errors import UserError
 from trainer.rewards.scores import Scores, details_arrays
 
@@ -43,24 +44,20 @@ class RewardQueueError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class QueueClientConfig:
+class QueueClientConfig(QueueConfig):
+    """The queue client's settings: the training YAML's `reward.queue` knobs plus where and for how long.
+
+    `spie train` builds it from `reward.redis_url`, the run folder's name and `reward.deadline_s`.
+    """
+
     # Redis URL (redis://, rediss://, unix://); empty: the REDIS_URL environment variable. The
     # password comes from the URL, the `password` argument or REDIS_PASSWORD.
     url: str = ""
     # Run id used in key names (letters, digits, '-', '_'); empty: a random one.
     run_id: str = ""
-    # Seconds to gather one rollout batch before the missing jobs are resubmitted.
-    deadline_s: float = 300.0
-    # Times the missing jobs are resubmitted after a deadline before `score` fails.
-    resubmits: int = 1
-    # Most jobs waiting or being scored in one scorer's stream (backpressure).
-    max_in_flight: int = 1024
-    # Seconds an item blob lives in Redis if no scorer releases it (a crashed run).
-    blob_ttl_s: int = 3600
-    # Wire encoding of images: "raw" (fast on loopback) or "png" (smaller across slow links).
-    encoding: str = "raw"
-    # Seconds between full checks of the missing results (signals wake the gatherer sooner).
-    poll_s: float = 0.5
+    # Seconds to gather one rollout batch before the missing jobs are resubmitted (the same default
+    # as `reward.deadline_s`).
+    deadline_s: float = DEFAULT_DEADLINE_S
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.poll_s <= 0:

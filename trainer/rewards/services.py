@@ -12,6 +12,7 @@ Everything started here is stopped on `close()`, and on Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import subprocess
@@ -113,7 +114,9 @@ class QueueRewards:
             run = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
             self.client = RewardClient(
                 [sc.name for sc in r.scorers],
-                QueueClientConfig(url=url, run_id=run, deadline_s=r.deadline_s),
+                QueueClientConfig(
+                    url=url, run_id=run, deadline_s=r.deadline_s, **dataclasses.asdict(r.queue)
+                ),
                 password=password,
             )
         except BaseException:

@@ -1,6 +1,6 @@
 """The learners of a Ray run, seen from the driver: one `LearnerActor`, or several data-parallel ones.
 
-With `ray.num_learners` = N > 1 (or `run.num_processes` = N), the driver
+With `ray.num_learners` = N > 1, the driver
 1. places N learner actors as one gang (a placement group, `ray.learner_placement_strategy`);
 2. asks rank 0 to open a rendezvous on `ray.learner_host` (127.0.0.1 by default) and every rank to
    join one torch.distributed process group (gloo on CPU, NCCL on GPU);
