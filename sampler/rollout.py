@@ -29,6 +29,10 @@ class Rollout:
             truth an oracle scorer checks), or None.
         policy_version: version of the weights that sampled this batch.
         item_ids: N stable ids, e.g. "e3-b1-i5".
+        advantages: (N,) float per-edit advantages, attached by the trainer after scoring (PPO).
+        ranks: (N,) long, each edit's place in its group's ranking, 0 = best, attached by the
+            trainer after scoring (SPIE ranking). Per-item, so selecting, concatenating and
+            splitting the batch keep every signal with its edit.
     """
 
     latents: torch.Tensor
@@ -46,6 +50,8 @@ class Rollout:
     metadata: list[dict] | None = None
     policy_version: int = 0
     item_ids: list[str] = field(default_factory=list)
+    advantages: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]

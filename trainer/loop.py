@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from sampler.rollout import Rollout
-from trainer.algo.objectives import group_advantages, ranking_from_scores
+from trainer.algo.objectives import group_advantages, ranking_from_scores, ranks_of
 from trainer.algo.signals import ppo_rewards, spie_signals
 from trainer.algo.stats import RewardStats
-from trainer.config import Config, dump_config
+from trainer.config import Config, dump_config, to_dict
 from trainer.data.inputs import load_inputs
 from trainer.engine.local import LocalEngine
 from trainer.engine.shards import epoch_generator, plan_epoch
@@ -84,7 +84,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
         print(f"[spie] {config.summary()}")
         engine = make_engine(config)
         stats = RewardStats()
-        log = RunLog(run_dir)
+        log = RunLog(run_dir, config.run.log_with, to_dict(config))
         start = 0
         if resume:
             folder = find_checkpoint(run_dir)
@@ -126,15 +126,18 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 fallback = (
                     stats.mean_std(config.reward.scorers[0].name) if len(config.reward.scorers) == 1 else None
                 )
-                adv = group_advantages(reward, rollout_ok.group, t_cfg.min_group_size, fallback).float()
-                metrics = engine.learn(rollout_ok, gen, progress, advantages=adv)
+                rollout_ok.advantages = group_advantages(
+                    reward, rollout_ok.group, t_cfg.min_group_size, fallback
+                ).float()
             else:
                 structural, semantic = spie_signals(config.reward, t_cfg, scores_ok, rollout_ok)
                 ranking = ranking_from_scores(structural, semantic, rollout_ok.group, t_cfg.score_alpha)
-                metrics = engine.learn(rollout_ok, gen, progress, ranking=ranking)
+                rollout_ok.ranks = ranks_of(ranking, len(rollout_ok))
+            metrics = engine.learn(rollout_ok, gen, progress)
             t3 = time.perf_counter()
             record.update(metrics)
             record.update(engine.metrics())
+            record.update(rewards.metrics())
             record.update(
                 {
                     "items": len(rollout),

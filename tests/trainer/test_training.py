@@ -145,12 +145,12 @@ def test_a_non_finite_loss_is_skipped_and_counted(tiny_config):
         inputs, config, 0, epoch_generator(0, 0), latent_shape(policy, config.model.resolution)
     )
     rollout = Rollout.concat([sample_shard(policy, sh, config, False) for sh in shards])
-    adv = torch.full((len(rollout),), float("nan"))
-    metrics = learner.train(rollout, torch.Generator().manual_seed(0), advantages=adv)
+    rollout.advantages = torch.full((len(rollout),), float("nan"))
+    metrics = learner.train(rollout, torch.Generator().manual_seed(0))
     assert metrics["nonfinite_skipped"] == 2 * learner.steps_per_trajectory  # 2 micro-batches x steps
     after = learner.trainable_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # A finite batch afterwards trains normally.
-    adv = torch.linspace(-1, 1, len(rollout))
-    learner.train(rollout, torch.Generator().manual_seed(0), advantages=adv)
+    rollout.advantages = torch.linspace(-1, 1, len(rollout))
+    learner.train(rollout, torch.Generator().manual_seed(0))
     assert any(not torch.equal(before[k], learner.trainable_state()[k]) for k in before)

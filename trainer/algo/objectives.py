@@ -125,6 +125,28 @@ def ranking_from_scores(
     return torch.stack(rows)
 
 
+def ranks_of(ranking: torch.Tensor, n: int) -> torch.Tensor:
+    """(G, K) best-first batch indices -> (N,) long: each edit's place in its group, 0 = best."""
+    ranks = torch.full((n,), -1, dtype=torch.long)
+    ranks[ranking.reshape(-1)] = torch.arange(ranking.shape[1]).repeat(ranking.shape[0])
+    return ranks
+
+
+def ranking_of(group: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """(N,) group ids and (N,) per-edit ranks -> (G, K) batch indices of each group, best first.
+
+    The inverse of `ranks_of` for whole groups: the ranking of whatever sub-batch a learner holds.
+    """
+    rows = []
+    for g in torch.unique(group.cpu()):
+        idx = torch.nonzero(group.cpu() == g).view(-1)
+        rows.append(idx[torch.argsort(ranks.cpu()[idx], stable=True)])
+    sizes = {len(r) for r in rows}
+    if len(sizes) != 1:
+        raise ValueError(f"ranking needs equal group sizes, got {sorted(sizes)}")
+    return torch.stack(rows)
+
+
 def plackett_luce_loss(
     log_prob: torch.Tensor, ref_log_prob: torch.Tensor, ranking: torch.Tensor, beta: float, eps: float
 ) -> torch.Tensor:

@@ -225,6 +225,8 @@ def validate(config: Config) -> None:
     need(len(config.reward.scorers) >= 1, "reward.scorers must list at least one scorer")
     need(config.reward.replicas >= 1, f"reward.replicas must be >= 1, got {config.reward.replicas}")
     need(config.reward.deadline_s > 0, f"reward.deadline_s must be > 0, got {config.reward.deadline_s}")
+    unknown = [t for t in r.log_with if t not in ("tensorboard", "wandb", "mlflow")]
+    need(not unknown, f"run.log_with: unknown tracker {unknown[:1]} (expected tensorboard, wandb or mlflow)")
     q = config.reward.queue
     need(q.resubmits >= 0, f"reward.queue.resubmits must be >= 0, got {q.resubmits}")
     need(q.max_in_flight >= 1, f"reward.queue.max_in_flight must be >= 1, got {q.max_in_flight}")

@@ -32,6 +32,9 @@ class RunConfig:
     quiet: bool = False
     # Save a grid of sample edits every this many epochs (0: never).
     image_log_freq: int = 1
+    # Trackers that mirror metrics.jsonl and the sample grids, through accelerate's trackers:
+    # any of "tensorboard", "wandb", "mlflow" (wandb and mlflow must be installed); [] for none.
+    log_with: tuple[str, ...] = ("tensorboard",)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sampler.policy import EditPolicy
 from sampler.rollout import Rollout
-from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss
+from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss, ranking_of
 from trainer.config import Config
 from trainer.engine.policy import trainable_parameters
 from trainer.errors import UserError
@@ -95,28 +95,21 @@ class Learner:
         )
         return perms[rollout.group.cpu()]  # edits of one input share their steps, as in SPIE
 
-    def train(
-        self,
-        rollout: Rollout,
-        generator: torch.Generator,
-        advantages: torch.Tensor | None = None,
-        ranking: torch.Tensor | None = None,
-        progress: bool = False,
-    ) -> dict[str, float]:
+    def train(self, rollout: Rollout, generator: torch.Generator, progress: bool = False) -> dict[str, float]:
         """Run `train.num_inner_epochs` passes of the objective over a rollout batch.
 
         Args:
-            rollout: N edits (whole groups, contiguous).
+            rollout: N edits (whole groups, contiguous) carrying their signal: `advantages` (N,)
+                for PPO, `ranks` (N,) for SPIE ranking.
             generator: drives the shuffles (seeded per epoch, so a resumed run repeats them).
-            advantages: (N,) for PPO.
-            ranking: (G, K) best-first batch indices for SPIE ranking.
         """
         t = self.config.train
         ranked = t.objective == "spie_ranking"
-        if ranked and ranking is None:
-            raise ValueError("spie_ranking needs a ranking")
-        if not ranked and advantages is None:
-            raise ValueError("ppo needs advantages")
+        if ranked and rollout.ranks is None:
+            raise ValueError("spie_ranking needs the batch's ranks")
+        if not ranked and rollout.advantages is None:
+            raise ValueError("ppo needs the batch's advantages")
+        ranking = ranking_of(rollout.group, rollout.ranks) if ranked else None
         n = len(rollout)
         group_size = ranking.shape[1] if ranked else 1
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
@@ -139,7 +132,7 @@ class Learner:
                 for k in range(plan.shape[1]):
                     j = plan[index, k]
                     with self.accelerator.accumulate(unet), self.accelerator.autocast():
-                        loss, info = self._step_loss(batch, j, advantages, index, local_rank)
+                        loss, info = self._step_loss(batch, j, local_rank)
                         if torch.isfinite(loss):
                             self.accelerator.backward(loss)
                         else:
@@ -157,7 +150,7 @@ class Learner:
         out["nonfinite_skipped"] = float(self.nonfinite_skipped)
         return out
 
-    def _step_loss(self, batch, j, advantages, index, local_rank):
+    def _step_loss(self, batch, j, local_rank):
         t = self.config.train
         log_prob = self.policy.step_log_prob(batch, j)
         info: dict[str, torch.Tensor] = {}
@@ -170,7 +163,7 @@ class Learner:
         else:
             old = batch.log_probs[torch.arange(len(batch)), j].to(log_prob.device)
             loss, info = ppo_clip_loss(
-                log_prob, old, advantages[index].to(log_prob.device), t.clip_range, t.adv_clip_max
+                log_prob, old, batch.advantages.to(log_prob.device), t.clip_range, t.adv_clip_max
             )
         if t.kl_coef > 0:
             kl = kl_penalty(log_prob, ref)

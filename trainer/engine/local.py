@@ -36,9 +36,9 @@ class LocalEngine:
         parts = [sample_shard(self.policy, sh, self.config, progress, self.version) for sh in shards]
         return Rollout.concat(parts)
 
-    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool, **signal) -> dict:
-        """One epoch of updates; `signal` is `advantages=` (PPO) or `ranking=` (SPIE ranking)."""
-        return self.learner.train(rollout, generator, progress=progress, **signal)
+    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool) -> dict:
+        """One epoch of updates on a batch that carries its advantages or ranks."""
+        return self.learner.train(rollout, generator, progress=progress)
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(trainable weights, optimizer state) for `save_checkpoint`."""

@@ -55,5 +55,9 @@ class InProcessRewards:
             details.update(details_arrays(name, dets))
         return Scores(values, errors, details)
 
+    def metrics(self) -> dict[str, int]:
+        """Nothing is counted in process (the queue transport reports resubmissions and errors)."""
+        return {}
+
     def close(self) -> None:
         self.scorers.clear()

@@ -103,6 +103,7 @@ class RewardClient:
         P.BatchKeys(self.run_id, "0")  # validates the run id
         self.redis = P.connect(url, password)
         self.stats = GatherStats()
+        self.totals: dict[str, int] = {}
         self._seq = 0
         self._higher: dict[str, bool] = {}
 
@@ -170,7 +171,15 @@ class RewardClient:
         finally:
             self._cleanup(keys, len(items))
             self.stats.seconds = time.monotonic() - start
+            for name in ("submitted", "resubmitted", "duplicates_ignored", "redis_errors"):
+                self.totals[name] = self.totals.get(name, 0) + getattr(self.stats, name)
         return self._to_scores(results)
+
+    def take_counts(self) -> dict[str, int]:
+        """Jobs submitted and resubmitted, duplicate results ignored and Redis errors retried since
+        the last call (the loop logs them per epoch as `queue.*`)."""
+        out, self.totals = {f"queue.{k}": v for k, v in self.totals.items()}, {}
+        return out
 
     def _round(self, keys, blobs, todo: dict[str, list[int]], results, deadline: float) -> None:
         """Submit `todo` (respecting the in-flight cap) and gather until done or `deadline`."""

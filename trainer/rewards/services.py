@@ -131,6 +131,10 @@ class QueueRewards:
         except RewardQueueError as err:
             raise UserError(f"scoring through {self.client.url}: {err}") from err
 
+    def metrics(self) -> dict[str, int]:
+        """What the queue counted since the last call (resubmissions, Redis errors retried...)."""
+        return self.client.take_counts()
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()

@@ -8,13 +8,14 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from trainer.algo.objectives import ranking_of, ranks_of
 from trainer.engine.ray.learners import split_for_learners
 from trainer.loop import train
 from trainer.run.checkpoint import find_checkpoint
 from trainer.run.log import read_metrics
 
 
-def test_shares_keep_groups_whole_and_reindex_the_ranking(tiny_config):
+def test_shares_keep_groups_whole_and_carry_their_signals(tiny_config):
     from sampler.rollout import Rollout
 
     n, k = 12, 2  # 6 groups of 2 edits
@@ -33,20 +34,18 @@ def test_shares_keep_groups_whole_and_reindex_the_ranking(tiny_config):
         item_ids=[f"i{i}" for i in range(n)],
     )
     ranking = torch.stack([torch.tensor([2 * g + 1, 2 * g]) for g in range(6)])  # worse edit first
-    adv = torch.arange(n).float()
-    shares = split_for_learners(rollout, 3, adv, ranking)
-    assert [s.rollout.item_ids for s in shares] == [
-        [f"i{i}" for i in range(4 * r, 4 * r + 4)] for r in range(3)
-    ]
+    rollout.advantages = torch.arange(n).float()
+    rollout.ranks = ranks_of(ranking, n)
+    shares = split_for_learners(rollout, 3)
+    assert [s.item_ids for s in shares] == [[f"i{i}" for i in range(4 * r, 4 * r + 4)] for r in range(3)]
     for r, share in enumerate(shares):
-        assert torch.equal(share.advantages, adv[4 * r : 4 * r + 4])
-        # Each ranking row is one whole group, re-indexed into its share.
-        assert torch.equal(share.ranking, torch.tensor([[1, 0], [3, 2]]))
-        assert torch.equal(
-            share.rollout.latents.view(-1)[share.ranking[:, 0]], torch.tensor([4.0 * r + 1, 4 * r + 3])
-        )
+        assert torch.equal(share.advantages, rollout.advantages[4 * r : 4 * r + 4])
+        # Each share's ranking is its whole groups', in its own indices, with the better edit first.
+        local = ranking_of(share.group, share.ranks)
+        assert torch.equal(local, torch.tensor([[1, 0], [3, 2]]))
+        assert torch.equal(share.latents.view(-1)[local[:, 0]], torch.tensor([4.0 * r + 1, 4 * r + 3]))
     with pytest.raises(RuntimeError, match="6 groups cannot be split evenly over 4 learners"):
-        split_for_learners(rollout, 4, adv)
+        split_for_learners(rollout, 4)
 
 
 @pytest.fixture(scope="module")

@@ -232,10 +232,10 @@ class RayEngine:
     def sample(self, shards: list[Shard], progress: bool) -> Rollout:
         return self.pool.sample(shards)
 
-    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool, **signal) -> dict:
+    def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool) -> dict:
         """Train on the whole gathered batch (split between the learners), then send rank 0's new
         weights to every worker."""
-        metrics, self.version = self.learners.train(rollout, generator.get_state(), **signal)
+        metrics, self.version = self.learners.train(rollout, generator.get_state())
         self.last_sync_s = self._sync_weights()
         return metrics
 

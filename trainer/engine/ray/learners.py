@@ -13,7 +13,6 @@ With `ray.num_learners` = N > 1, the driver
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import ray
 import torch
@@ -29,38 +28,19 @@ from trainer.errors import UserError
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@dataclass
-class LearnerShare:
-    """One learner's part of an epoch's batch.
-
-    Attributes:
-        rollout: n items, whole groups, contiguous in the gathered batch.
-        advantages: (n,) for PPO, else None.
-        ranking: (g, K) best-first indices into `rollout` for SPIE ranking, else None.
-    """
-
-    rollout: Rollout
-    advantages: torch.Tensor | None
-    ranking: torch.Tensor | None
-
-
-def split_for_learners(
-    rollout: Rollout, n: int, advantages: torch.Tensor | None = None, ranking: torch.Tensor | None = None
-) -> list[LearnerShare]:
+def split_for_learners(rollout: Rollout, n: int) -> list[Rollout]:
     """Split a gathered batch into `n` equal, contiguous shares of whole groups.
 
     A group (the nb_gen edits of one input) stays on one learner, so the ranking objective sees all
-    of its edits; `ranking` rows are re-indexed into their share. Raises RuntimeError when the groups
-    cannot be split into equal shares (after failed groups were dropped): unequal shares would run
-    different numbers of steps and stall the gradient all-reduce.
+    of its edits; advantages and ranks are per-item fields of the batch and travel with their edits.
+    Raises RuntimeError when the groups cannot be split into equal shares (after failed groups were
+    dropped): unequal shares would run different numbers of steps and stall the gradient all-reduce.
 
     Args:
         rollout: N items; `rollout.group` (N,) contiguous runs.
-        advantages: (N,) or None.
-        ranking: (G, K) batch indices, one row per group, or None.
     """
     if n == 1:
-        return [LearnerShare(rollout, advantages, ranking)]
+        return [rollout]
     group = rollout.group.cpu()
     runs = torch.unique_consecutive(group)
     if len(runs) != len(torch.unique(group)):
@@ -76,17 +56,7 @@ def split_for_learners(
     bounds = [(starts[k * per], ends[(k + 1) * per - 1]) for k in range(n)]
     if len({hi - lo for lo, hi in bounds}) != 1:
         raise RuntimeError(f"learner shares would differ in size ({[hi - lo for lo, hi in bounds]} edits)")
-    shares = []
-    for lo, hi in bounds:
-        rank_rows = None
-        if ranking is not None:
-            rows = ranking[(ranking[:, 0] >= lo) & (ranking[:, 0] < hi)] - lo
-            if rows.numel() and (rows.min() < 0 or rows.max() >= hi - lo):
-                raise RuntimeError("a ranking row spans two learners' shares")
-            rank_rows = rows
-        adv = advantages[lo:hi] if advantages is not None else None
-        shares.append(LearnerShare(rollout.select(torch.arange(lo, hi)), adv, rank_rows))
-    return shares
+    return [rollout.select(torch.arange(lo, hi)) for lo, hi in bounds]
 
 
 def merge_metrics(results: list[dict[str, float]]) -> dict[str, float]:
@@ -177,17 +147,10 @@ class LearnerGroup:
             results[pending.pop(ready[0])] = ray.get(ready[0])
         return [results[i] for i in range(len(refs))]
 
-    def train(
-        self, rollout: Rollout, generator_state: torch.Tensor, **signal
-    ) -> tuple[dict[str, float], int]:
+    def train(self, rollout: Rollout, generator_state: torch.Tensor) -> tuple[dict[str, float], int]:
         """Every learner trains on its share; returns (merged metrics, rank 0's new policy version)."""
-        shares = split_for_learners(
-            rollout, len(self.actors), signal.get("advantages"), signal.get("ranking")
-        )
-        refs = [
-            a.train.remote(sh.rollout, generator_state, advantages=sh.advantages, ranking=sh.ranking)
-            for a, sh in zip(self.actors, shares, strict=True)
-        ]
+        shares = split_for_learners(rollout, len(self.actors))
+        refs = [a.train.remote(sh, generator_state) for a, sh in zip(self.actors, shares, strict=True)]
         results = self._wait(refs, self.config.ray.train_timeout_s, "finish the epoch's updates")
         return merge_metrics([m for m, _ in results]), results[0][1]
 

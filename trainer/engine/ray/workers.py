@@ -129,19 +129,17 @@ class LearnerActor:
         self,
         rollout: Rollout,
         generator_state: torch.Tensor,
-        advantages: torch.Tensor | None = None,
-        ranking: torch.Tensor | None = None,
     ) -> tuple[dict[str, float], int]:
         """One epoch of updates (see `Learner.train`); returns (metrics, the new policy version).
 
-        `rollout` is this learner's share (whole groups; the whole batch with one learner), with
-        `advantages` (n,) or `ranking` (g, K) indexed within it. `generator_state` is the driver's
+        `rollout` is this learner's share (whole groups; the whole batch with one learner), with its
+        per-edit advantages or ranks. `generator_state` is the driver's
         epoch generator state, so with one learner the shuffles are the ones the single-process
         loop draws; every rank uses it to shuffle its own share.
         """
         gen = torch.Generator()
         gen.set_state(generator_state)
-        metrics = self.learner.train(rollout, gen, advantages=advantages, ranking=ranking)
+        metrics = self.learner.train(rollout, gen)
         return metrics, self.learner.version
 
     def trainable_state(self) -> tuple[dict[str, torch.Tensor], int]:
