@@ -187,7 +187,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Where inputs come from (formats in trainer/data.py and the README):
+    # Where inputs come from (formats in trainer/data/inputs.py and the README):
     # "shapes": built-in seeded scenes edited with `instructions` (no ground truth);
     # "synthetic": seeded synthetic edits with ground-truth targets, masks and oracle metadata;
     # "folder": images in `path` edited with `instructions`;
