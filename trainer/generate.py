@@ -30,18 +30,18 @@ def generate(
     `checkpoint` is a run folder, a checkpoint folder, or a base model (`tiny`, a diffusers folder,
     a hub id) used as is; the model is loaded by the same checked loader as `spie evaluate`'s.
     """
-    images = Path(images)
-    if not images.is_dir():
-        raise UserError(f"--images: folder not found: {images}")
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"--images: no images in {images}")
     if is_run_or_checkpoint(Path(checkpoint)):
         config = load_config(find_checkpoint(checkpoint) / "config.yaml", overrides)
     else:
         config = load_config(None, overrides)
     spec = model_spec(str(checkpoint), "model", config)
     config = spec.config
+    images = Path(images)
+    if not images.is_dir():
+        raise UserError(f"--images: folder not found: {images}")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--images: no images in {images}")
     if config.model.exemplar_conditioning:
         raise UserError(
             "generate: checkpoints with exemplar conditioning need exemplar images (not supported here yet)"

@@ -40,12 +40,12 @@ from trainer.evaluate.inputs import EvalItems, items_from_config, read_edits
 from trainer.evaluate.metrics import (
     BUILTIN_DIRECTION,
     ClipMetric,
-    build_scorers,
     l2_outside_mask,
     paired_difference,
     score_with,
     summarize,
 )
+from trainer.rewards.inprocess import build_scorers
 from trainer.run.checkpoint import find_checkpoint
 from trainer.run.plots import before_after
 

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from reward_servers.base import ScoreBatch, Scorer, build_scorer
+from reward_servers.base import ScoreBatch, Scorer
 from sampler.rollout import to_uint8
-from trainer.config import RewardConfig
 from trainer.errors import UserError
+from trainer.rewards.inprocess import call_scorers
+from trainer.rewards.scores import details_arrays
 
 # Whether a larger value is better, for metrics that are not reward scorers.
 BUILTIN_DIRECTION = {
@@ -131,17 +132,6 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)).float()
 
 
-def build_scorers(config: RewardConfig) -> dict[str, Scorer]:
-    """The configured reward scorers, built in this process."""
-    scorers = {}
-    for sc in config.scorers:
-        try:
-            scorers[sc.name] = build_scorer(sc.name, **sc.kwargs)
-        except (KeyError, ValueError) as err:
-            raise UserError(f"reward.scorers: {err.args[0]}") from err
-    return scorers
-
-
 def score_with(
     scorers: dict[str, Scorer],
     edited: torch.Tensor,
@@ -150,37 +140,22 @@ def score_with(
     masks: list[torch.Tensor | None],
     metadata: list[dict],
 ) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-    """Score M edits with every scorer.
+    """Score M edits with every scorer (through training's in-process loop, `call_scorers`).
 
     Returns:
         metric name -> (M,) float64 (`<name>` and `<name>.<detail>`, NaN where missing), and M dicts
         scorer name -> error message for the items a scorer refused.
     """
-    m = len(instructions)
-    edit_u8, src_u8 = to_uint8(edited), to_uint8(sources)
     mask_np = [None if k is None else k.bool().cpu().numpy() for k in masks]
+    batch = ScoreBatch(to_uint8(edited), to_uint8(sources), instructions, masks=mask_np, metadata=metadata)
     values: dict[str, np.ndarray] = {}
-    errors: list[dict[str, str]] = [{} for _ in range(m)]
-    for name, scorer in scorers.items():
-        scores = np.full(m, np.nan)
-        details: list[dict[str, float]] = [{} for _ in range(m)]
-        step = max(1, int(scorer.max_batch_size))
-        for start in range(0, m, step):
-            sl = slice(start, start + step)
-            result = scorer.score(
-                ScoreBatch(
-                    edit_u8[sl], src_u8[sl], instructions[sl], masks=mask_np[sl], metadata=metadata[sl]
-                )
-            )
-            scores[sl] = result.scores
-            for k, (info, err) in enumerate(zip(result.details, result.errors, strict=True)):
-                details[start + k] = info
-                if err is not None:
-                    errors[start + k][name] = err
-        values[name] = scores
-        keys = sorted({k for info in details for k, v in info.items() if isinstance(v, int | float)})
-        for key in keys:
-            values[f"{name}.{key}"] = np.array([float(info.get(key, math.nan)) for info in details])
+    errors: list[dict[str, str]] = [{} for _ in range(len(instructions))]
+    for name, result in call_scorers(scorers, batch).items():
+        values[name] = result.scores
+        values.update(details_arrays(name, result.details))
+        for k, err in enumerate(result.errors):
+            if err is not None:
+                errors[k][name] = err
     return values, errors
 
 

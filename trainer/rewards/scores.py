@@ -37,8 +37,9 @@ class Scores:
 
 
 def details_arrays(scorer: str, per_item: list[dict[str, float]]) -> dict[str, np.ndarray]:
-    """N dicts of named numbers -> {"<scorer>.<name>": (N,) float64}, NaN where an item lacks one."""
-    names = sorted({k for d in per_item for k in d})
+    """N dicts of named numbers -> {"<scorer>.<name>": (N,) float64}, NaN where an item lacks one
+    (entries that are not numbers are left out)."""
+    names = sorted({k for d in per_item for k, v in d.items() if isinstance(v, int | float)})
     return {
         f"{scorer}.{k}": np.array([float(d.get(k, np.nan)) for d in per_item], dtype=np.float64)
         for k in names

@@ -91,7 +91,7 @@ def test_missing_checkpoint(capsys, tmp_path):
         "--out",
         str(tmp_path / "o"),
     )
-    assert "checkpoint or run folder not found" in err
+    assert "not found (expected a run or checkpoint folder" in err
     err = _run(capsys, "train", "--resume", str(tmp_path))
     assert "not a run folder" in err
 

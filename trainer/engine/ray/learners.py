@@ -16,12 +16,11 @@ import time
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
 from sampler.rollout import Rollout
 from trainer.config import Config
+from trainer.engine.ray.placement import bundle, in_bundle, place_gang
 from trainer.engine.ray.workers import LearnerActor
 from trainer.errors import UserError
 
@@ -79,18 +78,10 @@ class LearnerGroup:
         self.config = config
         r = config.ray
         n = config.data_parallel_size
-        bundle = {"CPU": r.num_cpus_per_learner, "GPU": r.num_gpus_per_learner}
-        bundle = {k: float(v) for k, v in bundle.items() if v}
-        self.pg = placement_group([bundle] * n, strategy=r.learner_placement_strategy)
+        one = bundle(r.num_cpus_per_learner, r.num_gpus_per_learner)
+        self.pg = place_gang("learner(s)", n, one, r.learner_placement_strategy, r.start_timeout_s)
         self.actors: list = []
         try:
-            try:
-                ray.get(self.pg.ready(), timeout=r.start_timeout_s)
-            except GetTimeoutError as err:
-                raise UserError(
-                    f"ray: the cluster cannot place {n} learner(s) of {bundle} ({r.learner_placement_strategy}) "
-                    f"within {r.start_timeout_s:.0f}s; it has {ray.cluster_resources()}"
-                ) from err
             # One torch thread per reserved CPU: several learners on a small machine would
             # otherwise each start as many threads as it has cores.
             env = {"OMP_NUM_THREADS": str(max(1, int(r.num_cpus_per_learner)))}
@@ -101,9 +92,7 @@ class LearnerGroup:
                     num_gpus=r.num_gpus_per_learner,
                     max_restarts=0,  # a lost learner stops the run: its optimizer state is gone
                     runtime_env={"env_vars": env},
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=i
-                    ),
+                    scheduling_strategy=in_bundle(self.pg, i),
                 ).remote(config, i, n)
                 for i in range(n)
             ]
