@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sampler.rollout import Rollout
 from trainer.algo.objectives import group_advantages, ranking_from_scores, ranks_of
 from trainer.algo.signals import ppo_rewards, spie_signals
 from trainer.algo.stats import RewardStats
-from trainer.config import Config, dump_config, to_dict
+from trainer.config import Config, dump_config, to_dict, with_overrides
 from trainer.data.inputs import load_inputs
 from trainer.engine.local import LocalEngine
-from trainer.engine.shards import epoch_generator, plan_epoch
+from trainer.engine.shards import epoch_generator, plan_epoch, probe_shards
 from trainer.errors import UserError
-from trainer.pipeline import ScoringThread, sample_and_score
+from trainer.pipeline import ScoringThread, probe, sample_and_score
 from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
 from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -42,6 +43,70 @@ def with_local_paths(config: Config) -> Config:
         model = dataclasses.replace(m, pretrained=str(Path(m.pretrained).expanduser().resolve()))
         return dataclasses.replace(config, model=model)
     return config
+
+
+def filter_groups(config: Config, rollout: Rollout, scores: Scores) -> tuple[Rollout, Scores, dict]:
+    """Drop the groups `train.filter_min_std` / `filter_max_mean` exclude (Edit-R1's filter); returns
+    the kept batch and `groups_zero_var` (fraction of groups whose reward does not vary: nothing to
+    learn from them) and `groups_filtered`."""
+    t = config.train
+    reward = ppo_rewards(config.reward, scores).double()
+    groups = torch.unique(rollout.group)
+    keep_groups, zero = [], 0
+    for g in groups:
+        r = reward[rollout.group == g]
+        std = float(r.std()) if r.numel() > 1 else 0.0
+        zero += std < 1e-12
+        if std >= t.filter_min_std and float(r.mean()) <= t.filter_max_mean:
+            keep_groups.append(int(g))
+    info = {"groups_zero_var": zero / max(1, len(groups)), "groups_filtered": len(groups) - len(keep_groups)}
+    if len(keep_groups) == len(groups):
+        return rollout, scores, info
+    keep = [i for i in range(len(rollout)) if int(rollout.group[i]) in set(keep_groups)]
+    return rollout.select(keep), scores.select(keep), info
+
+
+def attach_signal(config: Config, rollout: Rollout, scores: Scores, stats: RewardStats) -> None:
+    """Attach the objective's per-item signal to the batch: PPO's group-normalised advantages, or
+    each edit's place in SPIE's ranking of its group."""
+    t = config.train
+    if t.objective == "ppo":
+        reward = ppo_rewards(config.reward, scores)
+        single = len(config.reward.scorers) == 1
+        fallback = stats.mean_std(config.reward.scorers[0].name) if single else None
+        rollout.advantages = group_advantages(reward, rollout.group, t.min_group_size, fallback).float()
+    else:
+        structural, semantic = spie_signals(config.reward, t, scores, rollout)
+        ranking = ranking_from_scores(structural, semantic, rollout.group, t.score_alpha)
+        rollout.ranks = ranks_of(ranking, len(rollout))
+
+
+def make_probe(config: Config) -> list:
+    """The held-out probe set (`eval.probe_items` inputs of `eval.data_overrides`' data), as shards
+    with fixed per-item noise (`eval.seed`)."""
+    e = config.eval
+    data = with_overrides(config, list(e.data_overrides)).data
+    inputs = load_inputs(data, config.model.resolution, seed=config.run.seed)
+    inputs = inputs.take(torch.arange(min(e.probe_items, len(inputs))))
+    return probe_shards(inputs, config.sample.batch_size, e.seed)
+
+
+def epoch_line(config: Config, record: dict[str, Any], seconds: float) -> str:
+    """One readable line per epoch: the scores, what the update did, and the probe when measured."""
+    parts = [f"{k[:-5]}={v:.4f}" for k, v in record.items() if k.endswith(".mean") and "probe" not in k]
+    parts += [f"{k}={v:.3f}" for k, v in record.items() if k.endswith(".success") and "probe" not in k]
+    if config.train.objective == "spie_ranking" and "pref_agreement" in record:
+        parts.append(
+            f"clamped={record['clamped_frac']:.0%} |log r|={record['abs_log_ratio']:.2g} "
+            f"agree={record['pref_agreement']:.2f}"
+        )
+    elif "approx_kl" in record:
+        parts.append(f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}")
+    parts.append(f"zero-var groups={record['groups_zero_var']:.0%}")
+    probe_parts = [f"{k[6:]}={v:.4f}" for k, v in record.items() if k.startswith("probe.")]
+    if probe_parts:
+        parts.append("probe: " + ", ".join(probe_parts))
+    return f"[spie] epoch {record['epoch']}: " + ", ".join(parts) + f", {seconds:.1f}s"
 
 
 def make_run_dir(config: Config) -> Path:
@@ -96,9 +161,10 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             log.truncate_after(start - 1)
             print(f"[spie] resumed from {folder} at epoch {start}")
         dump_config(config, run_dir / "config.yaml")
-        t_cfg = config.train
         # sample.pipeline=async: shards are scored on a background thread while the next are sampled.
         scorer = ScoringThread(rewards) if config.sample.pipeline == "async" else None
+        probe_set = make_probe(config) if config.eval.probe_every else None
+        initial = probe(engine, rewards, probe_set) if probe_set and start == 0 else {}
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
@@ -121,21 +187,12 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 if finite.size:
                     record[key] = float(finite.mean())
             rollout_ok, scores_ok, dropped = drop_failed(rollout, scores)
-            if t_cfg.objective == "ppo":
-                reward = ppo_rewards(config.reward, scores_ok)
-                fallback = (
-                    stats.mean_std(config.reward.scorers[0].name) if len(config.reward.scorers) == 1 else None
-                )
-                rollout_ok.advantages = group_advantages(
-                    reward, rollout_ok.group, t_cfg.min_group_size, fallback
-                ).float()
-            else:
-                structural, semantic = spie_signals(config.reward, t_cfg, scores_ok, rollout_ok)
-                ranking = ranking_from_scores(structural, semantic, rollout_ok.group, t_cfg.score_alpha)
-                rollout_ok.ranks = ranks_of(ranking, len(rollout_ok))
-            metrics = engine.learn(rollout_ok, gen, progress)
+            rollout_ok, scores_ok, group_info = filter_groups(config, rollout_ok, scores_ok)
+            record.update(group_info)
+            if len(rollout_ok):
+                attach_signal(config, rollout_ok, scores_ok, stats)
+                record.update(engine.learn(rollout_ok, gen, progress))
             t3 = time.perf_counter()
-            record.update(metrics)
             record.update(engine.metrics())
             record.update(rewards.metrics())
             record.update(
@@ -148,7 +205,6 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     "time_epoch_s": t3 - t0,
                 }
             )
-            log.log(record)
             if config.run.image_log_freq and epoch % config.run.image_log_freq == 0:
                 m = config.sample.batch_size
                 log.save_grid(
@@ -157,9 +213,14 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     rollout.images[: m * config.sample.nb_gen],
                     config.sample.nb_gen,
                 )
-            means = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith(".mean"))
-            print(f"[spie] epoch {epoch}: {means}, loss={record['loss']:.4g}, {t3 - t0:.1f}s")
             last = epoch == config.run.num_epochs - 1
+            if probe_set and (last or (epoch + 1) % config.eval.probe_every == 0):
+                # After this epoch's update: the policy of version epoch + 1 on the fixed probe set.
+                record.update(probe(engine, rewards, probe_set))
+                record.update({f"initial_{k}": v for k, v in initial.items()})
+                initial = {}
+            log.log(record)
+            print(epoch_line(config, record, t3 - t0))
             if last or (epoch + 1) % config.run.save_freq == 0:
                 trainable, optimizer = engine.checkpoint_state()
                 save_checkpoint(

@@ -119,6 +119,18 @@ def wave_size(config: Config) -> int:
     return config.ray.num_rollout_workers if config.ray.enabled else 1
 
 
+def probe(engine, rewards, shards: list) -> dict[str, float]:
+    """Sample the fixed probe `shards` under the engine's current weights and score them:
+    `probe.<scorer>.mean` and `probe.<scorer>.<detail>` (means over the probe set)."""
+    scores = rewards.score(engine.sample(shards, False))
+    out = {}
+    for name, values in {**{f"{k}.mean": v for k, v in scores.values.items()}, **scores.details}.items():
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            out[f"probe.{name}"] = float(finite.mean())
+    return out
+
+
 def sample_and_score(
     engine, rewards, shards: list, config: Config, progress: bool, scorer: ScoringThread | None
 ) -> tuple[Rollout, Scores, dict[str, float]]:

@@ -118,6 +118,12 @@ class TrainConfig:
     adv_clip_max: float = 5.0
     # PPO: groups smaller than this use whole-batch statistics for normalisation.
     min_group_size: int = 2
+    # Group filtering as in Edit-R1 (UniWorld-V2): before the update, drop the groups whose reward
+    # (the single scorer's raw score, else the weighted sum of standardised scores) has a standard
+    # deviation below `filter_min_std` (nothing to learn from), or a mean above `filter_max_mean`
+    # (already solved). 0 and .inf keep every group.
+    filter_min_std: float = 0.0
+    filter_max_mean: float = float("inf")
     # SPIE ranking: exponent applied to the clamped ratio (the KL coefficient of D3PO/DPO).
     beta: float = 0.1
     # SPIE ranking: the ratio to the reference is clamped to [1 - eps, 1 + eps].
@@ -297,6 +303,13 @@ class EvalConfig:
     data_overrides: tuple[str, ...] = ("data.split=heldout",)
     # Bootstrap resamples for the 95 % confidence intervals.
     resamples: int = 2000
+    # Every this many epochs (0: never), and before the first, sample a fixed probe set of held-out
+    # inputs (the data of `data_overrides`) with fixed per-item noise under the current policy and
+    # score it: `probe.<scorer>.mean` and its details in metrics.jsonl, drawn in reward_curve.png.
+    # Unlike the training batches' means, it moves only when the policy does.
+    probe_every: int = 0
+    # Inputs in the probe set (one edit each).
+    probe_items: int = 32
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ timesteps, gradient accumulation over timesteps and micro-batches through accele
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from sampler.policy import EditPolicy
 from sampler.rollout import Rollout
+from trainer.algo.diagnostics import ranking_diagnostics
 from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss, ranking_of
 from trainer.config import Config
 from trainer.engine.policy import trainable_parameters
@@ -112,7 +114,9 @@ class Learner:
         ranking = ranking_of(rollout.group, rollout.ranks) if ranked else None
         n = len(rollout)
         group_size = ranking.shape[1] if ranked else 1
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
+        stats: dict[str, list[float]] = defaultdict(
+            list, {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
+        )
         unet = self.policy.unet
         unet.train()
         total = t.num_inner_epochs * (n // t.batch_size) * self.steps_per_trajectory
@@ -160,6 +164,7 @@ class Learner:
                 ref = self.policy.step_log_prob(batch, j)
         if t.objective == "spie_ranking":
             loss = plackett_luce_loss(log_prob, ref, local_rank, t.beta, t.eps)
+            info = ranking_diagnostics(log_prob.detach(), ref, local_rank, t.eps)
         else:
             old = batch.log_probs[torch.arange(len(batch)), j].to(log_prob.device)
             loss, info = ppo_clip_loss(

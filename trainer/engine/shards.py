@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sampler.rollout import Rollout
@@ -29,13 +30,36 @@ class Shard:
         epoch: the epoch it belongs to.
         index: its position b in 0 .. sample.num_batches_per_epoch - 1.
         inputs: sample.batch_size (source, instruction[, mask, exemplar]) inputs.
-        noise_state: the epoch generator's state where this shard's noise starts (a uint8 tensor).
+        noise_state: the epoch generator's state where this shard's noise starts (a uint8 tensor),
+            or None when `seeds` gives every item its own noise.
+        seeds: M noise seeds, one generator per input (the held-out probe: an item's edit then
+            depends on its seed alone), or None.
+        nb_gen: edits per input, when not `sample.nb_gen`.
     """
 
     epoch: int
     index: int
     inputs: Inputs
-    noise_state: torch.Tensor
+    noise_state: torch.Tensor | None
+    seeds: list[int] | None = None
+    nb_gen: int | None = None
+
+
+def item_seed(seed: int, index: int) -> int:
+    """The noise seed of item `index` of a fixed set: a pure function of (seed, index) (63 bits)."""
+    a, b = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return ((int(a) << 32) | int(b)) & (2**63 - 1)
+
+
+def probe_shards(inputs: Inputs, batch_size: int, seed: int) -> list[Shard]:
+    """A fixed set of inputs cut into shards of one edit per input, input i drawn from its own
+    generator seeded with `item_seed(seed, i)`: the same edits for the same weights, every time."""
+    shards = []
+    for b, start in enumerate(range(0, len(inputs), batch_size)):
+        index = torch.arange(start, min(start + batch_size, len(inputs)))
+        seeds = [item_seed(seed, int(i)) for i in index]
+        shards.append(Shard(-1, b, inputs.take(index), None, seeds=seeds, nb_gen=1))
+    return shards
 
 
 def latent_shape(policy, resolution: int) -> tuple[int, int, int]:
@@ -73,13 +97,19 @@ def plan_epoch(
 def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_version: int = 0) -> Rollout:
     """Sample nb_gen edits of each of a shard's inputs from the shard's noise: batch_size x nb_gen items."""
     s = config.sample
-    generator = torch.Generator()
-    generator.set_state(shard.noise_state)
+    nb_gen = shard.nb_gen or s.nb_gen
+    if shard.seeds is not None:  # one generator per edit
+        generator = [
+            torch.Generator().manual_seed(x * nb_gen + j) for x in shard.seeds for j in range(nb_gen)
+        ]
+    else:
+        generator = torch.Generator()
+        generator.set_state(shard.noise_state)
     with policy.eval_mode():
         r = policy.rollout(
             shard.inputs.sources,
             shard.inputs.instructions,
-            nb_gen=s.nb_gen,
+            nb_gen=nb_gen,
             generator=generator,
             shared_noise=s.shared_noise,
             exemplars=shard.inputs.exemplars,
@@ -90,5 +120,5 @@ def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_ve
     r.item_ids = [f"e{shard.epoch}-b{shard.index}-i{i}" for i in range(len(r))]
     meta = getattr(shard.inputs, "metadata", None)
     if meta is not None:
-        r.metadata = [dict(m) for m in meta for _ in range(s.nb_gen)]
+        r.metadata = [dict(m) for m in meta for _ in range(nb_gen)]
     return r

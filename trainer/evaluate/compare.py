@@ -35,6 +35,7 @@ from trainer.engine.models import is_run_or_checkpoint, load_policy, model_spec
 from trainer.engine.policy import (
     resolve_device,
 )
+from trainer.engine.shards import item_seed as noise_seed
 from trainer.errors import UserError
 from trainer.evaluate.inputs import EvalItems, items_from_config, read_edits
 from trainer.evaluate.metrics import (
@@ -50,12 +51,6 @@ from trainer.run.checkpoint import find_checkpoint
 from trainer.run.plots import before_after
 
 DEFAULT_LABELS = ("A", "B")
-
-
-def noise_seed(seed: int, index: int) -> int:
-    """The noise seed of item `index`: a pure function of (seed, index) (63 bits)."""
-    a, b = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return ((int(a) << 32) | int(b)) & (2**63 - 1)
 
 
 def resolve_config(

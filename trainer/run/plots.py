@@ -57,14 +57,24 @@ def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
 
 
+def _probe_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(policy versions, values) of a probe key: `probe.*` of epoch e was measured after e's update
+    (version e + 1); `initial_probe.*` before any update (version 0)."""
+    x, y = _series(records, key)
+    x0, y0 = _series(records, "initial_" + key)
+    return np.concatenate([np.zeros(min(1, y0.size)), x + 1]), np.concatenate([y0[:1], y])
+
+
 def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Plot each scorer's `<name>.mean` per epoch, with a +-1 std band where `<name>.std` is logged
     and the other `<name>.<key>` numbers on the same scale (e.g. `oracle_edit.success`) as dashed
-    lines; one panel per scorer. Returns the PNG path."""
+    lines, and, where the run measured it (`eval.probe_every`), the held-out probe set's scores under
+    fixed noise in black; one panel per scorer. Returns the PNG path."""
     path, out = Path(metrics_jsonl), Path(out_png)
     records = _read_jsonl(path)
     keys = sorted({k for r in records for k in r})
-    names = [k[: -len(".mean")] for k in keys if k.endswith(".mean")]
+    probe_keys = ("probe.", "initial_probe.")
+    names = [k[: -len(".mean")] for k in keys if k.endswith(".mean") and not k.startswith(probe_keys)]
     if not names:
         raise UserError(f"{path}: no '<scorer>.mean' keys to plot")
     fig = _figure(4.2 * len(names), 3.2)
@@ -89,8 +99,14 @@ def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
                 if same_scale and not repeat:
                     ax.plot(ex, ey, linestyle="--", marker=".", label=extra)
                     shown.append(ey)
+        for key in (k for k in keys if k.startswith(f"probe.{name}.")):
+            px, py = _probe_series(records, key)
+            if py.size:
+                style = "-" if key.endswith(".mean") else ":"
+                label = f"held-out probe, fixed noise ({key[len('probe.') :]})"
+                ax.plot(px, py, linestyle=style, marker="s", markersize=4, color="black", label=label)
         ax.set_title(name)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (probe: after that many epochs' updates)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
