@@ -12,14 +12,18 @@ from reward_servers.errors import UserError
 from reward_servers.queue import cli as queue_cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spie-reward", description="Serve and inspect spie's reward scorers."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli.register(subparsers)
     queue_cli.register(subparsers)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -200,15 +200,15 @@ class Service:
 
     @property
     def kind(self) -> str:
-        """ "redis", "serve" (`spie serve`), "spie" (another spie command), "ray-head" or "command"."""
+        """ "redis", "serve" (`spie serve` / `spie-reward serve`), "spie" (another spie command), "ray-head" or "command"."""
         cmd = self.command
         if self.image.split(":")[0].split("/")[-1] in ("redis", "redis-stack-server") or (
             cmd and any("redis-server" in part for part in cmd[:3])
         ):
             return "redis"
-        if cmd[:2] == ["spie", "serve"]:
+        if cmd[:2] in (["spie", "serve"], ["spie-reward", "serve"]):
             return "serve"
-        if cmd[:1] == ["spie"]:
+        if cmd[:1] in (["spie"], ["spie-reward"]):
             return "spie"
         if cmd[:2] == ["ray", "start"] and "--head" in cmd:
             return "ray-head"

@@ -4,12 +4,13 @@ environment, where there is no container engine (tests, the demo, a single works
 How a service runs here:
 - `redis` (a redis image or a redis-server command): the embedded redis-server
   (`reward_servers.queue.embedded`), on 127.0.0.1, with the service's REDIS_PASSWORD;
-- `spie serve ...`: its command, bound to 127.0.0.1 on a free port per replica; healthy when
+- `spie serve ...` / `spie-reward serve ...`: its command, bound to 127.0.0.1 on a free port per replica; healthy when
   `grpc.health.v1` says SERVING;
 - `ray start --head ...`: its command on loopback (node address, dashboard), on free ports, in a
   private temp dir, with `--block`; healthy when `ray health-check` passes;
 - anything else (`spie train ...`): its command as written.
-Every `spie` command runs with this interpreter (`python -m trainer.cli`). Host names of services
+Every `spie` command runs with this interpreter (`python -m trainer.cli`), and `spie-reward` as
+`python -m reward_servers`. Host names of services
 in the environment and the arguments (`redis://redis:6379/0`, `ray://ray-head:10001`) are rewritten
 to 127.0.0.1 and the local port; paths inside bind-mounted volumes to the host folders; variables
 pointing into named volumes are left to this machine's defaults. GPU reservations are reported,
@@ -218,7 +219,7 @@ class Launcher:
         else:
             argv = self.command(svc, i)
             proc = Process(label, argv, self.environment(svc), self.project.directory, self.out)
-            shown = " ".join(svc.command[:1] + argv[3 if svc.command[0] == "spie" else 1 :])
+            shown = " ".join(svc.command[:1] + argv[3 if svc.command[0] in ("spie", "spie-reward") else 1 :])
             self.out(f"[cluster] {label}: started (pid {proc.pid}): {shown}")
         self.started.setdefault(svc.name, []).append(proc)
 

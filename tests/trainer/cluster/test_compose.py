@@ -23,13 +23,17 @@ def test_compose_file_follows_the_compose_spec():
 
 
 def test_every_spie_service_runs_a_real_entry_point_and_redis_needs_a_password():
-    parser = build_parser()
+    from reward_servers.__main__ import build_parser as reward_parser
+
+    parsers = {"spie": build_parser(), "spie-reward": reward_parser()}
     commands = {
-        n: s["command"] for n, s in COMPOSE["services"].items() if s.get("command", [None])[0] == "spie"
+        n: s["command"] for n, s in COMPOSE["services"].items() if s.get("command", [None])[0] in parsers
     }
     assert {"depth", "vlm-judge", "trainer"} <= set(commands)
+    # The reward servers run the reward-only entry point: their image holds reward_servers and protos.
+    assert commands["depth"][0] == commands["vlm-judge"][0] == "spie-reward"
     for name, command in commands.items():
-        args = parser.parse_args(command[1:])  # argparse exits on an unknown subcommand or flag
+        args = parsers[command[0]].parse_args(command[1:])  # argparse exits on an unknown subcommand or flag
         assert callable(args.func), name
         env = COMPOSE["services"][name]["environment"]
         assert env["REDIS_URL"].startswith("redis://redis:") and env["REDIS_PASSWORD"]
