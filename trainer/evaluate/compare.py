@@ -182,10 +182,11 @@ def _finish(
         label: {n: summarize(per_model[label][n], resamples, confidence, seed) for n in names}
         for label in labels
     }
-    differences = {}
+    differences, flips = {}, {}
     if len(labels) == 2:
         a, b = per_model[labels[0]], per_model[labels[1]]
         differences = {n: paired_difference(a[n], b[n], resamples, confidence, seed) for n in names}
+        flips = {n: flip_counts(a[n], b[n]) for n in names if flip_counts(a[n], b[n]) is not None}
     rows = []
     for i in range(len(items)):
         row: dict[str, Any] = {"index": i, "name": items.names[i], "instruction": items.instructions[i]}
@@ -203,10 +204,19 @@ def _finish(
         (f"{m['label']}\n{m.get('short') or Path(m['spec']).name}", edits[m["label"]]) for m in models
     ]
     k = min(grid_items, len(items))
-    if k and all(t is not None for t in items.targets[:k]):
-        columns.append(("target", torch.stack(items.targets[:k])))
+    if all(t is not None for t in items.targets):
+        columns.append(("target", torch.stack(items.targets)))
+    order, title = grid_rows(per_model, labels, flips, len(items))
     if k:
-        before_after(grid, [(t, x[:k]) for t, x in columns], items.instructions[:k], max_rows=k)
+        pick = torch.as_tensor(order[:k])
+        marks = [_mark(per_model, labels, flips, i) for i in order[:k]]
+        before_after(
+            grid,
+            [(t, x[pick]) for t, x in columns],
+            [f"{m}{items.instructions[i]}" for m, i in zip(marks, order[:k], strict=True)],
+            max_rows=k,
+            title=title,
+        )
     summary = {
         "mode": mode,
         "models": models,
@@ -218,6 +228,7 @@ def _finish(
         "metric_info": info,
         "metrics": metrics,
         "differences": differences,
+        "flips": flips,
         "items": rows,
         "skipped": items.skipped,
         "files": {"json": str(out_json), "before_after": str(grid) if k else None},
@@ -226,6 +237,41 @@ def _finish(
     summary = _clean(summary)
     out_json.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def flip_counts(a: np.ndarray, b: np.ndarray) -> dict[str, int] | None:
+    """For a 0/1 per-item metric (e.g. `oracle_edit.success`) of models A and B on the same items:
+    how many items B fixed (A 0, B 1) and broke (A 1, B 0); None for other metrics."""
+    both = np.isfinite(a) & np.isfinite(b)
+    if not both.any() or not np.isin(np.concatenate([a[both], b[both]]), (0.0, 1.0)).all():
+        return None
+    return {"fixed": int(((a == 0) & (b == 1)).sum()), "broken": int(((a == 1) & (b == 0)).sum())}
+
+
+def grid_rows(per_model: dict, labels: list[str], flips: dict, n: int) -> tuple[list[int], str]:
+    """Which items the before/after grid shows first (with two models and a 0/1 metric: the items B
+    fixed, then those it broke, then the rest) and the grid's title line."""
+    if not flips:
+        return list(range(n)), ""
+    name = next((m for m in flips if m.endswith(".success")), next(iter(flips)))
+    a, b = per_model[labels[0]][name], per_model[labels[1]][name]
+    fixed = [i for i in range(n) if a[i] == 0 and b[i] == 1]
+    broken = [i for i in range(n) if a[i] == 1 and b[i] == 0]
+    rest = [i for i in range(n) if i not in set(fixed) | set(broken)]
+    title = (
+        f"{name}, {labels[0]} -> {labels[1]} on {n} held-out edits (same noise): "
+        f"{len(fixed)} failures became successes, {len(broken)} successes became failures "
+        f"(rows: fixed first, then broken)"
+    )
+    return fixed + broken + rest, title
+
+
+def _mark(per_model: dict, labels: list[str], flips: dict, i: int) -> str:
+    if not flips:
+        return ""
+    name = next((m for m in flips if m.endswith(".success")), next(iter(flips)))
+    a, b = per_model[labels[0]][name][i], per_model[labels[1]][name][i]
+    return "[fixed] " if (a, b) == (0, 1) else "[broken] " if (a, b) == (1, 0) else ""
 
 
 def _common(config: Config, clip_model: str) -> tuple[dict, ClipMetric | None]:
@@ -348,6 +394,8 @@ def format_table(summary: dict[str, Any], max_metrics: int = 40) -> str:
         if d:
             cells.append(ci(d) + (" *" if d["excludes_zero"] else ""))
         lines.append("  ".join(cells))
+    for n, f in summary.get("flips", {}).items():
+        lines.append(f"{n}: {f['fixed']} items went from failure to success, {f['broken']} back")
     conf = summary["bootstrap"]["confidence"]
     lines.append(f"(n = {summary['num_items']} items; [{conf:.0%} bootstrap CI]; * : the CI excludes 0)")
     return "\n".join(lines)

@@ -120,6 +120,7 @@ def before_after(
     columns: Sequence[tuple[str, torch.Tensor]],
     row_titles: Sequence[str] = (),
     max_rows: int = 8,
+    title: str = "",
 ) -> Path:
     """A grid of images, one row per input, one titled column per kind (source, each model's edit,
     the target).
@@ -129,6 +130,7 @@ def before_after(
         columns: (title, (K, 3, R, R) images in [0, 1]) per column, all with the same K.
         row_titles: K short strings shown left of each row (e.g. the instruction).
         max_rows: at most this many rows.
+        title: a line above the grid (e.g. how many edits a model fixed and broke).
     """
     out = Path(out_png)
     rows = min(max_rows, *(int(images.shape[0]) for _, images in columns))
@@ -144,6 +146,8 @@ def before_after(
                 ax.set_title(title, fontsize=9)
             if c == 0 and r < len(row_titles):
                 ax.set_ylabel(_wrap(row_titles[r]), fontsize=7)
+    if title:
+        fig.suptitle(_wrap(title, 28 * len(columns)), fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

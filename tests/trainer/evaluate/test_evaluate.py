@@ -347,3 +347,16 @@ def test_synthetic_heldout_judged_by_the_oracle(tiny_run, tmp_path, capsys):
     assert "oracle_edit.success" in capsys.readouterr().out
     with Image.open(tmp_path / "cli" / "before_after.png") as im:
         assert im.size[0] > im.size[1]  # source, edit, target: 3 columns by 2 rows
+
+
+def test_flips_count_fixed_and_broken_items_and_lead_the_grid():
+    from trainer.evaluate.compare import flip_counts, grid_rows
+
+    a = np.array([0.0, 1.0, 0.0, 1.0, 0.0])
+    b = np.array([1.0, 0.0, 0.0, 1.0, 1.0])
+    assert flip_counts(a, b) == {"fixed": 2, "broken": 1}
+    assert flip_counts(np.array([0.2, 1.0]), np.array([1.0, 0.0])) is None  # not a 0/1 metric
+    per_model = {"start": {"x.success": a}, "trained": {"x.success": b}}
+    order, title = grid_rows(per_model, ["start", "trained"], {"x.success": flip_counts(a, b)}, 5)
+    assert order == [0, 4, 1, 2, 3]
+    assert "2 failures became successes, 1 successes became failures" in title
