@@ -192,6 +192,8 @@ def _finish(
         row: dict[str, Any] = {"index": i, "name": items.names[i], "instruction": items.instructions[i]}
         if seeds is not None:
             row["noise_seed"] = seeds[i]
+        if items.metadata[i]:
+            row["metadata"] = items.metadata[i]
         row["metrics"] = {label: {n: float(per_model[label][n][i]) for n in names} for label in labels}
         errs = {label: errors[label][i] for label in labels if errors[label][i]}
         if errs:

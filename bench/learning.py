@@ -1,0 +1,154 @@
+"""Which objective improves the toy editor: each objective on seeds 0, 1 and 2 at the same budget of
+edits, then a paired held-out evaluation of the start and trained models (same inputs, same noise).
+
+`python bench/learning.py` trains from `configs/demo.yaml` (the toy editor, oracle semantic +
+SSIM-outside-the-mask structural scorers) once per (objective, seed), in this process with in-process
+scoring (Ray and the queue give the same numbers; they only add start-up time), and prints one
+table: `oracle_edit.success` difference [95 % CI], the `oracle_structure` and L2-outside-the-mask
+differences, success per edit kind (start -> trained), and minutes. The results also go to
+`bench/results/learning.json`. Each objective runs with the settings in `OBJECTIVES` on top of the
+demo's (the demo itself is `spie_ranking`); `--set` adds overrides to every run.
+
+This is the project's results table (README, "Does it learn?"). A full run (2 objectives x 3 seeds)
+takes about an hour on 2 cores; `--seeds 0` or `--objectives spie_ranking` runs part of it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+os.chdir(ROOT)  # configs/ and models/ are relative to the checkout
+
+# Per-objective settings on top of the demo config (same budget of edits: epochs x edits per epoch).
+OBJECTIVES: dict[str, list[str]] = {
+    "spie_ranking": [],
+    "ppo": ["train.objective=ppo"],
+}
+KEYS = ("oracle_edit.success", "oracle_structure", "l2_outside_mask")
+
+
+def run_one(config_path: str, objective: str, seed: int, overrides: list[str], items: int, out: Path) -> dict:
+    from trainer.config import load_config
+    from trainer.evaluate.compare import evaluate_models
+    from trainer.loop import train
+
+    name = f"{objective}-s{seed}"
+    config = load_config(
+        config_path,
+        [
+            *OBJECTIVES[objective],
+            f"run.seed={seed}",
+            f"run.name={name}",
+            f"run.output_dir={out}",
+            "run.quiet=true",
+            "ray.enabled=false",
+            "reward.transport=inprocess",
+            "eval.after_training=false",
+            *overrides,
+        ],
+    )
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_dir = train(config, progress=False)
+        minutes_train = (time.perf_counter() - t0) / 60
+        summary = evaluate_models(
+            [config.model.pretrained, str(run_dir)],
+            config=config,
+            out_dir=run_dir,
+            num_items=items,
+            seed=config.eval.seed,
+            overrides=config.eval.data_overrides,
+            labels=["start", "trained"],
+            resamples=config.eval.resamples,
+        )
+    kinds: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row in summary["items"]:
+        kind = row.get("metadata", {}).get("kind", "?")
+        m = row["metrics"]
+        kinds[kind].append((m["start"]["oracle_edit.success"], m["trained"]["oracle_edit.success"]))
+    return {
+        "objective": objective,
+        "seed": seed,
+        "differences": {k: summary["differences"][k] for k in KEYS if k in summary["differences"]},
+        "start": {
+            k: summary["metrics"]["start"][k]["mean"] for k in KEYS if k in summary["metrics"]["start"]
+        },
+        "flips": summary.get("flips", {}).get("oracle_edit.success"),
+        "by_kind": {
+            k: [sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)] for k, v in kinds.items()
+        },
+        "minutes_train": minutes_train,
+        "minutes": (time.perf_counter() - t0) / 60,
+        "run_dir": str(run_dir),
+    }
+
+
+def ci(d: dict | None) -> str:
+    if not d or d.get("mean") is None:
+        return "n/a"
+    star = "*" if d["excludes_zero"] else " "
+    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]{star}"
+
+
+def table(results: list[dict]) -> str:
+    kinds = sorted({k for r in results for k in r["by_kind"]})
+    head = ["objective", "seed", "success diff [95% CI]", "structure diff", "L2 outside mask diff"]
+    head += [f"{k} (start->trained)" for k in kinds] + ["fixed/broken", "min"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in results:
+        d = r["differences"]
+        cells = [r["objective"], str(r["seed"]), ci(d.get("oracle_edit.success"))]
+        cells += [ci(d.get("oracle_structure")), ci(d.get("l2_outside_mask"))]
+        cells += ["{:.2f}->{:.2f}".format(*r["by_kind"][k]) if k in r["by_kind"] else "n/a" for k in kinds]
+        f = r.get("flips") or {}
+        cells += [f"{f.get('fixed', '?')}/{f.get('broken', '?')}", f"{r['minutes']:.1f}"]
+        lines.append(" | ".join(cells))
+    lines.append("(* : the 95 % bootstrap CI excludes 0; paired over the same held-out inputs and noise)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--eval-items", type=int, default=200)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="bench/results/learning.json")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="spie-learning-") as tmp:
+        for objective in args.objectives:
+            for seed in args.seeds:
+                r = run_one(args.config, objective, seed, args.overrides, args.eval_items, Path(tmp))
+                results.append(r)
+                print(
+                    f"{objective} seed {seed}: success {ci(r['differences'].get('oracle_edit.success'))}, "
+                    f"{r['minutes']:.1f} min",
+                    flush=True,
+                )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"config": args.config, "overrides": args.overrides, "results": results}, indent=1)
+    )
+    print(table(results))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
