@@ -99,11 +99,15 @@ def ranking_from_scores(
     group: torch.Tensor,
     score_alpha: float = 1.0,
 ) -> torch.Tensor:
-    """SPIE's preference: rank the edits of each input by standardised structural + alpha x semantic.
+    """SPIE's preference: rank the edits of each input by structural + alpha x semantic.
+
+    As SPIE's scripts/train.py line 362, the signals are added as they come: they are already
+    standardised per sampling batch (`trainer.algo.signals.spie_signals`), and are not standardised
+    again here (that would undo the scorers' weights).
 
     Args:
-        structural: (N,) structural scores (higher is better) or None.
-        semantic: (N,) semantic scores (higher is better) or None.
+        structural: (N,) standardised structural signal (higher is better) or None.
+        semantic: (N,) standardised semantic signal (higher is better) or None.
         group: (N,) long; every group must have the same size K and be contiguous in the batch.
 
     Returns:
@@ -111,9 +115,9 @@ def ranking_from_scores(
     """
     total = torch.zeros(group.shape[0], dtype=torch.float64)
     if structural is not None:
-        total += standardize(structural.double())
+        total += structural.double()
     if semantic is not None:
-        total += score_alpha * standardize(semantic.double())
+        total += score_alpha * semantic.double()
     rows = []
     for g in torch.unique(group):
         idx = torch.nonzero(group == g).view(-1)

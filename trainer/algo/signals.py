@@ -6,25 +6,48 @@ import torch
 
 from sampler.rollout import Rollout
 from trainer.algo.objectives import standardize
-from trainer.config import RewardConfig, ScorerConfig, TrainConfig
+from trainer.config import RewardConfig, TrainConfig
 from trainer.rewards.scores import Scores
 
 
-def _by_role(scorers: tuple[ScorerConfig, ...], scores: Scores, role: str) -> torch.Tensor | None:
-    """Weighted sum of the standardised scores of the scorers with `role`, or None if there are none."""
-    parts = [
-        sc.weight * standardize(torch.from_numpy(scores.values[sc.name])) for sc in scorers if sc.role == role
-    ]
-    return torch.stack(parts).sum(0) if parts else None
-
-
 def reconstruction_mse(rollout: Rollout) -> torch.Tensor | None:
-    """(N,) SPIE's reconstruction term: MSE between edit and source outside the edit mask (None without masks)."""
+    """(N,) SPIE's reconstruction term: MSE between edit and source outside the edit mask (None without masks).
+
+    As SPIE's `semantic_score` (reward_modeling/score_functions.py, lines 117-124): squared error
+    averaged over the channels, then over the pixels outside the mask; where the mask covers the
+    whole image (or nothing), over all pixels.
+    """
     if rollout.masks is None:
         return None
-    keep = (~rollout.masks.bool()).unsqueeze(1).float().to(rollout.images.device)  # (N, 1, H, W)
-    sq = (rollout.images - rollout.sources) ** 2 * keep
-    return (sq.sum(dim=(1, 2, 3)) / (keep.sum(dim=(1, 2, 3)) * 3).clamp(min=1)).cpu().double()
+    keep = (~rollout.masks.bool()).to(rollout.images.device)  # (N, H, W)
+    empty = ~keep.flatten(1).any(dim=1)
+    keep[empty] = True
+    keep = keep.unsqueeze(1).float()  # (N, 1, H, W)
+    sq = ((rollout.images - rollout.sources) ** 2).mean(dim=1, keepdim=True) * keep
+    return (sq.sum(dim=(1, 2, 3)) / keep.sum(dim=(1, 2, 3))).cpu().double()
+
+
+def sampling_batches(rollout: Rollout) -> list[torch.Tensor]:
+    """Index tensors of the rollout's sampling batches (shards), from the item ids "e<E>-b<B>-i<I>";
+    the whole rollout as one batch when the ids do not say."""
+    keys = []
+    for item in rollout.item_ids:
+        parts = item.split("-")
+        if len(parts) != 3 or not parts[1].startswith("b"):
+            return [torch.arange(len(rollout))]
+        keys.append(parts[0] + "-" + parts[1])
+    if len(keys) != len(rollout):
+        return [torch.arange(len(rollout))]
+    order = list(dict.fromkeys(keys))
+    return [torch.tensor([i for i, k in enumerate(keys) if k == key]) for key in order]
+
+
+def standardize_per_batch(x: torch.Tensor, batches: list[torch.Tensor]) -> torch.Tensor:
+    """(N,) standardised within each sampling batch (SPIE standardises each gathered sampling batch)."""
+    out = torch.zeros_like(x)
+    for idx in batches:
+        out[idx] = standardize(x[idx])
+    return out
 
 
 def ppo_rewards(config: RewardConfig, scores: Scores) -> torch.Tensor:
@@ -37,12 +60,28 @@ def ppo_rewards(config: RewardConfig, scores: Scores) -> torch.Tensor:
 def spie_signals(
     config: RewardConfig, train: TrainConfig, scores: Scores, rollout: Rollout
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(structural, semantic) per-edit signals for SPIE's ranking, the semantic one minus
-    `rec_lambda` x the reconstruction MSE outside the edit mask."""
-    structural = _by_role(config.scorers, scores, "structural")
-    semantic = _by_role(config.scorers, scores, "semantic")
-    rec = reconstruction_mse(rollout)
-    if rec is not None and train.rec_lambda > 0:
-        penalty = train.rec_lambda * standardize(rec)
-        semantic = -penalty if semantic is None else semantic - penalty
-    return structural, semantic
+    """(structural, semantic) per-edit signals for SPIE's ranking, as SPIE computes them.
+
+    SPIE (scripts/train.py, lines 343-359; reward_modeling/score_functions.py, line 127): the
+    semantic score gets `rec_lambda` x the RAW reconstruction MSE outside the edit mask (SPIE's scores
+    are distances, lower is better, so it adds; ours are oriented higher-is-better, so we subtract),
+    and then each score is standardised once, over its sampling batch. Each scorer of a role gives
+    `weight` x that standardised score (weight 1 and one scorer per role is exactly SPIE); several
+    scorers of one role are summed. `ranking_from_scores` adds them without standardising again.
+    """
+    batches = sampling_batches(rollout)
+    rec = reconstruction_mse(rollout) if train.rec_lambda > 0 else None
+    out = {}
+    for role in ("structural", "semantic"):
+        parts = []
+        for sc in config.scorers:
+            if sc.role != role:
+                continue
+            raw = torch.from_numpy(scores.values[sc.name]).double()
+            if role == "semantic" and rec is not None:
+                raw = raw - train.rec_lambda * rec
+            parts.append(sc.weight * standardize_per_batch(raw, batches))
+        if role == "semantic" and not parts and rec is not None:
+            parts.append(standardize_per_batch(-train.rec_lambda * rec, batches))
+        out[role] = torch.stack(parts).sum(0) if parts else None
+    return out["structural"], out["semantic"]

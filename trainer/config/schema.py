@@ -142,7 +142,8 @@ class ScorerConfig:
     name: str = "brightness"
     # Role in SPIE's ranking: "semantic" (did the edit do what was asked) or "structural".
     role: Literal["semantic", "structural"] = "semantic"
-    # Weight of this scorer in the PPO reward (sum of weighted, per-scorer normalised scores).
+    # Weight of this scorer: in the PPO reward (sum of weighted, per-scorer normalised scores) and
+    # in SPIE's ranking (weight x the scorer's score standardised per sampling batch).
     weight: float = 1.0
     # Keyword arguments for the scorer's constructor.
     kwargs: dict[str, Any] = field(default_factory=dict)

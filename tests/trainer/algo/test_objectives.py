@@ -73,3 +73,111 @@ def test_ranking_orders_each_group_best_first():
     assert ranking_from_scores(None, semantic, group).tolist()[0] == [0, 2, 1]
     mixed = ranking_from_scores(structural, semantic, group, score_alpha=10.0)
     assert mixed.tolist()[0] == [0, 2, 1]
+
+
+def _spie_reference_preference(sem_dist, struct_dist, gen, src, masks, rec_lambda, score_alpha):
+    """SPIE's own lines on one sampling batch, for B inputs x K edits (ebenarous/SPIE, main).
+
+    SPIE/reward_modeling/score_functions.py, lines 117-127 (semantic distance + raw reconstruction
+    MSE outside the mask, all pixels where the mask is full or empty):
+        MSE_loss = torch.nn.MSELoss(reduction='none')(gen_images, in_images).mean(dim=1)
+        masks_MSE = ~masks_pixel_gen
+        zero_rows = (masks_MSE == 0).all(dim=(1,2)); masks_MSE[zero_rows] = 1
+        mean_MSE_loss = (MSE_loss * masks_MSE).sum((1,2)) / masks_MSE.sum((1, 2))
+        mean_cos_dist += rec_lambda * mean_MSE_loss
+    scripts/train.py, lines 353-362 (each score standardised once over the sampling batch, then
+    ranked ascending, as SPIE's scores are distances, lower is better):
+        avd_struct = (avd_struct - avd_struct.mean()) / (avd_struct.std() + 1e-8)
+        adv_sem = (adv_sem - adv_sem.mean()) / (adv_sem.std() + 1e-8)
+        preference_gathered = torch.argsort(avd_struct + config.train.score_alpha * adv_sem, axis=1)
+
+    Args: sem_dist, struct_dist (B, K) distances; gen (B, K, 3, H, W); src (B, 3, H, W);
+    masks (B, H, W) bool. Returns (B, K): per input, its edits' positions best first.
+    """
+    L_sem = []
+    for k in range(gen.shape[1]):
+        mse = torch.nn.MSELoss(reduction="none")(gen[:, k], src).mean(dim=1)
+        masks_mse = ~masks.clone()
+        zero_rows = (masks_mse == 0).all(dim=(1, 2))
+        masks_mse[zero_rows] = 1
+        mean_mse = (mse * masks_mse).sum((1, 2)) / masks_mse.sum((1, 2))
+        L_sem.append(sem_dist[:, k] + rec_lambda * mean_mse)
+    adv_sem = torch.stack(L_sem, axis=1)
+    adv_sem = (adv_sem - adv_sem.mean()) / (adv_sem.std() + 1e-8)
+    avd_struct = (struct_dist - struct_dist.mean()) / (struct_dist.std() + 1e-8)
+    return torch.argsort(avd_struct + score_alpha * adv_sem, axis=1)
+
+
+def test_ranking_matches_spie_reference_lines():
+    import numpy as np
+
+    from sampler.rollout import Rollout
+    from trainer.algo.signals import spie_signals
+    from trainer.config import RewardConfig, ScorerConfig, TrainConfig
+    from trainer.rewards.scores import Scores
+
+    g = torch.Generator().manual_seed(3)
+    n_batches, B, K, H = 2, 3, 4, 8
+    rec_lambda, score_alpha = 0.5, 0.7
+    parts, expected = [], []
+    for b in range(n_batches):
+        src = torch.rand(B, 3, H, H, generator=g, dtype=torch.float64)
+        gen = (src[:, None] + 0.3 * torch.randn(B, K, 3, H, H, generator=g, dtype=torch.float64)).clamp(0, 1)
+        masks = torch.zeros(B, H, H, dtype=torch.bool)
+        masks[0, 2:5, 1:6] = True
+        masks[1] = True  # whole image: MSE over all pixels
+        # masks[2] stays empty: MSE over all pixels as well
+        # Small semantic spread, so the raw MSE term decides some of the orders.
+        sem_dist = 0.005 * torch.rand(B, K, generator=g, dtype=torch.float64) + b
+        struct_dist = 0.01 * torch.rand(B, K, generator=g, dtype=torch.float64) * (b + 1)
+        expected.append(
+            _spie_reference_preference(sem_dist, struct_dist, gen, src, masks, rec_lambda, score_alpha)
+        )
+        N = B * K
+        parts.append(
+            (
+                Rollout(
+                    latents=torch.zeros(N, 2, 1, 1, 1),
+                    step_index=torch.zeros(N, 1, dtype=torch.long),
+                    log_probs=torch.zeros(N, 1),
+                    stochastic=torch.ones(1, dtype=torch.bool),
+                    text_embeds=torch.zeros(N, 1, 1),
+                    image_latents=torch.zeros(N, 1, 1, 1),
+                    images=gen.reshape(N, 3, H, H).float(),
+                    sources=src.repeat_interleave(K, dim=0).float(),
+                    group=torch.arange(B).repeat_interleave(K),
+                    instructions=["x"] * N,
+                    masks=masks.repeat_interleave(K, dim=0),
+                    item_ids=[f"e0-b{b}-i{i}" for i in range(N)],
+                ),
+                -sem_dist.reshape(N).numpy(),  # our scores: higher is better
+                -struct_dist.reshape(N).numpy(),
+            )
+        )
+    rollout = Rollout.concat([p[0] for p in parts])
+    scores = Scores(
+        {"sem": np.concatenate([p[1] for p in parts]), "struct": np.concatenate([p[2] for p in parts])},
+        {"sem": [None] * len(rollout), "struct": [None] * len(rollout)},
+    )
+    reward = RewardConfig(
+        scorers=(ScorerConfig(name="sem", role="semantic"), ScorerConfig(name="struct", role="structural"))
+    )
+    train = TrainConfig(objective="spie_ranking", rec_lambda=rec_lambda, score_alpha=score_alpha)
+    structural, semantic = spie_signals(reward, train, scores, rollout)
+    ranking = ranking_from_scores(structural, semantic, rollout.group, score_alpha)
+    ours = ranking % K  # batch indices -> positions within the group
+    assert ours.tolist() == torch.cat(expected).tolist()
+    # The reconstruction term matters here: without it the orders differ.
+    no_rec = ranking_from_scores(
+        *spie_signals(reward, TrainConfig(rec_lambda=0.0), scores, rollout), rollout.group, score_alpha
+    )
+    assert (no_rec % K).tolist() != ours.tolist()
+
+
+def test_ranking_weights_take_effect():
+    # A lone scorer's weight scales its standardised signal (it used to be standardised away).
+    structural = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    semantic = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    group = torch.tensor([0, 0, 1, 1])
+    assert ranking_from_scores(0.5 * structural, semantic, group).tolist() == [[0, 1], [2, 3]]
+    assert ranking_from_scores(2.0 * structural, semantic, group).tolist() == [[1, 0], [3, 2]]
