@@ -22,16 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse `argv` and run the subcommand: a `UserError` is one line on stderr and exit status 2,
+    Ctrl-C status 130; anything else is a bug and keeps its traceback. (The `spie` command too.)"""
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"spie-reward {args.command}: error: {err}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"spie-reward {args.command}: interrupted", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from trainer.errors import UserError
+from reward_servers.__main__ import run
 
 # Modules exposing `register(subparsers)`, in the order `spie --help` lists them.
 _COMMAND_MODULES = (
@@ -34,16 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"spie {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"spie {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
