@@ -232,21 +232,34 @@ def synthetic_inputs(
     )
 
 
-def _first(record: dict[str, Any], field: str) -> Any:
+def first_field(record: dict[str, Any], field: str) -> Any:
+    """The record's value for `field` under the first of its accepted names (`KEYS`), or None. The
+    one alias table of every JSONL reader (training inputs and `spie evaluate`'s edits)."""
     return next((record[k] for k in KEYS[field] if record.get(k) not in (None, "")), None)
+
+
+def jsonl_record(path: Path, n: int, line: str) -> dict[str, Any]:
+    """Line `n` of a JSONL file as a dict, or a `UserError` naming `path:n`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _jsonl_item(record: Any, base: Path, resolution: int, need_target: bool) -> _Item:
     """One parsed JSONL record as an _Item; raises `UserError` (without the file:line prefix)."""
     if not isinstance(record, dict):
         raise UserError(f"expected a JSON object, got {type(record).__name__}")
-    image = _first(record, "image")
+    image = first_field(record, "image")
     if not isinstance(image, str):
         raise UserError(f"no image path (keys: {', '.join(KEYS['image'])})")
-    instruction = str(_first(record, "instruction") or "").strip()
+    instruction = str(first_field(record, "instruction") or "").strip()
     if not instruction:
         raise UserError(f"no instruction for image {image} (keys: {', '.join(KEYS['instruction'])})")
-    target = _first(record, "target")
+    target = first_field(record, "target")
     if need_target and target is None:
         raise UserError(f"no edited image for {image} (keys: {', '.join(KEYS['target'])})")
     exemplars = record.get("exemplars", [record["exemplar"]] if record.get("exemplar") else [])
@@ -277,10 +290,7 @@ def _load_jsonl(path: Path, resolution: int, skip_bad: bool = False, need_target
             continue
 
         def make(n: int = n, line: str = line) -> _Item:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+            record = jsonl_record(path, n, line)
             try:
                 return _jsonl_item(record, path.parent, resolution, need_target)
             except UserError as err:

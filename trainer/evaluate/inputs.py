@@ -24,7 +24,6 @@ file and line, or, with `skip_bad`, is recorded in `EvalItems.skipped` and left 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from trainer.config import Config
-from trainer.data.inputs import IMAGE_SUFFIXES, load_image, load_inputs
+from trainer.data.inputs import IMAGE_SUFFIXES, first_field, jsonl_record, load_image, load_inputs
 from trainer.errors import UserError
 
 
@@ -83,27 +82,18 @@ class EvalItems:
         )
 
 
-SOURCE_KEYS = ("source", "image", "original", "input_image")
-INSTRUCTION_KEYS = ("instruction", "edit_prompt")
-TARGET_KEYS = ("target", "edited_image")
-
-
 def _mask(path: Path, resolution: int) -> torch.Tensor:
     return load_image(path, resolution).mean(0) > 0.5
-
-
-def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    return next((record[k] for k in keys if record.get(k)), None)
 
 
 def _record_item(
     record: dict[str, Any], base: Path, resolution: int, instruction: str | None
 ) -> dict[str, Any]:
     """Load one record's images; raises `UserError` naming what is wrong."""
-    source = _first(record, SOURCE_KEYS)
+    source = first_field(record, "image")
     if not source:
         raise UserError("expected a 'source' (or 'image') field")
-    text = str(_first(record, INSTRUCTION_KEYS) or instruction or "").strip()
+    text = str(first_field(record, "instruction") or instruction or "").strip()
     if not text:
         raise UserError(f"no instruction for {source}")
     if not record.get("output"):
@@ -114,7 +104,7 @@ def _record_item(
     meta = record.get("metadata") or {}
     if not isinstance(meta, dict):
         raise UserError("'metadata' must be an object")
-    target = _first(record, TARGET_KEYS)
+    target = first_field(record, "target")
     return {
         "source": load_image(base / source, resolution),
         "instruction": text,
@@ -133,14 +123,11 @@ def _jsonl_records(path: Path, skipped: list, skip_bad: bool):
             continue
         where = f"{path}:{n}"
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise UserError("expected a JSON object")
-        except (json.JSONDecodeError, UserError) as err:
-            msg = f"not valid JSON ({err.msg})" if isinstance(err, json.JSONDecodeError) else str(err)
+            record = jsonl_record(path, n, line)
+        except UserError as err:
             if not skip_bad:
-                raise UserError(f"{where}: {msg}") from err
-            skipped.append({"where": where, "error": msg})
+                raise
+            skipped.append({"where": where, "error": str(err).removeprefix(f"{where}: ")})
             continue
         yield where, record
 
