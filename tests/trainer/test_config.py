@@ -104,3 +104,39 @@ def test_presets_overlay_a_base(tmp_path):
     )
     c = load_config(tmp_path / "child.yaml")
     assert c.train.learning_rate == 0.5 and c.model.pretrained == "tiny"
+
+
+def test_one_knob_for_learners_and_its_old_name():
+    c = load_config("configs/spie-a100.yaml")
+    assert c.ray.num_learners == 8 and c.data_parallel_size == 8 and c.images_per_epoch == 256
+    # Without Ray one process samples and learns: more learners is a one-line error, not a silent 1.
+    with pytest.raises(UserError, match=r"ray.num_learners=8 needs ray.enabled: true"):
+        load_config("configs/spie-a100.yaml", ["ray.enabled=false"])
+    # Run folders written before the rename still load; another value names the new field.
+    assert load_config("configs/tiny.yaml", ["run.num_processes=1"]).data_parallel_size == 1
+    with pytest.raises(UserError, match=r"run.num_processes: replaced by ray.num_learners"):
+        load_config("configs/tiny.yaml", ["run.num_processes=4"])
+
+
+def test_one_deadline_and_the_queue_settings_reach_the_client():
+    from trainer.config.schema import DEFAULT_DEADLINE_S
+    from trainer.rewards.queue import QueueClientConfig
+
+    c = load_config("configs/tiny.yaml", ["reward.queue.resubmits=3", "reward.queue.encoding=png"])
+    assert c.reward.deadline_s == QueueClientConfig().deadline_s == DEFAULT_DEADLINE_S
+    assert (c.reward.queue.resubmits, c.reward.queue.encoding) == (3, "png")
+    with pytest.raises(UserError, match=r"reward.queue.poll_s must be > 0"):
+        load_config("configs/tiny.yaml", ["reward.queue.poll_s=0"])
+    with pytest.raises(UserError, match=r"run.log_with: unknown tracker"):
+        load_config("configs/tiny.yaml", ['run.log_with=["tensorbord"]'])
+
+
+def test_overrides_apply_to_a_loaded_config_without_a_file():
+    from trainer.config import with_overrides
+
+    c = load_config("configs/tiny.yaml")
+    d = with_overrides(c, ["train.learning_rate=1e-5", "sample.nb_gen=4"])
+    assert (d.train.learning_rate, d.sample.nb_gen) == (1e-5, 4)
+    assert d.train.learning_rate == 1e-5 and c.train.learning_rate != 1e-5
+    with pytest.raises(UserError, match=r"sample.nb_gen"):
+        with_overrides(c, ["sample.nb_gen=0"])
