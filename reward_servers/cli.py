@@ -32,7 +32,17 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="serve one scorer over gRPC")
     serve.add_argument("scorer", help="registered scorer name, e.g. ssim_structure")
     serve.add_argument("--port", type=int, help="port to bind (0: any free port; default 50051)")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument(
+        "--host",
+        help="address to bind (default 127.0.0.1); any other address needs SPIE_REWARD_TOKEN set "
+        "(or --insecure-no-token)",
+    )
+    serve.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="allow a non-loopback --host without an auth token (anyone who reaches the port can "
+        "use the scorer)",
+    )
     serve.add_argument("--device", default="cpu", help="device of model-backed scorers (cpu, cuda:0)")
     serve.add_argument("--config", type=Path, help="YAML with server / batching / scorer sections")
     serve.add_argument("--max-batch-size", type=int, help="override batching.max_batch_size")
@@ -85,6 +95,19 @@ def _scorer_factory(name: str, device: str, kwargs: dict):
     return build
 
 
+def _is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from reward_servers.config import load_serve_config
 
@@ -116,6 +139,11 @@ def run_serve(args: argparse.Namespace) -> int:
         queue_cfg = dataclasses.replace(cfg.queue, url=queue_url) if queue_url else None
     except ValueError as err:
         raise UserError(str(err)) from None
+    if not server_cfg.auth_token and not _is_loopback(server_cfg.host) and not args.insecure_no_token:
+        raise UserError(
+            f"refusing to serve on {server_cfg.host} without an auth token: set {TOKEN_ENV} (clients "
+            "send the same), bind 127.0.0.1, or pass --insecure-no-token"
+        )
     for name in ("tls_cert", "tls_key"):
         path = getattr(server_cfg, name)
         if path and not Path(path).is_file():
@@ -165,7 +193,13 @@ async def _start_consumer(server, queue_cfg, server_cfg):
     from reward_servers.queue.consumer import StreamConsumer
     from reward_servers.queue.protocol import describe
 
-    consumer = StreamConsumer(server.scorer, server.batcher, queue_cfg, max_pixels=server_cfg.max_pixels)
+    consumer = StreamConsumer(
+        server.scorer,
+        server.batcher,
+        queue_cfg,
+        max_pixels=server_cfg.max_pixels,
+        max_decoded_bytes=server_cfg.max_decoded_mb * 1024 * 1024,
+    )
     try:
         await consumer.start()
     except (redis.RedisError, OSError) as err:

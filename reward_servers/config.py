@@ -21,7 +21,7 @@ import yaml
 
 from reward_servers.batcher import BatcherConfig
 from reward_servers.errors import UserError
-from reward_servers.images import DEFAULT_MAX_PIXELS
+from reward_servers.images import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_PIXELS
 from reward_servers.queue.consumer import ConsumerConfig
 
 
@@ -35,6 +35,10 @@ class ServerConfig:
     max_message_mb: int = 64
     # Largest image accepted, in pixels (width x height), checked before decoding.
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Most bytes the images of one Score request (or one queue read) may decode to, in MiB, checked
+    # from the image headers before anything is decoded: an item over it alone fails alone
+    # (INVALID_INPUT); a request over it gets RESOURCE_EXHAUSTED; a queue read is scored in parts.
+    max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
     # Most items in one Score request (more: INVALID_ARGUMENT).
     max_items_per_request: int = 256
     # Deadline applied to requests that carry none, in seconds.
@@ -55,7 +59,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UserError("server.tls_cert and server.tls_key must be given together")
-        for name in ("max_message_mb", "max_pixels", "max_items_per_request", "decode_threads"):
+        for name in (
+            "max_message_mb",
+            "max_pixels",
+            "max_decoded_mb",
+            "max_items_per_request",
+            "decode_threads",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"server.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:

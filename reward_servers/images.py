@@ -11,6 +11,7 @@ Images decode to (H, W, 3) uint8 RGB; masks decode to (H, W) bool, True inside t
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +24,19 @@ from reward_servers.base import ScoreBatch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Decoded bytes one request (or one queue read) may expand to, checked from the headers first.
+DEFAULT_MAX_DECODED_MB = 512
+_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>|0x[0-9a-fA-F]{6,}")
 
 
 class ImageError(ValueError):
     """A bad image in one item: undecodable, truncated, empty, mis-sized or over the pixel cap."""
+
+
+def clean_error(err: BaseException) -> str:
+    """`err` as one line without object reprs or memory addresses (messages go back to clients)."""
+    text = " ".join(str(err).split())
+    return _ADDRESS.sub("<data>", text)
 
 
 def encode_image(array: np.ndarray, encoding: str = "raw", compress_level: int = 1) -> pb.Image:
@@ -101,9 +111,9 @@ def decode_pixels(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIX
         except ImageError:
             raise
         except PILImage.DecompressionBombError as err:
-            raise ImageError(f"{field}: exceeds the pixel cap ({err})") from None
+            raise ImageError(f"{field}: exceeds the pixel cap ({clean_error(err)})") from None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
-            raise ImageError(f"{field}: undecodable PNG ({type(err).__name__}: {err})") from None
+            raise ImageError(f"{field}: undecodable PNG ({type(err).__name__}: {clean_error(err)})") from None
         if (image.width and image.width != w) or (image.height and image.height != h):
             raise ImageError(f"{field}: states {image.width}x{image.height} but the PNG is {w}x{h}")
         if pil.mode not in ("L", "RGB", "RGBA"):
@@ -153,8 +163,44 @@ def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS)
         if mask.shape != edited.shape[:2]:
             raise ImageError(f"{where}.mask: {mask.shape[1]}x{mask.shape[0]} does not match the edit")
     exemplars = [decode_rgb(ex, f"{where}.exemplars[{k}]", max_pixels) for k, ex in enumerate(item.exemplars)]
-    metadata = json_format.MessageToDict(item.metadata) if item.HasField("metadata") else {}
+    metadata = decode_metadata(item, where)
     return DecodedItem(item.id, edited, source, item.instruction, mask, exemplars, metadata)
+
+
+def decode_metadata(item: pb.Item, where: str) -> dict[str, Any]:
+    """The item's metadata Struct as a dict; NaN, infinities or anything else JSON cannot hold raise
+    `ImageError` for this item alone."""
+    if not item.HasField("metadata"):
+        return {}
+    try:
+        return json_format.MessageToDict(item.metadata)
+    except Exception as err:  # protobuf raises ValueError for NaN / inf, and others for odd values
+        raise ImageError(f"{where}.metadata: {clean_error(err)}") from None
+
+
+def _image_cost(image: pb.Image, rgb: bool) -> int:
+    """Bytes `image` decodes to, from its header (PNG) or stated size (raw), without decoding it:
+    width x height x 3 for an RGB image (edited, source, exemplars), width x height for a mask.
+    Unreadable headers cost 0 here: decoding rejects them on its own."""
+    if image.encoding == pb.Image.ENCODING_RAW_UINT8:
+        w, h = max(0, image.width), max(0, image.height)
+    elif image.encoding == pb.Image.ENCODING_PNG and image.data.startswith(PNG_SIGNATURE):
+        try:
+            with PILImage.open(io.BytesIO(image.data), formats=["PNG"]) as pil:
+                w, h = pil.size  # the header only
+        except Exception:
+            return 0
+    else:
+        return 0
+    return w * h * (3 if rgb else 1)
+
+
+def item_decoded_bytes(item: pb.Item) -> int:
+    """Bytes the item's images decode to (edited, source, mask, every exemplar), from the headers."""
+    total = sum(_image_cost(getattr(item, f), True) for f in ("edited", "source") if item.HasField(f))
+    if item.HasField("mask"):
+        total += _image_cost(item.mask, False)
+    return total + sum(_image_cost(ex, True) for ex in item.exemplars)
 
 
 def to_batch(items: list[DecodedItem]) -> ScoreBatch:

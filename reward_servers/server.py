@@ -7,7 +7,7 @@ submits the good ones to the `DynamicBatcher`, and maps failures to status codes
 |-------------------------------------------|---------------------|
 | request bytes do not parse, no items, too many items, duplicate ids | INVALID_ARGUMENT |
 | `scorer` names another scorer             | FAILED_PRECONDITION |
-| queue full                                | RESOURCE_EXHAUSTED  |
+| queue full, or the request's images decode to more than `max_decoded_mb` | RESOURCE_EXHAUSTED |
 | deadline passed in the queue              | DEADLINE_EXCEEDED   |
 | not loaded yet, or draining               | UNAVAILABLE         |
 | missing or wrong auth token               | UNAUTHENTICATED     |
@@ -36,7 +36,7 @@ from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from reward_servers.config import ServerConfig
-from reward_servers.images import ImageError, decode_item, to_batch
+from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes, to_batch
 from reward_servers.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -264,14 +264,36 @@ class RewardServer:
             return grpc.StatusCode.INVALID_ARGUMENT, "item ids must be unique within a request"
         return None
 
-    def _decode_all(self, request: pb.ScoreRequest) -> list:
-        """Decode every item (decode thread); an ImageError stays in its slot."""
+    def _decode_all(self, request: pb.ScoreRequest) -> list | str:
+        """Decode every item (decode thread); a bad item's ImageError stays in its slot. Returns a
+        message instead when the request's images would decode to more than `max_decoded_mb`
+        (checked from the headers before anything is decoded)."""
+        budget = self.config.max_decoded_mb * 1024 * 1024
+        costs = [item_decoded_bytes(item) for item in request.items]
+        alone = [cost > budget for cost in costs]
+        total = sum(cost for cost, over in zip(costs, alone, strict=True) if not over)
+        if total > budget:
+            return (
+                f"the request's images decode to {total / 2**20:.0f} MiB, over the server's budget of "
+                f"{self.config.max_decoded_mb} MiB (server.max_decoded_mb); send fewer items per request"
+            )
         out = []
         for index, item in enumerate(request.items):
+            where = f"item {index} ({item.id!r})" if item.id else f"item {index}"
+            if alone[index]:
+                out.append(
+                    ImageError(
+                        f"{where}: its images decode to {costs[index] / 2**20:.0f} MiB, over the "
+                        f"server's budget of {self.config.max_decoded_mb} MiB per request"
+                    )
+                )
+                continue
             try:
                 out.append(decode_item(item, index, self.config.max_pixels))
             except ImageError as err:
                 out.append(err)
+            except Exception as err:  # anything else about one item fails that item alone
+                out.append(ImageError(f"{where}: {type(err).__name__}: {clean_error(err)}"))
         return out
 
     async def _score(self, request: pb.ScoreRequest | None, context) -> pb.ScoreResponse:
@@ -286,6 +308,8 @@ class RewardServer:
         deadline = self._deadline(request, context)
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(self._decode_pool, self._decode_all, request)
+        if isinstance(decoded, str):
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "decoded_budget", decoded)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
         self.metrics.error("invalid_input", len(decoded) - len(good))
         outcomes = {}

@@ -32,11 +32,14 @@ class Replica:
         scorer_kwargs=None,
         queue_cfg=None,
         batching=None,
+        server=None,
         password: str | None = None,
         extra_args=(),
         wait: bool = True,
     ):
         config = {"scorer": scorer_kwargs or {}, "queue": queue_cfg or {}, "batching": batching or {}}
+        if server:
+            config["server"] = server
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"replica-{time.monotonic_ns()}.yaml"
         path.write_text(yaml.safe_dump(config))

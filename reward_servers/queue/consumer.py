@@ -10,11 +10,20 @@ Crash safety:
   on (XCLAIM ... JUSTID by itself), which resets their idle time, so a job still being scored is
   never taken over. A job whose replica died stops getting heartbeats; after `claim_min_idle_ms`
   another replica takes it over (XAUTOCLAIM) and scores it.
-- Each start of a job counts an attempt. A job that fails (the scorer raised) is queued again; after
+- Each start of a job counts an attempt (per generation: a deliberate resubmission by the client is
+  a new job with its own count, not a failed delivery). A job that fails (the scorer raised) is queued again; after
   `max_attempts` it goes to the dead-letter stream with its error, and a failed Result is written so
   the trainer sees a failed item, not a hang. A job whose replicas keep dying is caught the same way.
 - After a Redis restart the group is gone (NOGROUP): the consumer recreates it and goes on; the
   client resubmits what was lost. Connection errors are retried with a capped backoff.
+- Every Redis call about a job gets at most the time left before the job's deadline (plus a short
+  grace for acknowledgements), so a frozen Redis cannot hold a slot for long. A job's deadline is a
+  duration measured on Redis's clock (see protocol.py), so a replica whose clock runs ahead does not
+  drop jobs.
+- Consumers idle longer than `forget_idle_ms` with no pending job (a replica that died; its jobs
+  were taken over) are removed from the group, so the group counts only live replicas.
+- The images of one read decode to at most `max_decoded_bytes` at a time (checked from the headers
+  first): a larger read is scored in parts; an item larger than that alone fails alone.
 """
 
 from __future__ import annotations
@@ -35,7 +44,15 @@ from google.protobuf.message import DecodeError
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, ItemOutcome, QueueFull
-from reward_servers.images import DEFAULT_MAX_PIXELS, ImageError, decode_item, to_batch
+from reward_servers.images import (
+    DEFAULT_MAX_DECODED_MB,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    clean_error,
+    decode_item,
+    item_decoded_bytes,
+    to_batch,
+)
 from reward_servers.queue import protocol as P
 
 log = logging.getLogger("spie.queue")
@@ -44,7 +61,9 @@ _STATUS = {
     "invalid_input": pb.Result.STATUS_INVALID_INPUT,
     "scorer_error": pb.Result.STATUS_SCORER_ERROR,
 }
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError)
+# Seconds a write may take past its job's deadline (an acknowledgement after expiry, a dead letter).
+WRITE_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -70,15 +89,31 @@ class ConsumerConfig:
     dead_maxlen: int = 10000
     # Seconds a written result (and a batch's attempt counts) are kept.
     result_ttl_s: int = 3600
+    # A consumer of the group idle this long with no pending job (its replica died) is removed from
+    # the group, in milliseconds (checked every claim_interval_ms x 10).
+    forget_idle_ms: int = 600000
+    # Longest one Redis call may block a replica, in seconds (socket timeout).
+    socket_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("block_ms", "claim_min_idle_ms", "heartbeat_ms", "claim_interval_ms", "max_attempts"):
+        for name in (
+            "block_ms",
+            "claim_min_idle_ms",
+            "heartbeat_ms",
+            "claim_interval_ms",
+            "max_attempts",
+            "forget_idle_ms",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"queue.{name} must be >= 1, got {getattr(self, name)}")
         if self.heartbeat_ms * 2 > self.claim_min_idle_ms:
             raise ValueError(
                 f"queue.heartbeat_ms ({self.heartbeat_ms}) must be at most half of "
                 f"queue.claim_min_idle_ms ({self.claim_min_idle_ms})"
+            )
+        if self.socket_timeout_s * 1000 <= self.block_ms:
+            raise ValueError(
+                f"queue.socket_timeout_s ({self.socket_timeout_s}) must exceed queue.block_ms ({self.block_ms})"
             )
 
 
@@ -90,11 +125,15 @@ class _Job:
     index: int
     deadline_ms: int
     keys: P.BatchKeys
+    expires: float  # time.monotonic() after which the client no longer waits for this job
+    budget_ms: int | None = None
+    gen: int = 0
     attempt: int = 0
+    scorer: str = ""
 
     @property
-    def field(self) -> str:
-        return str(self.index)
+    def attempts_field(self) -> str:
+        return P.attempts_field(self.scorer, self.index, self.gen)
 
 
 def _text(value) -> str:
@@ -110,6 +149,7 @@ class StreamConsumer:
         config: queue settings.
         password: Redis password when not in the URL (default: REDIS_PASSWORD).
         max_pixels: pixel cap of decoded images.
+        max_decoded_bytes: most bytes the images of one read decode to at a time.
     """
 
     def __init__(
@@ -120,6 +160,7 @@ class StreamConsumer:
         password: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str | None = None,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_MB * 1024 * 1024,
     ) -> None:
         url = P.redis_url(config.url)
         if not url:
@@ -130,8 +171,13 @@ class StreamConsumer:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.prefetch = config.prefetch or 2 * batcher.config.max_batch_size
         self.max_pixels = max_pixels
+        self.max_decoded_bytes = max_decoded_bytes
         self.url = url
-        self.redis = P.connect(url, password, asyncio=True)
+        timeout = config.socket_timeout_s
+        self.redis = P.connect(
+            url, password, asyncio=True, socket_timeout=timeout, socket_connect_timeout=min(5.0, timeout)
+        )
+        self._clock_offset_ms = 0.0  # Redis's clock minus ours (TIME), for job deadlines
         self.completed = 0  # results this replica wrote first
         self._held: set[str] = set()  # entry ids read and not yet acknowledged
         self._freed = asyncio.Event()
@@ -162,7 +208,28 @@ class StreamConsumer:
         await self.redis.aclose()
         self._decode.shutdown(wait=False, cancel_futures=True)
 
+    async def _sync_clock(self) -> None:
+        """Measure Redis's clock against ours (job deadlines are on Redis's clock)."""
+        before = time.time()
+        seconds, micros = await self.redis.time()
+        after = time.time()
+        self._clock_offset_ms = (seconds + micros / 1e6 - (before + after) / 2) * 1000
+
+    def _redis_now_ms(self) -> float:
+        return time.time() * 1000 + self._clock_offset_ms
+
+    def _expires(self, entry_id: str, fields: dict[str, str]) -> tuple[float, int | None]:
+        """(local monotonic deadline, budget) of a job: its budget from the entry's creation on
+        Redis's clock; a job without a budget (an older client) uses its wall-clock deadline."""
+        budget = fields.get("budget_ms")
+        if budget is not None:
+            budget_ms = int(budget)
+            left_ms = P.entry_ms(entry_id) + budget_ms - self._redis_now_ms()
+            return time.monotonic() + left_ms / 1000, budget_ms
+        return time.monotonic() + (int(fields["deadline_ms"]) - time.time() * 1000) / 1000, None
+
     async def _setup(self) -> None:
+        await self._sync_clock()
         try:
             await self.redis.xgroup_create(self.stream, P.GROUP, id="0", mkstream=True)
         except redis.ResponseError as err:
@@ -182,7 +249,7 @@ class StreamConsumer:
     # ---- reading ---------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        backoff, next_claim = 0.05, 0.0
+        backoff, next_claim, next_forget = 0.05, 0.0, 0.0
         while not self._stopping:
             try:
                 free = self.prefetch - len(self._held)
@@ -190,6 +257,10 @@ class StreamConsumer:
                     self._freed.clear()
                     await asyncio.wait_for(self._freed.wait(), self.config.block_ms / 1000)
                     continue
+                if time.monotonic() >= next_forget:
+                    next_forget = time.monotonic() + 10 * self.config.claim_interval_ms / 1000
+                    await self._forget_dead_consumers()
+                    await self._sync_clock()
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.config.claim_interval_ms / 1000
                     if await self._claim(free):
@@ -231,6 +302,27 @@ class StreamConsumer:
             self._dispatch(entries)
         return bool(entries)
 
+    async def _forget_dead_consumers(self) -> list[str]:
+        """Remove consumers idle longer than `forget_idle_ms` that hold no pending job (their jobs
+        were taken over), so the group's consumer count means live replicas."""
+        removed = []
+        try:
+            consumers = await self.redis.xinfo_consumers(self.stream, P.GROUP)
+        except redis.ResponseError:  # stream or group gone (Redis restarted): the read recreates it
+            return removed
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name == self.name or consumer["pending"] or consumer["idle"] < self.config.forget_idle_ms:
+                continue
+            # DELCONSUMER drops the consumer's pending entries: only ever with none pending.
+            if await self.redis.xgroup_delconsumer(self.stream, P.GROUP, name) == 0:
+                removed.append(name)
+            else:  # it took a job meanwhile: it is alive after all
+                log.warning("queue %s: consumer %s held jobs when removed", self.stream, name)
+        if removed:
+            log.info("queue %s: removed %d dead consumer(s): %s", self.stream, len(removed), removed)
+        return removed
+
     async def _heartbeat_loop(self) -> None:
         """Re-claim the jobs in hand so their idle time stays below claim_min_idle_ms."""
         while True:
@@ -266,8 +358,20 @@ class StreamConsumer:
             f = {_text(k): _text(v) for k, v in fields.items()}
             try:
                 keys = P.BatchKeys(f["run"], f["batch"])
+                expires, budget_ms = self._expires(_text(entry_id), f)
                 jobs.append(
-                    _Job(_text(entry_id), f["run"], f["batch"], int(f["index"]), int(f["deadline_ms"]), keys)
+                    _Job(
+                        _text(entry_id),
+                        f["run"],
+                        f["batch"],
+                        int(f["index"]),
+                        int(f["deadline_ms"]),
+                        keys,
+                        expires,
+                        budget_ms,
+                        int(f.get("gen", "0")),
+                        scorer=self.scorer_name,
+                    )
                 )
             except (KeyError, ValueError) as err:
                 malformed.append((_text(entry_id), f, f"malformed job: {err}"))
@@ -277,21 +381,24 @@ class StreamConsumer:
             await self._process_jobs(jobs)
 
     async def _process_jobs(self, jobs: list[_Job]) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.hincrby(job.keys.attempts, f"{self.scorer_name}:{job.index}", 1)
-                pipe.expire(job.keys.attempts, self.config.result_ttl_s)
-                pipe.hget(job.keys.attempts, f"{self.scorer_name}:{job.index}:error")
-                pipe.get(job.keys.blob(job.index))
-            replies = await pipe.execute()
-        now_ms = time.time() * 1000
+        async def start() -> list:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.hincrby(job.keys.attempts, job.attempts_field, 1)
+                    pipe.expire(job.keys.attempts, self.config.result_ttl_s)
+                    pipe.hget(job.keys.attempts, P.error_field(self.scorer_name, job.index))
+                    pipe.get(job.keys.blob(job.index))
+                return await pipe.execute()
+
+        replies = await self._bounded(start(), max(job.expires for job in jobs))
+        now = time.monotonic()
         live, blobs = [], []
         for k, job in enumerate(jobs):
             job.attempt, last_error, blob = int(replies[4 * k]), replies[4 * k + 2], replies[4 * k + 3]
             if job.attempt > self.config.max_attempts:
                 reason = _text(last_error) if last_error else "its replica died while scoring it"
                 await self._dead_letter(job, f"gave up after {job.attempt - 1} attempts: {reason}")
-            elif blob is None or job.deadline_ms <= now_ms:
+            elif blob is None or job.expires <= now:
                 # Scored already (the blob is released by the last scorer), expired, or lost with a
                 # Redis restart: nothing to score; the client resubmits what it is still missing.
                 await self._until_written(lambda job=job: self._ack(job), job)
@@ -301,9 +408,38 @@ class StreamConsumer:
         if not live:
             return
         loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(self._decode, self._decode_all, blobs)
-        # Each job finishes on its own, so its slot frees as soon as it is written.
-        await asyncio.gather(*(self._finish(job, d) for job, d in zip(live, decoded, strict=True)))
+        items = await loop.run_in_executor(self._decode, self._parse_all, blobs)
+        # Score in parts whose images decode to at most max_decoded_bytes (from the headers); each
+        # job finishes on its own, so its slot frees as soon as it is written.
+        for part in self._parts(list(zip(live, items, strict=True))):
+            decoded = await loop.run_in_executor(self._decode, self._decode_all, [it for _, it in part])
+            await asyncio.gather(*(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True)))
+
+    def _parts(self, pairs: list) -> list[list]:
+        """Split (job, item) pairs into runs whose decoded images fit `max_decoded_bytes`."""
+        parts, current, used = [], [], 0
+        for job, item in pairs:
+            cost = 0 if isinstance(item, Exception) else item_decoded_bytes(item)
+            if cost > self.max_decoded_bytes:
+                bad = ImageError(
+                    f"item {item.id!r}: its images decode to {cost / 2**20:.0f} MiB, over the replica's "
+                    f"budget of {self.max_decoded_bytes / 2**20:.0f} MiB (server.max_decoded_mb)"
+                )
+                bad.item_id = item.id
+                item, cost = bad, 0
+            if current and used + cost > self.max_decoded_bytes:
+                parts.append(current)
+                current, used = [], 0
+            current.append((job, item))
+            used += cost
+        if current:
+            parts.append(current)
+        return parts
+
+    async def _bounded(self, coro, until: float, grace_s: float = 0.0):
+        """Await a Redis call for at most the time left before `until` (monotonic) plus `grace_s`
+        (at least 0.1 s); a call cut short raises asyncio.TimeoutError, one of _REDIS_DOWN."""
+        return await asyncio.wait_for(coro, max(0.1, until - time.monotonic() + grace_s))
 
     async def _finish(self, job: _Job, decoded) -> None:
         """Score one job and write its outcome; then free its slot for the next read."""
@@ -311,7 +447,7 @@ class StreamConsumer:
             outcome = await self._score(job, decoded)
             if outcome is None:
                 return  # left pending: another replica takes it over
-            item_id = decoded.id if not isinstance(decoded, Exception) else ""
+            item_id = decoded.id if not isinstance(decoded, Exception) else getattr(decoded, "item_id", "")
             if outcome.kind == "expired":  # the client has moved on and resubmits if it still cares
                 await self._until_written(lambda: self._ack(job), job)
             elif outcome.kind == "scorer_error" and job.attempt >= self.config.max_attempts:
@@ -330,25 +466,37 @@ class StreamConsumer:
             self._held.discard(job.entry_id)
             self._freed.set()
 
-    def _decode_all(self, blobs: list[bytes]) -> list:
+    def _parse_all(self, blobs: list[bytes]) -> list:
         out = []
         for blob in blobs:
             try:
-                item = pb.Item.FromString(blob)
+                out.append(pb.Item.FromString(blob))
             except (DecodeError, ValueError) as err:
-                out.append(ImageError(f"item payload is not a spie.reward.v1.Item: {err}"))
+                out.append(ImageError(f"item payload is not a spie.reward.v1.Item: {clean_error(err)}"))
+        return out
+
+    def _decode_all(self, items: list) -> list:
+        out = []
+        for item in items:
+            if isinstance(item, Exception):
+                out.append(item)
                 continue
             try:
                 out.append(decode_item(item, 0, self.max_pixels))
-            except ImageError as err:
-                out.append(ImageError(str(err).replace("item 0", f"item {item.id!r}", 1)))
+            except Exception as err:  # ImageError, or anything else about this item: it fails alone
+                text = (
+                    str(err) if isinstance(err, ImageError) else f"{type(err).__name__}: {clean_error(err)}"
+                )
+                bad = ImageError(text.replace("item 0", f"item {item.id!r}", 1))
+                bad.item_id = item.id
+                out.append(bad)
         return out
 
     async def _score(self, job: _Job, decoded) -> ItemOutcome | None:
         """Score one job's item through the batcher; None when it could not be scored here."""
         if isinstance(decoded, Exception):
             return ItemOutcome(math.nan, {}, str(decoded), "invalid_input")
-        deadline = time.monotonic() + (job.deadline_ms - time.time() * 1000) / 1000
+        deadline = job.expires
         while True:
             try:
                 return (await self.batcher.submit(to_batch([decoded]), deadline))[0]
@@ -362,15 +510,16 @@ class StreamConsumer:
     # ---- writing ---------------------------------------------------------------------------------
 
     async def _until_written(self, write, job: _Job | None) -> None:
-        """Run `write()` until Redis takes it or the job's deadline passes (then the client resubmits)."""
-        deadline = job.deadline_ms / 1000 if job is not None else time.time() + 30
+        """Run `write()` until Redis takes it or the job's deadline (plus WRITE_GRACE_S) passes (then
+        the client resubmits); no single try outlasts that either."""
+        until = (job.expires if job is not None else time.monotonic() + 30) + WRITE_GRACE_S
         backoff = 0.05
         while True:
             try:
-                await write()
+                await self._bounded(write(), until)
                 return
             except _REDIS_DOWN as err:
-                if time.time() >= deadline or self._stopping:
+                if time.monotonic() >= until or self._stopping:
                     log.warning("queue %s: could not write a result: %s", self.stream, err)
                     return
                 await asyncio.sleep(backoff)
@@ -394,7 +543,7 @@ class StreamConsumer:
             f"{self.scorer_name} {job.index}",
             P.GROUP,
             job.entry_id,
-            f"{self.scorer_name}:{job.index}",
+            job.attempts_field,
         )
         self.completed += int(wrote)
 
@@ -407,11 +556,18 @@ class StreamConsumer:
     async def _requeue(self, job: _Job, error: str | None) -> None:
         """Queue the job again (a new entry) after a scorer failure, remembering the error."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(job.keys.attempts, f"{self.scorer_name}:{job.index}:error", error or "scorer error")
-            pipe.xadd(self.stream, P.job_fields(job.run, job.batch, job.index, job.deadline_ms))
+            pipe.hset(job.keys.attempts, P.error_field(self.scorer_name, job.index), error or "scorer error")
+            pipe.xadd(self.stream, self._fields(job))
             pipe.xack(self.stream, P.GROUP, job.entry_id)
             pipe.xdel(self.stream, job.entry_id)
             await pipe.execute()
+
+    def _fields(self, job: _Job) -> dict[str, str]:
+        """The job's fields for a new entry (a requeue): the budget is what is left of it now."""
+        budget = None
+        if job.budget_ms is not None:
+            budget = int((job.expires - time.monotonic()) * 1000)
+        return P.job_fields(job.run, job.batch, job.index, job.deadline_ms, budget, job.gen)
 
     async def _bury(self, entry_id: str, fields: dict, error: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -430,7 +586,7 @@ class StreamConsumer:
         log.warning(
             "queue %s: job %s:%s item %d dead-lettered: %s", self.stream, job.run, job.batch, job.index, error
         )
-        fields = P.job_fields(job.run, job.batch, job.index, job.deadline_ms)
+        fields = self._fields(job)
         fields["attempts"] = str(job.attempt)
         result = pb.Result(id=item_id, score=math.nan, status=pb.Result.STATUS_SCORER_ERROR, error=error)
 

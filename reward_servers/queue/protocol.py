@@ -4,19 +4,27 @@ fields, connection settings and the Lua script that completes a job.
 Per scorer S (shared by every run):
 
     spie:q:scorers            set    names of scorers that have (had) a replica
-    spie:q:S:jobs             stream one entry per job (run, batch, index, deadline); group "replicas"
+    spie:q:S:jobs             stream one entry per job (run, batch, index, deadline, budget, gen);
+                                     group "replicas"
     spie:q:S:dead             stream jobs that failed `max_attempts` times, with their error
     spie:q:S:info             hash   version, higher_is_better, ... (written by every replica)
     spie:q:S:done             int    jobs completed, for throughput
 
-Per rollout batch B of run R (all expire after the client's TTL):
+Per rollout batch B of run R (all expire after the client's TTL). B is unique per client attempt
+("<random attempt id>-b<counter>"), so a resumed run that reuses R never meets its predecessor's keys:
 
     spie:b:R:B:blob:I         string item I as a serialised `reward.proto` Item (shared by scorers)
     spie:b:R:B:need:I         set    scorers that still need blob I; the last one deletes the blob
     spie:b:R:B:res:S:I        string scorer S's `reward.proto` Result for item I, written only if absent
     spie:b:R:B:signal         list   "S I" pushed by whoever wrote a result: the gatherer's wake-up
-    spie:b:R:B:attempts       hash   "S:I" -> times a replica started the job
+    spie:b:R:B:attempts       hash   "S:I:G" -> times a replica started the job of generation G (the
+                                     client's submission round; a resubmission starts a new count),
+                                     "S:I:error" -> the last scorer error
     spie:b:R:B:live           string set by the client; gone after a Redis restart without persistence
+
+A job's deadline travels as a duration, `budget_ms`, left when it was added: a replica adds it to
+the entry id's time (Redis's clock) and compares with Redis's clock (TIME), so clock skew between the
+trainer and the replicas does not matter. `deadline_ms` (the client's wall clock) is informational.
 
 Acknowledged jobs are deleted from the stream, so a stream's length is the number of jobs waiting or
 being scored: the in-flight count that backpressure caps. Payloads are protobuf bytes, never pickle.
@@ -72,9 +80,30 @@ class BatchKeys:
         return f"{self.prefix}res:{scorer}:{index}"
 
 
-def job_fields(run: str, batch: str, index: int, deadline_unix_ms: int) -> dict[str, str]:
-    """The fields of one stream entry (a job: score item `index` of the batch before the deadline)."""
-    return {"run": run, "batch": batch, "index": str(index), "deadline_ms": str(deadline_unix_ms)}
+def job_fields(
+    run: str, batch: str, index: int, deadline_unix_ms: int, budget_ms: int | None = None, gen: int = 0
+) -> dict[str, str]:
+    """The fields of one stream entry (a job: score item `index` of the batch within `budget_ms` of
+    the entry's creation; `gen` is the client's submission round, so a resubmission is told apart
+    from a failed delivery)."""
+    fields = {"run": run, "batch": batch, "index": str(index), "deadline_ms": str(deadline_unix_ms)}
+    if budget_ms is not None:
+        fields["budget_ms"] = str(max(0, int(budget_ms)))
+    fields["gen"] = str(gen)
+    return fields
+
+
+def entry_ms(entry_id: str) -> int:
+    """The Redis server time (unix ms) at which a stream entry with an auto id was added."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def attempts_field(scorer: str, index: int, gen: int) -> str:
+    return f"{scorer}:{index}:{gen}"
+
+
+def error_field(scorer: str, index: int) -> str:
+    return f"{scorer}:{index}:error"
 
 
 # Complete one job atomically: write the result if absent; if written, release the blob (deleted by
@@ -106,7 +135,8 @@ def connect(url: str, password: str | None = None, asyncio: bool = False, **kwar
     """A redis-py client for `url` (redis://, rediss:// or unix://).
 
     The password comes from the URL, else `password`, else the REDIS_PASSWORD environment variable.
-    Socket timeouts are set so that no call can hang forever; blocking commands use shorter blocks.
+    Socket timeouts are set so that no call can hang forever (10 s unless given; callers with a
+    deadline pass a shorter one); blocking commands use shorter blocks.
     """
     import redis
     import redis.asyncio
@@ -116,8 +146,8 @@ def connect(url: str, password: str | None = None, asyncio: bool = False, **kwar
         password = password or os.environ.get(PASSWORD_ENV) or None
         if password:
             kwargs["password"] = password
-    kwargs.setdefault("socket_timeout", 30.0)
-    kwargs.setdefault("socket_connect_timeout", 5.0)
+    kwargs.setdefault("socket_timeout", 10.0)
+    kwargs.setdefault("socket_connect_timeout", min(5.0, kwargs["socket_timeout"] or 5.0))
     module = redis.asyncio if asyncio else redis
     return module.Redis.from_url(url, **kwargs)
 

@@ -11,7 +11,15 @@ loop can use either. For one rollout batch it:
    (item, scorer) result key is written once by whichever replica finished first, and anything seen
    twice is ignored;
 4. after `deadline_s`, resubmits what is missing (`resubmits` times), then fails with a
-   `RewardQueueError` naming the scorer and the items. It never waits past its deadlines.
+   `RewardQueueError` naming the scorer and the items. It never waits past its deadlines: every
+   Redis call gets at most the time left (`call_timeout_s` at most), nothing is retried after the
+   deadline, and the diagnosis and cleanup after it get `GRACE_S` each, or are skipped when Redis
+   did not answer.
+
+Batch keys are unique per client (a random attempt id before the batch counter), so a resumed run
+that reuses its run id never reads its predecessor's results. Each job carries the time left as a
+duration (`budget_ms`, measured by replicas on Redis's clock, so clock skew does not matter) and its
+submission round (`gen`: a resubmission is not counted as a failed delivery).
 
 If Redis restarts meanwhile (its data gone), the client notices its batch marker is missing and
 resubmits every unfinished job at once.
@@ -37,6 +45,14 @@ from trainer.rewards.scores import Scores, details_arrays
 
 log = logging.getLogger("spie.reward_client")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Seconds the diagnosis and the cleanup after a deadline may each take (one connection, one pipeline).
+GRACE_S = 1.0
+# A consumer idle longer than this (seconds) is not counted as a live replica in error messages.
+LIVE_IDLE_S = 60.0
+
+
+class _Late(Exception):
+    """The deadline passed before the next Redis call (not a Redis failure)."""
 
 
 class RewardQueueError(RuntimeError):
@@ -58,10 +74,13 @@ class QueueClientConfig(QueueConfig):
     # Seconds to gather one rollout batch before the missing jobs are resubmitted (the same default
     # as `reward.deadline_s`).
     deadline_s: float = DEFAULT_DEADLINE_S
+    # Longest one Redis call may take, in seconds (also never more than the time left before the
+    # deadline): a frozen Redis costs at most this past the deadline.
+    call_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.deadline_s <= 0 or self.poll_s <= 0:
-            raise UserError("queue: deadline_s and poll_s must be > 0")
+        if self.deadline_s <= 0 or self.poll_s <= 0 or self.call_timeout_s <= 0:
+            raise UserError("queue: deadline_s, poll_s and call_timeout_s must be > 0")
         if self.resubmits < 0 or self.max_in_flight < 1 or self.blob_ttl_s < 1:
             raise UserError("queue: resubmits must be >= 0, max_in_flight and blob_ttl_s >= 1")
         if self.encoding not in ("raw", "png"):
@@ -100,8 +119,16 @@ class RewardClient:
             raise UserError("reward client: no Redis URL (set queue.url or REDIS_URL)")
         self.url = url
         self.run_id = self.config.run_id or secrets.token_hex(4)
+        # Unique per client: a resumed run (same run id, batch counter from 1) or a second trainer
+        # never shares a batch key, so a result can only answer the job that asked for it.
+        self.attempt_id = secrets.token_hex(4)
         P.BatchKeys(self.run_id, "0")  # validates the run id
-        self.redis = P.connect(url, password)
+        self.password = password
+        # Per call: at most call_timeout_s, and at most the deadline (a blocking read waits less).
+        self.call_timeout_s = min(self.config.call_timeout_s, max(0.5, self.config.deadline_s))
+        self.redis = P.connect(
+            url, password, socket_timeout=self.call_timeout_s, socket_connect_timeout=self.call_timeout_s
+        )
         self.stats = GatherStats()
         self.totals: dict[str, int] = {}
         self._seq = 0
@@ -147,15 +174,17 @@ class RewardClient:
         missing after the last resubmission's deadline."""
         start = time.monotonic()
         self._seq += 1
-        keys = P.BatchKeys(self.run_id, f"b{self._seq}")
+        keys = P.BatchKeys(self.run_id, f"{self.attempt_id}-b{self._seq}")
         blobs = [item.SerializeToString() for item in items]
         self.stats = GatherStats()
+        self._gen = 0
+        self._answered = True  # did Redis answer the last call? (no diagnosis or cleanup if not)
         results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in self.scorers}
         try:
-            self._call(lambda: self.redis.set(keys.live, "1", ex=self.config.blob_ttl_s))
             for round_ in range(self.config.resubmits + 1):
                 todo = {s: [i for i, r in enumerate(results[s]) if r is None] for s in self.scorers}
                 if round_:
+                    self._gen += 1
                     self.stats.resubmitted += sum(map(len, todo.values()))
                     log.warning("reward queue: resubmitting %s", _summary(todo, items))
                 self._round(keys, blobs, todo, results, time.monotonic() + self.config.deadline_s)
@@ -190,32 +219,49 @@ class RewardClient:
             if all(r is not None for rs in results.values() for r in rs):
                 return
             try:
-                if not self.redis.exists(keys.live):  # Redis lost our data: start over
+                self._bound(deadline)
+                if not self.redis.exists(keys.live):  # new batch, or Redis lost our data: start over
+                    self._bound(deadline)
                     self.redis.set(keys.live, "1", ex=self.config.blob_ttl_s)
                     if uploaded:
                         log.warning(
                             "reward queue: batch %s lost (Redis restarted?); resubmitting", keys.batch
                         )
+                        self._gen += 1
                         queued = {s: [i for i, r in enumerate(results[s]) if r is None] for s in todo}
                         self.stats.resubmitted += sum(map(len, queued.values()))
                         uploaded.clear()
                 self._submit(keys, blobs, queued, uploaded, deadline)
                 wait = max(0.01, min(self.config.poll_s, deadline - time.monotonic()))
-                signalled = self._wait_signals(keys, wait)
+                signalled = self._wait_signals(keys, wait, deadline)
                 sweep = time.monotonic() >= next_sweep
                 if sweep:
                     next_sweep = time.monotonic() + self.config.poll_s
+                self._bound(deadline)
                 self._fetch(keys, results, signalled, sweep, todo)
+                self._answered = True
+            except _Late:
+                return
             except _REDIS_DOWN as err:
+                self._answered = False
                 self.stats.redis_errors += 1
                 log.warning("reward queue: Redis error (%s); retrying", err)
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
+    def _bound(self, deadline: float, extra_s: float = 0.0) -> None:
+        """Give the next Redis call at most the time left before `deadline` (monotonic), capped by
+        call_timeout_s; past the deadline, raise _Late without calling."""
+        left = min(self.call_timeout_s, deadline - time.monotonic())
+        if left <= 0:
+            raise _Late()
+        left += extra_s
+        _set_timeout(self.redis, left)
+
     def _submit(self, keys, blobs, queued: dict[str, list[int]], uploaded: set[int], deadline: float) -> None:
-        deadline_ms = int((time.time() + deadline - time.monotonic()) * 1000)
         for scorer, indices in queued.items():
             if not indices:
                 continue
+            self._bound(deadline)
             length = self.redis.xlen(P.jobs_key(scorer))
             peak = self.stats.max_stream_len
             peak[scorer] = max(peak.get(scorer, 0), length)
@@ -224,23 +270,30 @@ class RewardClient:
                 continue
             take, queued[scorer] = indices[:room], indices[room:]
             ttl = self.config.blob_ttl_s
+            left_s = deadline - time.monotonic()
+            deadline_ms, budget_ms = int((time.time() + left_s) * 1000), int(left_s * 1000)
+            self._bound(deadline)
             with self.redis.pipeline(transaction=False) as pipe:
                 for i in take:
                     if i not in uploaded:
                         pipe.set(keys.blob(i), blobs[i], ex=ttl)
                     pipe.sadd(keys.need(i), scorer)
                     pipe.expire(keys.need(i), ttl)
-                    pipe.xadd(P.jobs_key(scorer), P.job_fields(keys.run, keys.batch, i, deadline_ms))
+                    fields = P.job_fields(keys.run, keys.batch, i, deadline_ms, budget_ms, self._gen)
+                    pipe.xadd(P.jobs_key(scorer), fields)
                 pipe.execute()
             uploaded.update(take)
             self.stats.submitted += len(take)
             peak[scorer] = max(peak[scorer], length + len(take))
 
-    def _wait_signals(self, keys, wait: float) -> list[tuple[str, int]]:
+    def _wait_signals(self, keys, wait: float, deadline: float) -> list[tuple[str, int]]:
         """Block up to `wait` s for the batch's signal list; return every (scorer, index) signalled."""
+        wait = max(0.01, min(wait, self.call_timeout_s - 0.25, deadline - time.monotonic()))
+        self._bound(deadline, extra_s=0.25)  # the socket outlasts the block by a little
         first = self.redis.blpop([keys.signal], timeout=wait)
         if first is None:
             return []
+        self._bound(deadline)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.lrange(keys.signal, 0, -1)
             pipe.delete(keys.signal)
@@ -272,27 +325,39 @@ class RewardClient:
 
     def _cleanup(self, keys, n: int) -> None:
         """Delete the batch's blobs and bookkeeping (results stay until their TTL, so a late
-        duplicate still finds its key taken)."""
+        duplicate still finds its key taken): one pipeline, within GRACE_S; skipped when Redis did
+        not answer the last call (the keys expire on their own)."""
+        if not self._answered:
+            log.warning("reward queue: Redis not answering; batch %s keys expire on their own", keys.batch)
+            return
         try:
             names = [keys.signal, keys.attempts, keys.live]
             names += [keys.blob(i) for i in range(n)] + [keys.need(i) for i in range(n)]
-            for start in range(0, len(names), 1000):
-                self.redis.delete(*names[start : start + 1000])
+            _set_timeout(self.redis, GRACE_S)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for start in range(0, len(names), 1000):
+                    pipe.delete(*names[start : start + 1000])
+                pipe.execute()
         except _REDIS_DOWN as err:
             log.warning(
                 "reward queue: cleanup of batch %s failed (%s); keys expire on their own", keys.batch, err
             )
 
-    def _call(self, fn, tries: int = 20):
-        for attempt in range(tries):
+    def _call(self, fn, within_s: float | None = None):
+        """`fn()` (one Redis call), retried on connection errors for at most `within_s` seconds
+        (default call_timeout_s), each try bounded by what is left."""
+        deadline = time.monotonic() + (self.call_timeout_s if within_s is None else within_s)
+        while True:
             try:
+                self._bound(deadline)
                 return fn()
+            except _Late:
+                raise redis.TimeoutError("reward queue: Redis did not answer in time") from None
             except _REDIS_DOWN:
                 self.stats.redis_errors += 1
-                if attempt == tries - 1:
+                if time.monotonic() >= deadline:
                     raise
-                time.sleep(0.1)
-        return None
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     # ---- results ---------------------------------------------------------------------------------
 
@@ -324,19 +389,51 @@ class RewardClient:
         return Scores(values, errors, details)
 
     def _diagnose(self, missing: dict[str, list[int]]) -> str:
-        """'; scorer X: N jobs queued, K replicas' for the scorers with missing items."""
+        """'; scorer X: N jobs queued, K live replicas' for the scorers with missing items (within
+        GRACE_S per scorer; skipped when Redis did not answer the last call)."""
+        if not self._answered:
+            return f"; Redis at {P.describe(self.url)} did not answer within {self.call_timeout_s:g}s"
         parts = []
         for scorer, indices in missing.items():
             if not indices:
                 continue
             try:
-                length = self.redis.xlen(P.jobs_key(scorer))
-                groups = self.redis.xinfo_groups(P.jobs_key(scorer))
-                consumers = sum(g["consumers"] for g in groups if g["name"] in (P.GROUP, P.GROUP.encode()))
-                parts.append(f"{scorer}: {length} job(s) in its stream, {consumers} replica(s) in its group")
+                _set_timeout(self.redis, GRACE_S)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xlen(P.jobs_key(scorer))
+                    pipe.xinfo_consumers(P.jobs_key(scorer), P.GROUP)
+                    length, consumers = pipe.execute()
+                live = sum(1 for c in consumers if c["idle"] < LIVE_IDLE_S * 1000)
+                idle = (
+                    f" ({len(consumers) - live} more idle over {LIVE_IDLE_S:g}s)"
+                    if len(consumers) > live
+                    else ""
+                )
+                parts.append(f"{scorer}: {length} job(s) in its stream, {live} replica(s) in its group{idle}")
             except (redis.ResponseError, *_REDIS_DOWN) as err:
                 parts.append(f"{scorer}: stream unavailable ({type(err).__name__})")
+                if not isinstance(err, redis.ResponseError):
+                    break  # Redis stopped answering: the next scorer would only wait as long
         return "; " + "; ".join(parts) if parts else ""
+
+
+def _set_timeout(client, seconds: float) -> None:
+    """Set the socket timeout of every connection of `client`'s pool (and of new ones) to `seconds`,
+    so the next call cannot block longer (redis-py has no per-call timeout)."""
+    pool = client.connection_pool
+    pool.connection_kwargs["socket_timeout"] = seconds
+    pool.connection_kwargs["socket_connect_timeout"] = seconds
+    for conn in [*getattr(pool, "_available_connections", []), *getattr(pool, "_in_use_connections", [])]:
+        conn.socket_timeout = seconds
+        conn.socket_connect_timeout = seconds
+        sock = getattr(conn, "_sock", None)
+        if sock is not None:
+            sock.settimeout(seconds)
+        parser = getattr(conn, "_parser", None)  # it restores its own copy after a non-blocking peek
+        if getattr(parser, "_buffer", None) is not None and hasattr(parser._buffer, "socket_timeout"):
+            parser._buffer.socket_timeout = seconds
+        if hasattr(parser, "_socket_timeout"):
+            parser._socket_timeout = seconds
 
 
 def _summary(by_scorer: dict[str, list[int]], items: Sequence[pb.Item], shown: int = 8) -> str:

@@ -65,8 +65,10 @@ def test_duplicate_jobs_are_scored_but_written_and_seen_once(redis_server, rdb, 
         scorer_kwargs={"batch_seconds": 0.4, "max_batch_size": 8}, extra_args=("--metrics-port", str(port))
     )
     items, expected = brightness_items(8)
-    # Two gatherers submit the same rollout batch under one run id: every job exists twice.
+    # Two gatherers submit the same rollout batch under the same batch keys (one run id, one attempt
+    # id, as a duplicated submission would): every job exists twice.
     clients = [_client(redis_server, deadline_s=20, resubmits=0, run_id="dup") for _ in range(2)]
+    clients[1].attempt_id = clients[0].attempt_id
     barrier, out = threading.Barrier(2), {}
 
     def run(k):
