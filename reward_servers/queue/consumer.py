@@ -390,7 +390,7 @@ class StreamConsumer:
                     pipe.get(job.keys.blob(job.index))
                 return await pipe.execute()
 
-        replies = await self._bounded(start(), max(job.expires for job in jobs))
+        replies = await self._bounded(start(), max(job.expires for job in jobs), WRITE_GRACE_S)
         now = time.monotonic()
         live, blobs = [], []
         for k, job in enumerate(jobs):

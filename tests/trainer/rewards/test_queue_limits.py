@@ -141,6 +141,13 @@ def test_decoded_bytes_budget_per_read(redis_server, rdb, replicas):
 
 def test_dead_consumers_leave_the_group(redis_server, rdb, replicas):
     stream = P.jobs_key("sleep")
+    # Two replicas that died before this one started: one with nothing pending, one holding a job.
+    rdb.xgroup_create(stream, P.GROUP, id="0", mkstream=True)
+    rdb.xgroup_createconsumer(stream, P.GROUP, "ghost-idle")
+    rdb.xadd(stream, P.job_fields("gone", "b1", 0, int(time.time() * 1000) + 60000, 60000))
+    assert rdb.xreadgroup(P.GROUP, "ghost-holding", {stream: ">"}, count=1)
+    names = lambda: {c["name"].decode() for c in rdb.xinfo_consumers(stream, P.GROUP)}  # noqa: E731
+    assert names() == {"ghost-idle", "ghost-holding"}
     replicas(
         scorer_kwargs={"batch_seconds": 0.05},
         queue_cfg={
@@ -150,12 +157,6 @@ def test_dead_consumers_leave_the_group(redis_server, rdb, replicas):
             "claim_min_idle_ms": 500,
         },
     )
-    # Two replicas that died: one with nothing pending, one holding a job.
-    rdb.xgroup_createconsumer(stream, P.GROUP, "ghost-idle")
-    rdb.xadd(stream, P.job_fields("gone", "b1", 0, int(time.time() * 1000) + 60000, 60000))
-    rdb.xreadgroup(P.GROUP, "ghost-holding", {stream: ">"}, count=1)
-    names = lambda: {c["name"].decode() for c in rdb.xinfo_consumers(stream, P.GROUP)}  # noqa: E731
-    assert {"ghost-idle", "ghost-holding"} <= names()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and names() & {"ghost-idle", "ghost-holding"}:
         time.sleep(0.2)
