@@ -27,7 +27,8 @@ from reward_servers.queue.consumer import ConsumerConfig
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # Address to bind; 127.0.0.1 keeps the server on this machine, 0.0.0.0 exposes it.
+    # Address to bind; 127.0.0.1 keeps the server on this machine, 0.0.0.0 exposes it (`spie serve`
+    # then needs an auth token, or --insecure-no-token).
     host: str = "127.0.0.1"
     # Port to bind; 0 picks a free one (printed on start).
     port: int = 50051

@@ -123,7 +123,6 @@ class RewardClient:
         # never shares a batch key, so a result can only answer the job that asked for it.
         self.attempt_id = secrets.token_hex(4)
         P.BatchKeys(self.run_id, "0")  # validates the run id
-        self.password = password
         # Per call: at most call_timeout_s, and at most the deadline (a blocking read waits less).
         self.call_timeout_s = min(self.config.call_timeout_s, max(0.5, self.config.deadline_s))
         self.redis = P.connect(
