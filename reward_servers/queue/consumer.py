@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
-from google.protobuf.message import DecodeError
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
@@ -47,13 +46,11 @@ from reward_servers.batcher import BatcherClosed, DeadlineExpired, DynamicBatche
 from reward_servers.images import (
     DEFAULT_MAX_DECODED_MB,
     DEFAULT_MAX_PIXELS,
-    ImageError,
-    clean_error,
-    decode_item,
-    item_decoded_bytes,
     to_batch,
 )
 from reward_servers.queue import protocol as P
+from reward_servers.queue.decoding import decode_all, parse_all, split_parts
+from reward_servers.queue.writes import _REDIS_DOWN, WRITE_GRACE_S, JobWrites, _Job
 
 log = logging.getLogger("spie.queue")
 _STATUS = {
@@ -61,9 +58,6 @@ _STATUS = {
     "invalid_input": pb.Result.STATUS_INVALID_INPUT,
     "scorer_error": pb.Result.STATUS_SCORER_ERROR,
 }
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError)
-# Seconds a write may take past its job's deadline (an acknowledgement after expiry, a dead letter).
-WRITE_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -117,30 +111,11 @@ class ConsumerConfig:
             )
 
 
-@dataclass
-class _Job:
-    entry_id: str
-    run: str
-    batch: str
-    index: int
-    deadline_ms: int
-    keys: P.BatchKeys
-    expires: float  # time.monotonic() after which the client no longer waits for this job
-    budget_ms: int | None = None
-    gen: int = 0
-    attempt: int = 0
-    scorer: str = ""
-
-    @property
-    def attempts_field(self) -> str:
-        return P.attempts_field(self.scorer, self.index, self.gen)
-
-
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class StreamConsumer:
+class StreamConsumer(JobWrites):
     """Pulls jobs of one scorer from Redis into a `DynamicBatcher`.
 
     Args:
@@ -408,38 +383,14 @@ class StreamConsumer:
         if not live:
             return
         loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(self._decode, self._parse_all, blobs)
+        items = await loop.run_in_executor(self._decode, parse_all, blobs)
         # Score in parts whose images decode to at most max_decoded_bytes (from the headers); each
         # job finishes on its own, so its slot frees as soon as it is written.
-        for part in self._parts(list(zip(live, items, strict=True))):
-            decoded = await loop.run_in_executor(self._decode, self._decode_all, [it for _, it in part])
+        for part in split_parts(list(zip(live, items, strict=True)), self.max_decoded_bytes):
+            decoded = await loop.run_in_executor(
+                self._decode, decode_all, [it for _, it in part], self.max_pixels
+            )
             await asyncio.gather(*(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True)))
-
-    def _parts(self, pairs: list) -> list[list]:
-        """Split (job, item) pairs into runs whose decoded images fit `max_decoded_bytes`."""
-        parts, current, used = [], [], 0
-        for job, item in pairs:
-            cost = 0 if isinstance(item, Exception) else item_decoded_bytes(item)
-            if cost > self.max_decoded_bytes:
-                bad = ImageError(
-                    f"item {item.id!r}: its images decode to {cost / 2**20:.0f} MiB, over the replica's "
-                    f"budget of {self.max_decoded_bytes / 2**20:.0f} MiB (server.max_decoded_mb)"
-                )
-                bad.item_id = item.id
-                item, cost = bad, 0
-            if current and used + cost > self.max_decoded_bytes:
-                parts.append(current)
-                current, used = [], 0
-            current.append((job, item))
-            used += cost
-        if current:
-            parts.append(current)
-        return parts
-
-    async def _bounded(self, coro, until: float, grace_s: float = 0.0):
-        """Await a Redis call for at most the time left before `until` (monotonic) plus `grace_s`
-        (at least 0.1 s); a call cut short raises asyncio.TimeoutError, one of _REDIS_DOWN."""
-        return await asyncio.wait_for(coro, max(0.1, until - time.monotonic() + grace_s))
 
     async def _finish(self, job: _Job, decoded) -> None:
         """Score one job and write its outcome; then free its slot for the next read."""
@@ -466,32 +417,6 @@ class StreamConsumer:
             self._held.discard(job.entry_id)
             self._freed.set()
 
-    def _parse_all(self, blobs: list[bytes]) -> list:
-        out = []
-        for blob in blobs:
-            try:
-                out.append(pb.Item.FromString(blob))
-            except (DecodeError, ValueError) as err:
-                out.append(ImageError(f"item payload is not a spie.reward.v1.Item: {clean_error(err)}"))
-        return out
-
-    def _decode_all(self, items: list) -> list:
-        out = []
-        for item in items:
-            if isinstance(item, Exception):
-                out.append(item)
-                continue
-            try:
-                out.append(decode_item(item, 0, self.max_pixels))
-            except Exception as err:  # ImageError, or anything else about this item: it fails alone
-                text = (
-                    str(err) if isinstance(err, ImageError) else f"{type(err).__name__}: {clean_error(err)}"
-                )
-                bad = ImageError(text.replace("item 0", f"item {item.id!r}", 1))
-                bad.item_id = item.id
-                out.append(bad)
-        return out
-
     async def _score(self, job: _Job, decoded) -> ItemOutcome | None:
         """Score one job's item through the batcher; None when it could not be scored here."""
         if isinstance(decoded, Exception):
@@ -506,97 +431,3 @@ class StreamConsumer:
                 return ItemOutcome(math.nan, {}, "deadline passed", "expired")
             except BatcherClosed:
                 return None
-
-    # ---- writing ---------------------------------------------------------------------------------
-
-    async def _until_written(self, write, job: _Job | None) -> None:
-        """Run `write()` until Redis takes it or the job's deadline (plus WRITE_GRACE_S) passes (then
-        the client resubmits); no single try outlasts that either."""
-        until = (job.expires if job is not None else time.monotonic() + 30) + WRITE_GRACE_S
-        backoff = 0.05
-        while True:
-            try:
-                await self._bounded(write(), until)
-                return
-            except _REDIS_DOWN as err:
-                if time.monotonic() >= until or self._stopping:
-                    log.warning("queue %s: could not write a result: %s", self.stream, err)
-                    return
-                await asyncio.sleep(backoff)
-                backoff = min(1.0, backoff * 2)
-
-    async def _complete(self, job: _Job, result: pb.Result) -> None:
-        k = job.keys
-        wrote = await self.redis.eval(
-            P.COMPLETE_LUA,
-            7,
-            k.result(self.scorer_name, job.index),
-            k.need(job.index),
-            k.blob(job.index),
-            k.signal,
-            self.stream,
-            k.attempts,
-            P.done_key(self.scorer_name),
-            result.SerializeToString(),
-            self.config.result_ttl_s,
-            self.scorer_name,
-            f"{self.scorer_name} {job.index}",
-            P.GROUP,
-            job.entry_id,
-            job.attempts_field,
-        )
-        self.completed += int(wrote)
-
-    async def _ack(self, job: _Job) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, P.GROUP, job.entry_id)
-            pipe.xdel(self.stream, job.entry_id)
-            await pipe.execute()
-
-    async def _requeue(self, job: _Job, error: str | None) -> None:
-        """Queue the job again (a new entry) after a scorer failure, remembering the error."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(job.keys.attempts, P.error_field(self.scorer_name, job.index), error or "scorer error")
-            pipe.xadd(self.stream, self._fields(job))
-            pipe.xack(self.stream, P.GROUP, job.entry_id)
-            pipe.xdel(self.stream, job.entry_id)
-            await pipe.execute()
-
-    def _fields(self, job: _Job) -> dict[str, str]:
-        """The job's fields for a new entry (a requeue): the budget is what is left of it now."""
-        budget = None
-        if job.budget_ms is not None:
-            budget = int((job.expires - time.monotonic()) * 1000)
-        return P.job_fields(job.run, job.batch, job.index, job.deadline_ms, budget, job.gen)
-
-    async def _bury(self, entry_id: str, fields: dict, error: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                P.dead_key(self.scorer_name),
-                {**fields, "error": error, "consumer": self.name},
-                maxlen=self.config.dead_maxlen,
-                approximate=True,
-            )
-            pipe.xack(self.stream, P.GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            await pipe.execute()
-
-    async def _dead_letter(self, job: _Job, error: str, item_id: str = "") -> None:
-        """Move the job to the dead-letter stream and write a failed Result for the trainer."""
-        log.warning(
-            "queue %s: job %s:%s item %d dead-lettered: %s", self.stream, job.run, job.batch, job.index, error
-        )
-        fields = self._fields(job)
-        fields["attempts"] = str(job.attempt)
-        result = pb.Result(id=item_id, score=math.nan, status=pb.Result.STATUS_SCORER_ERROR, error=error)
-
-        async def write() -> None:
-            await self.redis.xadd(
-                P.dead_key(self.scorer_name),
-                {**fields, "error": error, "consumer": self.name},
-                maxlen=self.config.dead_maxlen,
-                approximate=True,
-            )
-            await self._complete(job, result)
-
-        await self._until_written(write, job)
