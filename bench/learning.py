@@ -10,7 +10,8 @@ differences, success per edit kind (start -> trained), and minutes. The results 
 demo's (the demo itself is `spie_ranking`); `--set` adds overrides to every run.
 
 This is the project's results table (README, "Does it learn?"). A full run (2 objectives x 3 seeds)
-takes about an hour on 2 cores; `--seeds 0` or `--objectives spie_ranking` runs part of it.
+takes about an hour on 2 cores; `--seeds 0` or `--objectives spie_ranking` runs part of it, and
+`--objectives spie_ranking ppo:train.clip_range=0.2,train.learning_rate=3e-3` compares variants.
 """
 
 from __future__ import annotations
@@ -41,16 +42,25 @@ OBJECTIVES: dict[str, list[str]] = {
 KEYS = ("oracle_edit.success", "oracle_structure", "l2_outside_mask")
 
 
+def parse_objective(spec: str) -> tuple[str, list[str]]:
+    """ "ppo" or "ppo:train.clip_range=0.2,train.learning_rate=3e-3" -> (name, its --set items)."""
+    name, _, extra = spec.partition(":")
+    if name not in OBJECTIVES:
+        raise SystemExit(f"--objectives: unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+    return name, [*OBJECTIVES[name], *(x for x in extra.split(",") if x)]
+
+
 def run_one(config_path: str, objective: str, seed: int, overrides: list[str], items: int, out: Path) -> dict:
     from trainer.config import load_config
     from trainer.evaluate.compare import evaluate_models
     from trainer.loop import train
 
-    name = f"{objective}-s{seed}"
+    kind, settings = parse_objective(objective)
+    name = f"{kind}-{abs(hash(objective)) % 10_000}-s{seed}"
     config = load_config(
         config_path,
         [
-            *OBJECTIVES[objective],
+            *settings,
             f"run.seed={seed}",
             f"run.name={name}",
             f"run.output_dir={out}",
@@ -124,7 +134,13 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        default=list(OBJECTIVES),
+        metavar="NAME[:KEY=VALUE,...]",
+        help="objectives to compare, each with optional settings of its own (ppo:train.clip_range=0.2)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--eval-items", type=int, default=200)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -154,3 +154,19 @@ def test_a_non_finite_loss_is_skipped_and_counted(tiny_config):
     rollout.advantages = torch.linspace(-1, 1, len(rollout))
     learner.train(rollout, torch.Generator().manual_seed(0))
     assert any(not torch.equal(before[k], learner.trainable_state()[k]) for k in before)
+
+
+def test_skip_final_steps_leaves_the_last_stochastic_steps_out_of_training(tiny_config):
+    from types import SimpleNamespace
+
+    from trainer.engine.learner import Learner
+    from trainer.engine.policy import build_policy
+
+    config = tiny_config("run.name=skip", "train.skip_final_steps=2")
+    learner = Learner(config, build_policy(config))
+    stochastic = learner.policy.sched.step_is_stochastic()
+    steps = torch.nonzero(stochastic).view(-1)
+    assert learner.steps_per_trajectory == len(steps) - 2
+    rollout = SimpleNamespace(stochastic=stochastic, group=torch.tensor([0, 0, 1, 1]))
+    plan = learner._timestep_plan(rollout, torch.Generator().manual_seed(0))
+    assert set(plan.view(-1).tolist()) == set(steps[:-2].tolist())

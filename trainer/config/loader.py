@@ -196,6 +196,10 @@ def validate(config: Config) -> None:
     need(
         0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}"
     )
+    need(
+        0 <= t.skip_final_steps < config.sample.num_steps,
+        f"train.skip_final_steps must be in [0, sample.num_steps), got {t.skip_final_steps}",
+    )
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     need(0 < t.eps < 1, f"train.eps must be in (0, 1), got {t.eps}")
     need(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")

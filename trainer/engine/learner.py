@@ -48,7 +48,8 @@ class Learner:
         )
         # Steps trained per trajectory: only stochastic steps have a log-prob (DDIM's last step with
         # alpha_prev = 1 and Euler-ancestral's last step are deterministic).
-        self.steps_per_trajectory = min(config.train_timesteps, int(policy.sched.step_is_stochastic().sum()))
+        n_stochastic = int(policy.sched.step_is_stochastic().sum()) - config.train.skip_final_steps
+        self.steps_per_trajectory = min(config.train_timesteps, n_stochastic)
         if self.steps_per_trajectory < 1:
             raise UserError("no denoising step draws noise: raise sample.eta or sample.num_steps")
         # One optimizer step per `gradient_accumulation_steps` micro-batches, each contributing one
@@ -88,8 +89,11 @@ class Learner:
     # ------------------------------------------------------------------ one epoch of updates
 
     def _timestep_plan(self, rollout: Rollout, generator: torch.Generator) -> torch.Tensor:
-        """(N, K) step positions to train on: a random subset of the stochastic steps, per group."""
+        """(N, K) step positions to train on: a random subset of the stochastic steps (less the last
+        `train.skip_final_steps`), per group."""
         steps = torch.nonzero(rollout.stochastic.cpu()).view(-1)
+        if self.config.train.skip_final_steps:
+            steps = steps[: len(steps) - self.config.train.skip_final_steps]
         k = self.steps_per_trajectory
         n_groups = int(rollout.group.max()) + 1
         perms = torch.stack(
