@@ -43,7 +43,9 @@ def test_the_compose_file_runs_on_loopback_with_the_same_commands(tmp_path):
     with pytest.raises(UserError, match="REDIS_PASSWORD: SPIE_REDIS_PASSWORD is required"):
         load_project([REPO / "docker-compose.yml"], [], {})
     env_file = tmp_path / "cluster.env"
-    env_file.write_text("# the secrets\nSPIE_REDIS_PASSWORD='s3cret'\nexport SPIE_RAY_TOKEN=tok\nSPIE_REWARD_TOKEN=rtok\n")
+    env_file.write_text(
+        "# the secrets\nSPIE_REDIS_PASSWORD='s3cret'\nexport SPIE_RAY_TOKEN=tok\nSPIE_REWARD_TOKEN=rtok\n"
+    )
     project = load_project([REPO / "docker-compose.yml"], [env_file], {"SPIE_RAY_TOKEN": "from-shell"})
     launcher = Launcher(project, ["trainer"], {"depth": 2}, {})
     assert launcher.order[-1] == "trainer" and set(launcher.order) == {
