@@ -168,14 +168,20 @@ def test_bad_input_names_file_and_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    """A one-epoch tiny RL run (LoRA, brightness): its run folder."""
+def tiny_run(tmp_path_factory, tiny_model_dir, previous_tiny):
+    """A one-epoch tiny RL run (LoRA, brightness, the preset's earlier 32 px sizes): its run folder."""
     from trainer.loop import train
 
     root = tmp_path_factory.mktemp("evalrun")
     config = load_config(
         "configs/tiny.yaml",
-        [f"run.output_dir={root}", "run.quiet=true", "run.num_epochs=1", "run.image_log_freq=0"],
+        [
+            *previous_tiny,
+            f"run.output_dir={root}",
+            "run.quiet=true",
+            "run.num_epochs=1",
+            "run.image_log_freq=0",
+        ],
     )
     return train(config)
 
