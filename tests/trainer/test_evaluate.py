@@ -344,8 +344,11 @@ def test_synthetic_heldout_judged_by_the_oracle(tiny_run, tmp_path, capsys):
         "".join(json.dumps({**r, "output": r["target"]}) + "\n" for r in lines)
     )
     truth = evaluate_edits(
-        tmp_path / "gt" / "truth.jsonl", "configs/tiny.yaml", tmp_path / "t", overrides=[oracle]
-    )
+        tmp_path / "gt" / "truth.jsonl",
+        "configs/tiny.yaml",
+        tmp_path / "t",
+        overrides=[oracle, "model.resolution=32"],
+    )  # the edits are 32 px: judged at the preset's 8 px they would be resized
     assert truth["metrics"]["A"]["oracle_edit.success"]["mean"] == 1.0
     assert truth["metrics"]["A"]["l2_outside_mask"]["mean"] == 0.0
     # The same inputs from a JSONL file (--inputs) through the CLI.
