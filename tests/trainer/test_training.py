@@ -132,8 +132,8 @@ def test_run_outputs_and_generate(tiny_config, tmp_path, capsys):
         assert key in metrics[0], key
     assert [p.name for p in list_checkpoints(run_dir)] == ["epoch_0001"]  # checkpoint_limit=1
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
-    # A row per input (32), a column for the source and each of its 2 edits, 8 px each.
-    assert Image.open(run_dir / "samples" / "epoch_0000.png").size == (3 * 8, 32 * 8)
+    # A row per input (at most 8 of the 32), a column for the source and each of its 2 edits, 8 px each.
+    assert Image.open(run_dir / "samples" / "epoch_0000.png").size == (3 * 8, 8 * 8)
     assert any((run_dir / "tensorboard").iterdir())
 
     images = tmp_path / "in"
