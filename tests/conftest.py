@@ -36,14 +36,39 @@ def tiny_model_dir() -> str:
     return resolve_pretrained("tiny", TINY_CACHE, seed=0)
 
 
+# The tiny preset as it was before it was tuned to learn (configs/tiny.yaml explains each change):
+# LoRA, 32 px (the synthetic data and the toy editor need >= 16), 6 steps, guidance 3 / 1.5,
+# independent noise, 4 inputs per sampling batch, micro-batches of 4. Tests of the machinery
+# (pipeline, Ray, SFT, the demo's pieces) were written for these sizes and keep them.
+PREVIOUS_TINY = [
+    "model.use_lora=true",
+    "model.resolution=32",
+    "sample.num_steps=6",
+    "sample.guidance_scale=3.0",
+    "sample.image_guidance_scale=1.5",
+    "sample.batch_size=4",
+    "sample.shared_noise=false",
+    "train.batch_size=4",
+    "train.learning_rate=3e-3",
+    "train.clip_range=1e-2",
+]
+
+
+@pytest.fixture(scope="session")
+def previous_tiny() -> list[str]:
+    """`PREVIOUS_TINY` for fixtures that load configs/tiny.yaml themselves."""
+    return list(PREVIOUS_TINY)
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir):
-    """`tiny_config(*overrides)`: configs/tiny.yaml, quiet, writing runs under tmp_path."""
+    """`tiny_config(*overrides, previous=False)`: configs/tiny.yaml, quiet, writing runs under
+    tmp_path; with `previous=True` the preset's earlier sizes (`PREVIOUS_TINY`) come first."""
     from trainer.config import load_config
 
-    def make(*overrides: str):
+    def make(*overrides: str, previous: bool = False):
         base = [f"run.output_dir={tmp_path / 'runs'}", "run.quiet=true", f"model.tiny_dir={TINY_CACHE}"]
-        return load_config("configs/tiny.yaml", [*base, *overrides])
+        return load_config("configs/tiny.yaml", [*base, *(PREVIOUS_TINY if previous else []), *overrides])
 
     return make
 

@@ -19,7 +19,9 @@ ORACLE = [
 
 def test_the_shipped_toy_editor_edits_far_better_than_the_untrained_tiny_model(tiny_config, tmp_path):
     """models/toy-editor is the SFT result: on held-out synthetic edits it beats the seeded tiny model."""
-    config = tiny_config(*ORACLE, "data.split=heldout", "sample.num_steps=10", "model.use_lora=false")
+    config = tiny_config(
+        *ORACLE, "data.split=heldout", "sample.num_steps=10", "model.use_lora=false", previous=True
+    )
     summary = evaluate_models(
         ["tiny", "models/toy-editor"], config, tmp_path / "eval", num_items=24, seed=0, resamples=200
     )
@@ -40,6 +42,7 @@ def test_train_logs_oracle_success_and_writes_the_final_report(tiny_config):
         "eval.after_training=true",
         "eval.num_items=4",
         "eval.resamples=50",
+        previous=True,
     )
     run_dir = train(config)
     (record,) = read_metrics(run_dir)

@@ -16,8 +16,8 @@ COMMON = ["run.num_epochs=2", "run.image_log_freq=0", "sample.num_batches_per_ep
 
 
 def test_async_pipeline_gives_the_sync_numbers(tiny_config):
-    sync_dir = train(tiny_config(*COMMON, "run.name=sync", "sample.pipeline=sync"))
-    async_dir = train(tiny_config(*COMMON, "run.name=async", "sample.pipeline=async"))
+    sync_dir = train(tiny_config(*COMMON, "run.name=sync", "sample.pipeline=sync", previous=True))
+    async_dir = train(tiny_config(*COMMON, "run.name=async", "sample.pipeline=async", previous=True))
     sync, overlapped = read_metrics(sync_dir), read_metrics(async_dir)
     assert len(sync) == len(overlapped) == 2
     for a, b in zip(sync, overlapped, strict=True):
@@ -40,7 +40,9 @@ POISON = ["data.instructions=[__poison__]", "reward.scorers=[{name: sleep, kwarg
 
 @pytest.mark.parametrize("pipeline", ["sync", "async"])
 def test_a_scoring_error_stops_the_run_in_both_modes(tiny_config, pipeline):
-    config = tiny_config(*COMMON, *POISON, f"run.name=poison-{pipeline}", f"sample.pipeline={pipeline}")
+    config = tiny_config(
+        *COMMON, *POISON, f"run.name=poison-{pipeline}", f"sample.pipeline={pipeline}", previous=True
+    )
     with pytest.raises(RuntimeError, match="sleep: poison item"):
         train(config)
 
@@ -51,6 +53,7 @@ def test_scores_that_never_come_stop_the_run_at_the_deadline(tiny_config):
         "run.name=slow-scorer",
         "reward.scorers=[{name: sleep, kwargs: {batch_seconds: 2.0}}]",
         "reward.deadline_s=0.2",
+        previous=True,
     )
     with pytest.raises(RuntimeError, match=r"gave no result within 0.5s \(2.5 x reward.deadline_s=0.2\)"):
         train(config)

@@ -31,7 +31,9 @@ def test_conditioning_dropout_rates():
 
 
 def test_sft_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
-    config = tiny_config(*SYNTHETIC, "sft.batch_size=16", "sft.learning_rate=1e-3", "sft.warmup_steps=1")
+    config = tiny_config(
+        *SYNTHETIC, "sft.batch_size=16", "sft.learning_rate=1e-3", "sft.warmup_steps=1", previous=True
+    )
     inputs = load_inputs(config.data, config.model.resolution, seed=0)
     trainer = SFTTrainer(config, inputs)
     trainer.prepare()
@@ -61,6 +63,7 @@ def test_sft_writes_a_loadable_model_with_ema(tiny_config, tmp_path):
         "sft.ema_decay=0.9",
         "sft.train_text_encoder=true",
         f"sft.output_dir={out}",
+        previous=True,
     )
     assert sft(config) == out
     recipe = json.loads((out / "spie_sft.json").read_text())
@@ -71,7 +74,7 @@ def test_sft_writes_a_loadable_model_with_ema(tiny_config, tmp_path):
     # RL starts from it like from any InstructPix2Pix folder.
     from trainer.engine.policy import build_policy
 
-    policy = build_policy(tiny_config(f"model.pretrained={out}"))
+    policy = build_policy(tiny_config(f"model.pretrained={out}", previous=True))
     r = policy.rollout(
         inputs := torch.rand(1, 3, 32, 32), ["make the circle red"], generator=torch.Generator()
     )
@@ -80,7 +83,7 @@ def test_sft_writes_a_loadable_model_with_ema(tiny_config, tmp_path):
 
 def test_sft_refuses_data_without_targets(tiny_config, tmp_path):
     with pytest.raises(UserError, match=r"data\.source='shapes'.*no target"):
-        sft(tiny_config("data.source=shapes", f"sft.output_dir={tmp_path / 'x'}"))
+        sft(tiny_config("data.source=shapes", f"sft.output_dir={tmp_path / 'x'}", previous=True))
 
 
 def test_spie_sft_cli_rejects_a_bad_field(tmp_path):

@@ -35,6 +35,7 @@ def test_the_probe_moves_only_with_the_policy(tiny_config):
         "train.objective=spie_ranking",
         "eval.probe_every=1",
         "eval.probe_items=4",
+        previous=True,
     )
     records = read_metrics(train(config))
     probes = [r["probe.brightness.mean"] for r in records]
@@ -45,7 +46,7 @@ def test_the_probe_moves_only_with_the_policy(tiny_config):
 
 
 def test_group_filter_drops_groups_and_counts_them(tiny_config):
-    config = tiny_config("run.num_epochs=1", "run.name=filter", "train.filter_max_mean=-1")
+    config = tiny_config("run.num_epochs=1", "run.name=filter", "train.filter_max_mean=-1", previous=True)
     (record,) = read_metrics(train(config))
     assert record["groups_filtered"] == 4  # every group: brightness is never below -1
     assert "loss" not in record  # nothing left to train on, and the run goes on

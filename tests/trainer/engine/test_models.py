@@ -27,6 +27,8 @@ def test_generate_and_evaluate_a_run_from_another_folder(tmp_path, monkeypatch, 
             "run.num_epochs=1",
             "run.quiet=true",
             "model.pretrained=models/toy-editor",  # relative to the repo, as in configs/demo.yaml
+            "model.resolution=32",
+            "model.use_lora=true",
             "model.lora_rank=2",
             "model.lora_alpha=2",
             "sample.num_steps=3",

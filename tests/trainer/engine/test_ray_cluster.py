@@ -36,6 +36,7 @@ def test_rollout_workers_spread_over_two_nodes(two_node_cluster, tiny_config, ca
         "ray.worker_resources={rollout_slot: 1}",
         "ray.placement_strategy=STRICT_SPREAD",
         "ray.start_timeout_s=180",
+        previous=True,
     )
     from trainer.engine.ray.engine import RayEngine
 

@@ -75,6 +75,7 @@ def test_two_learners_train_as_one_on_the_same_batch(local_ray, tiny_config, cap
             "ray.enabled=false",
             "sample.num_batches_per_epoch=2",
             "train.gradient_accumulation_steps=4",
+            previous=True,
         )
     )
     config = tiny_config(
@@ -84,6 +85,7 @@ def test_two_learners_train_as_one_on_the_same_batch(local_ray, tiny_config, cap
         "ray.num_learners=2",
         "sample.num_batches_per_epoch=1",  # per learner: the driver samples 2
         "train.gradient_accumulation_steps=2",
+        previous=True,
     )
     assert (
         config.images_per_epoch == 16 and config.effective_train_batch == 16 and config.updates_per_epoch == 1

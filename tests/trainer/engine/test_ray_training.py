@@ -23,9 +23,11 @@ def local_ray():
 
 
 def test_ray_run_reproduces_the_single_process_run(local_ray, tiny_config, capsys):
-    local = read_metrics(train(tiny_config(*COMMON, "run.name=local")))
-    one = read_metrics(train(tiny_config(*COMMON, "run.name=ray1", "ray.enabled=true")))
-    two_dir = train(tiny_config(*COMMON, "run.name=ray2", "ray.enabled=true", "ray.num_rollout_workers=2"))
+    local = read_metrics(train(tiny_config(*COMMON, "run.name=local", previous=True)))
+    one = read_metrics(train(tiny_config(*COMMON, "run.name=ray1", "ray.enabled=true", previous=True)))
+    two_dir = train(
+        tiny_config(*COMMON, "run.name=ray2", "ray.enabled=true", "ray.num_rollout_workers=2", previous=True)
+    )
     assert "ray: 2 rollout worker(s) on 1 node(s), 1 learner" in capsys.readouterr().out
     two = read_metrics(two_dir)
     # Each shard carries where its noise starts in the epoch's stream, so the edits do not depend on
@@ -46,7 +48,9 @@ def test_a_killed_rollout_worker_is_restarted_and_its_share_redone(local_ray, ti
     from trainer.data.inputs import load_inputs
     from trainer.engine.ray.engine import RayEngine
 
-    config = tiny_config(*COMMON, "ray.enabled=true", "ray.num_rollout_workers=2", "ray.max_restarts=2")
+    config = tiny_config(
+        *COMMON, "ray.enabled=true", "ray.num_rollout_workers=2", "ray.max_restarts=2", previous=True
+    )
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
     engine = RayEngine(config)
     try:

@@ -167,14 +167,20 @@ def test_bad_input_names_file_and_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    """A one-epoch tiny RL run (LoRA, brightness): its run folder."""
+def tiny_run(tmp_path_factory, tiny_model_dir, previous_tiny):
+    """A one-epoch tiny RL run (LoRA, brightness, the preset's earlier 32 px sizes): its run folder."""
     from trainer.loop import train
 
     root = tmp_path_factory.mktemp("evalrun")
     config = load_config(
         "configs/tiny.yaml",
-        [f"run.output_dir={root}", "run.quiet=true", "run.num_epochs=1", "run.image_log_freq=0"],
+        [
+            *previous_tiny,
+            f"run.output_dir={root}",
+            "run.quiet=true",
+            "run.num_epochs=1",
+            "run.image_log_freq=0",
+        ],
     )
     return train(config)
 
@@ -337,8 +343,11 @@ def test_synthetic_heldout_judged_by_the_oracle(tiny_run, tmp_path, capsys):
         "".join(json.dumps({**r, "output": r["target"]}) + "\n" for r in lines)
     )
     truth = evaluate_edits(
-        tmp_path / "gt" / "truth.jsonl", "configs/tiny.yaml", tmp_path / "t", overrides=[oracle]
-    )
+        tmp_path / "gt" / "truth.jsonl",
+        "configs/tiny.yaml",
+        tmp_path / "t",
+        overrides=[oracle, "model.resolution=32"],
+    )  # the edits are 32 px: judged at the preset's 8 px they would be resized
     assert truth["metrics"]["A"]["oracle_edit.success"]["mean"] == 1.0
     assert truth["metrics"]["A"]["l2_outside_mask"]["mean"] == 0.0
     # The same inputs from a JSONL file (--inputs) through the CLI.
