@@ -212,7 +212,7 @@ def test_skip_final_steps_leaves_the_last_stochastic_steps_out_of_training(tiny_
     from trainer.engine.learner import Learner
     from trainer.engine.policy import build_policy
 
-    config = tiny_config("run.name=skip", "train.skip_final_steps=2")
+    config = tiny_config("run.name=skip", "train.skip_final_steps=2", previous=True)
     learner = Learner(config, build_policy(config))
     stochastic = learner.policy.sched.step_is_stochastic()
     steps = torch.nonzero(stochastic).view(-1)
