@@ -7,25 +7,33 @@
    inputs from the same noise: the edits should now score higher (paired difference).
 3. Report how far the policy's per-step log-ratio to the reference sits from SPIE's clamp.
 
-    .venv/bin/python -P bench/loop_check.py  (-P: bench/queue.py would shadow the stdlib queue) --config configs/demo.yaml --epochs 8 --set train.learning_rate=1e-3
+    .venv/bin/python bench/loop_check.py --config configs/demo.yaml --epochs 8 --set train.learning_rate=1e-3
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import time
+import sys
+from pathlib import Path
 
-import numpy as np
-import torch
+# bench/ holds queue.py: take the folder off sys.path so `import queue` finds the standard library.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
 
-from trainer.algo.objectives import group_advantages, ranking_from_scores, ranks_of
-from trainer.algo.signals import ppo_rewards, spie_signals
-from trainer.config import load_config
-from trainer.data.inputs import load_inputs
-from trainer.engine.local import LocalEngine
-from trainer.engine.shards import epoch_generator, plan_epoch
-from trainer.rewards.inprocess import InProcessRewards
+import argparse  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from trainer.algo.objectives import group_advantages, ranking_from_scores, ranks_of  # noqa: E402
+from trainer.algo.signals import ppo_rewards, spie_signals  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data.inputs import load_inputs  # noqa: E402
+from trainer.engine.local import LocalEngine  # noqa: E402
+from trainer.engine.shards import epoch_generator, plan_epoch  # noqa: E402
+from trainer.rewards.inprocess import InProcessRewards  # noqa: E402
 
 
 @torch.no_grad()
