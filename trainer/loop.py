@@ -103,7 +103,11 @@ def epoch_line(config: Config, record: dict[str, Any], seconds: float) -> str:
     elif "approx_kl" in record:
         parts.append(f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}")
     parts.append(f"zero-var groups={record['groups_zero_var']:.0%}")
-    probe_parts = [f"{k[6:]}={v:.4f}" for k, v in record.items() if k.startswith("probe.")]
+    probe_parts = [
+        f"{k[6:]}={v:.4f}"
+        for k, v in record.items()
+        if k.startswith("probe.") and k.endswith((".mean", ".success"))
+    ]
     if probe_parts:
         parts.append("probe: " + ", ".join(probe_parts))
     return f"[spie] epoch {record['epoch']}: " + ", ".join(parts) + f", {seconds:.1f}s"
