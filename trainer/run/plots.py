@@ -106,7 +106,8 @@ def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
                 label = f"held-out probe, fixed noise ({key[len('probe.') :]})"
                 ax.plot(px, py, linestyle=style, marker="s", markersize=4, color="black", label=label)
         ax.set_title(name)
-        ax.set_xlabel("epoch (probe: after that many epochs' updates)")
+        probed = any(k.startswith(f"probe.{name}.") for k in keys)
+        ax.set_xlabel("epoch (probe: after that many epochs' updates)" if probed else "epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -136,14 +137,14 @@ def before_after(
     rows = min(max_rows, *(int(images.shape[0]) for _, images in columns))
     fig = _figure(1.9 * len(columns) + 0.4, 1.9 * rows + 0.3)
     for r in range(rows):
-        for c, (title, images) in enumerate(columns):
+        for c, (heading, images) in enumerate(columns):
             ax = fig.add_subplot(rows, len(columns), r * len(columns) + c + 1)
             arr = images[r].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             ax.imshow(arr, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(title, fontsize=9)
+                ax.set_title(heading, fontsize=9)
             if c == 0 and r < len(row_titles):
                 ax.set_ylabel(_wrap(row_titles[r]), fontsize=7)
     if title:
