@@ -99,7 +99,9 @@ def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
                 if same_scale and not repeat:
                     ax.plot(ex, ey, linestyle="--", marker=".", label=extra)
                     shown.append(ey)
-        for key in (k for k in keys if k.startswith(f"probe.{name}.")):
+        # The probe's mean and success rate (its other details would repeat the lines above or
+        # sit on another scale).
+        for key in (k for k in keys if k.startswith(f"probe.{name}.") and k.endswith((".mean", ".success"))):
             px, py = _probe_series(records, key)
             if py.size:
                 style = "-" if key.endswith(".mean") else ":"
