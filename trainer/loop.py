@@ -62,8 +62,8 @@ def filter_groups(config: Config, rollout: Rollout, scores: Scores) -> tuple[Rol
     info = {"groups_zero_var": zero / max(1, len(groups)), "groups_filtered": len(groups) - len(keep_groups)}
     if len(keep_groups) == len(groups):
         return rollout, scores, info
-    keep = [i for i in range(len(rollout)) if int(rollout.group[i]) in set(keep_groups)]
-    return rollout.select(keep), scores.select(keep), info
+    keep = torch.nonzero(torch.isin(rollout.group, torch.tensor(keep_groups, dtype=torch.long))).view(-1)
+    return rollout.select(keep), scores.select(keep.tolist()), info
 
 
 def attach_signal(config: Config, rollout: Rollout, scores: Scores, stats: RewardStats) -> None:

@@ -100,7 +100,9 @@ def sample_shard(policy, shard: Shard, config: Config, progress: bool, policy_ve
     nb_gen = shard.nb_gen or s.nb_gen
     if shard.seeds is not None:  # one generator per edit
         generator = [
-            torch.Generator().manual_seed(x * nb_gen + j) for x in shard.seeds for j in range(nb_gen)
+            torch.Generator().manual_seed(x if nb_gen == 1 else item_seed(x, j))
+            for x in shard.seeds
+            for j in range(nb_gen)
         ]
     else:
         generator = torch.Generator()

@@ -186,7 +186,8 @@ def _finish(
     if len(labels) == 2:
         a, b = per_model[labels[0]], per_model[labels[1]]
         differences = {n: paired_difference(a[n], b[n], resamples, confidence, seed) for n in names}
-        flips = {n: flip_counts(a[n], b[n]) for n in names if flip_counts(a[n], b[n]) is not None}
+        counts = {n: flip_counts(a[n], b[n]) for n in names}
+        flips = {n: c for n, c in counts.items() if c is not None}
     rows = []
     for i in range(len(items)):
         row: dict[str, Any] = {"index": i, "name": items.names[i], "instruction": items.instructions[i]}
@@ -208,14 +209,13 @@ def _finish(
     k = min(grid_items, len(items))
     if all(t is not None for t in items.targets):
         columns.append(("target", torch.stack(items.targets)))
-    order, title = grid_rows(per_model, labels, flips, len(items))
+    order, marks, title = grid_rows(per_model, labels, flips, len(items))
     if k:
         pick = torch.as_tensor(order[:k])
-        marks = [_mark(per_model, labels, flips, i) for i in order[:k]]
         before_after(
             grid,
             [(t, x[pick]) for t, x in columns],
-            [f"{m}{items.instructions[i]}" for m, i in zip(marks, order[:k], strict=True)],
+            [f"{m}{items.instructions[i]}" for m, i in zip(marks[:k], order[:k], strict=True)],
             max_rows=k,
             title=title,
         )
@@ -250,30 +250,24 @@ def flip_counts(a: np.ndarray, b: np.ndarray) -> dict[str, int] | None:
     return {"fixed": int(((a == 0) & (b == 1)).sum()), "broken": int(((a == 1) & (b == 0)).sum())}
 
 
-def grid_rows(per_model: dict, labels: list[str], flips: dict, n: int) -> tuple[list[int], str]:
-    """Which items the before/after grid shows first (with two models and a 0/1 metric: the items B
-    fixed, then those it broke, then the rest) and the grid's title line."""
+def grid_rows(per_model: dict, labels: list[str], flips: dict, n: int) -> tuple[list[int], list[str], str]:
+    """The before/after grid's row order, a mark per row and its title line. With two models and a 0/1
+    metric (a `.success` one first): the items B fixed, then those it broke, then the rest."""
     if not flips:
-        return list(range(n)), ""
+        return list(range(n)), [""] * n, ""
     name = next((m for m in flips if m.endswith(".success")), next(iter(flips)))
     a, b = per_model[labels[0]][name], per_model[labels[1]][name]
     fixed = [i for i in range(n) if a[i] == 0 and b[i] == 1]
     broken = [i for i in range(n) if a[i] == 1 and b[i] == 0]
-    rest = [i for i in range(n) if i not in set(fixed) | set(broken)]
+    flipped = set(fixed) | set(broken)
+    rest = [i for i in range(n) if i not in flipped]
     title = (
         f"{name}, {labels[0]} -> {labels[1]} on {n} held-out edits (same noise): "
         f"{len(fixed)} failures became successes, {len(broken)} successes became failures "
         f"(rows: fixed first, then broken)"
     )
-    return fixed + broken + rest, title
-
-
-def _mark(per_model: dict, labels: list[str], flips: dict, i: int) -> str:
-    if not flips:
-        return ""
-    name = next((m for m in flips if m.endswith(".success")), next(iter(flips)))
-    a, b = per_model[labels[0]][name][i], per_model[labels[1]][name][i]
-    return "[fixed] " if (a, b) == (0, 1) else "[broken] " if (a, b) == (1, 0) else ""
+    marks = ["[fixed] "] * len(fixed) + ["[broken] "] * len(broken) + [""] * len(rest)
+    return fixed + broken + rest, marks, title
 
 
 def _common(config: Config, clip_model: str) -> tuple[dict, ClipMetric | None]:

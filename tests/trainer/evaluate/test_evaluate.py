@@ -366,6 +366,6 @@ def test_flips_count_fixed_and_broken_items_and_lead_the_grid():
     assert flip_counts(a, b) == {"fixed": 2, "broken": 1}
     assert flip_counts(np.array([0.2, 1.0]), np.array([1.0, 0.0])) is None  # not a 0/1 metric
     per_model = {"start": {"x.success": a}, "trained": {"x.success": b}}
-    order, title = grid_rows(per_model, ["start", "trained"], {"x.success": flip_counts(a, b)}, 5)
+    order, marks, title = grid_rows(per_model, ["start", "trained"], {"x.success": flip_counts(a, b)}, 5)
     assert order == [0, 4, 1, 2, 3]
     assert "2 failures became successes, 1 successes became failures" in title
