@@ -74,7 +74,9 @@ def attach_signal(config: Config, rollout: Rollout, scores: Scores, stats: Rewar
         reward = ppo_rewards(config.reward, scores)
         single = len(config.reward.scorers) == 1
         fallback = stats.mean_std(config.reward.scorers[0].name) if single else None
-        rollout.advantages = group_advantages(reward, rollout.group, t.min_group_size, fallback).float()
+        rollout.advantages = group_advantages(
+            reward, rollout.group, t.min_group_size, fallback, scale=t.advantage_scale
+        ).float()
     else:
         structural, semantic = spie_signals(config.reward, t, scores, rollout)
         ranking = ranking_from_scores(structural, semantic, rollout.group, t.score_alpha)

@@ -30,6 +30,7 @@ def group_advantages(
     min_group_size: int = 2,
     fallback: tuple[float, float] | None = None,
     eps: float = 1e-8,
+    scale: str = "group",
 ) -> torch.Tensor:
     """Per-group normalised advantages (GRPO-style).
 
@@ -38,10 +39,17 @@ def group_advantages(
         group: (N,) long, the input each reward belongs to.
         min_group_size: groups smaller than this are normalised with batch (or `fallback`) statistics.
         fallback: (mean, std) to use for small groups instead of the batch's own (e.g. running stats).
+        scale: "group" divides each group by its own std (GRPO, Flow-GRPO); "batch" divides every
+            group's centred rewards by one std over the whole batch (Dr. GRPO, Liu et al. 2025,
+            arXiv 2503.20783, sec. 3.1, drops the per-group std): a group whose edits score alike
+            then gets small advantages instead of its noise blown up to unit scale.
 
     Returns:
-        (N,) advantages (reward - group mean) / (group std + eps).
+        (N,) advantages (reward - group mean) / (group std + eps), or / (batch std of the centred
+        rewards + eps) with scale "batch".
     """
+    if scale not in ("group", "batch"):
+        raise ValueError(f"scale must be 'group' or 'batch', got {scale!r}")
     adv = torch.empty_like(rewards)
     if fallback is not None:
         b_mean, b_std = fallback
@@ -52,9 +60,11 @@ def group_advantages(
         sel = group == g
         r = rewards[sel]
         if r.numel() >= max(2, min_group_size):
-            adv[sel] = (r - r.mean()) / (r.std() + eps)
+            adv[sel] = (r - r.mean()) if scale == "batch" else (r - r.mean()) / (r.std() + eps)
         else:
-            adv[sel] = (r - b_mean) / (b_std + eps)
+            adv[sel] = (r - b_mean) if scale == "batch" else (r - b_mean) / (b_std + eps)
+    if scale == "batch":
+        adv = adv / (adv.std() + eps) if adv.numel() > 1 else adv
     return adv
 
 

@@ -123,6 +123,10 @@ class TrainConfig:
     adv_clip_max: float = 5.0
     # PPO: groups smaller than this use whole-batch statistics for normalisation.
     min_group_size: int = 2
+    # PPO: how group-centred rewards are scaled. "group": by each group's std (GRPO, DDPO's
+    # per-prompt tracker); "batch": by one std over the batch (Dr. GRPO), so groups whose edits
+    # score alike (nothing to learn) weigh little instead of having their noise scaled to unit size.
+    advantage_scale: Literal["group", "batch"] = "group"
     # Group filtering as in Edit-R1 (UniWorld-V2): before the update, drop the groups whose reward
     # (the single scorer's raw score, else the weighted sum of standardised scores) has a standard
     # deviation below `filter_min_std` (nothing to learn from), or a mean above `filter_max_mean`

@@ -21,6 +21,20 @@ def test_group_advantages_normalise_within_groups_and_fall_back_for_small_groups
     assert torch.isclose(adv[5], torch.tensor(0.5))
 
 
+def test_batch_scaled_advantages_keep_groups_of_alike_edits_small():
+    # Group 0's edits score alike (noise), group 1's split into successes and failures.
+    rewards = torch.tensor([0.50, 0.51, 0.49, 0.50, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    per_group = group_advantages(rewards, group)
+    batch = group_advantages(rewards, group, scale="batch")
+    # With each group's own std both groups get unit-scale advantages ...
+    assert torch.isclose(per_group[:4].std(), per_group[4:].std())
+    # ... with one std over the batch (Dr. GRPO): centred rewards / their std over all 8.
+    centred = torch.cat([rewards[:4] - rewards[:4].mean(), rewards[4:] - rewards[4:].mean()])
+    assert torch.allclose(batch, centred / (centred.std() + 1e-8))
+    assert batch[:4].abs().max() < 0.03 * batch[4:].abs().max()
+
+
 def test_ppo_clip_matches_the_surrogate():
     lp = torch.tensor([0.0, 0.5, -0.5, 0.05], requires_grad=True)
     old = torch.zeros(4)
