@@ -19,6 +19,7 @@ draining; it needs no token, so load balancers can probe it. Server reflection i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -178,10 +179,9 @@ class RewardServer:
         scorer = await asyncio.get_running_loop().run_in_executor(None, self._factory)
         size = max(1, min(self.batching.max_batch_size, int(scorer.max_batch_size)))
         if size != self.batching.max_batch_size:
-            self.batching = BatcherConfig(
-                size, self.batching.max_queue_delay_ms, self.batching.max_queue_size
-            )
-        self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics)
+            self.batching = dataclasses.replace(self.batching, max_batch_size=size)
+        namespace = f"{scorer.name}/{scorer.version}/{scorer.model_id}"
+        self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics, cache_namespace=namespace)
         self.batcher.start()
         self.scorer = scorer
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
