@@ -122,6 +122,7 @@ _BUILTIN_MODULES = (
     "reward_servers.vlm_judge",
     "reward_servers.hps",
     "reward_servers.clip_score",
+    "reward_servers.grounding",
     "reward_servers.sleep",
 )
 

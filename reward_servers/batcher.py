@@ -226,6 +226,19 @@ class DynamicBatcher:
             if not request.future.done():
                 request.fail(DeadlineExpired("caller went away"))
 
+    async def run_exclusive(self, fn: Callable[..., Any], *args: Any, deadline: float | None = None) -> Any:
+        """Run `fn(*args)` on the scorer's worker thread (between batches: one device, one user), for
+        calls that are not scoring (the Ground RPC). Raises DeadlineExpired past `deadline`."""
+        if self._closed:
+            raise BatcherClosed("the scorer is shutting down")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except (TimeoutError, asyncio.TimeoutError):
+            raise DeadlineExpired("deadline passed while the request was being served") from None
+
     def _keys(self, batch: ScoreBatch) -> list[bytes]:
         return [item_key(self.cache_namespace, _slice(batch, i)) for i in range(len(batch))]
 

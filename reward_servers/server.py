@@ -10,6 +10,7 @@ submits the good ones to the `DynamicBatcher`, and maps failures to status codes
 | queue full, or the request's images decode to more than `max_decoded_mb` | RESOURCE_EXHAUSTED |
 | deadline passed in the queue              | DEADLINE_EXCEEDED   |
 | not loaded yet, or draining               | UNAVAILABLE         |
+| `Ground` on a scorer that does not ground | UNIMPLEMENTED       |
 | missing or wrong auth token               | UNAUTHENTICATED     |
 
 The standard `grpc.health.v1` service says NOT_SERVING until the scorer is loaded and again while
@@ -37,6 +38,7 @@ from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from reward_servers.config import ServerConfig
+from reward_servers.grounding_rpc import serve_ground
 from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes, to_batch
 from reward_servers.metrics import Metrics
 
@@ -146,6 +148,9 @@ class RewardServer:
             ),
             "Info": grpc.unary_unary_rpc_method_handler(
                 self._info, _parse_or_none(pb.InfoRequest), pb.InfoResponse.SerializeToString
+            ),
+            "Ground": grpc.unary_unary_rpc_method_handler(
+                self._ground, _parse_or_none(pb.GroundRequest), pb.GroundResponse.SerializeToString
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -295,6 +300,9 @@ class RewardServer:
             except Exception as err:  # anything else about one item fails that item alone
                 out.append(ImageError(f"{where}: {type(err).__name__}: {clean_error(err)}"))
         return out
+
+    async def _ground(self, request: pb.GroundRequest | None, context) -> pb.GroundResponse:
+        return await serve_ground(self, request, context)
 
     async def _score(self, request: pb.ScoreRequest | None, context) -> pb.ScoreResponse:
         start = time.perf_counter()
