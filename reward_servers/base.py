@@ -123,6 +123,7 @@ _BUILTIN_MODULES = (
     "reward_servers.hps",
     "reward_servers.clip_score",
     "reward_servers.grounding",
+    "reward_servers.edit_reward",
     "reward_servers.sleep",
 )
 

@@ -60,10 +60,10 @@ def _question(key: str, entry: Any, path: Path) -> Question:
     return Question(key, images, entry["text"])
 
 
-def load_prompts(mode: str, path: str | Path | None = None) -> PromptSet:
-    """Read the questions of `mode` from the prompt file (None: the shipped one)."""
-    if mode not in MODES:
-        raise UserError(f"vlm_judge: mode must be one of {list(MODES)}, got {mode!r}")
+def load_prompts(mode: str, path: str | Path | None = None, modes: tuple[str, ...] = MODES) -> PromptSet:
+    """Read the questions of `mode` (one of `modes`) from the prompt file (None: the shipped one)."""
+    if mode not in modes:
+        raise UserError(f"vlm_judge: mode must be one of {list(modes)}, got {mode!r}")
     path = Path(path) if path else DEFAULT_PROMPTS
     try:
         data = yaml.safe_load(path.read_text())

@@ -69,7 +69,7 @@ def _tokenizer():
 
 
 def save_tiny_vlm(folder: str, seed: int = 0, family: str = "qwen2_vl") -> str:
-    """Save a tiny random `family` ("qwen2_vl" or "qwen3_vl") judge to `folder`: text hidden 32 x 2
+    """Save a tiny random `family` ("qwen2_vl", "qwen2_5_vl" or "qwen3_vl") judge to `folder`: text hidden 32 x 2
     layers, vision 32 x 1 layer, images fixed at 56 x 56 (Qwen2-VL: 14 px patches) or 64 x 64
     (Qwen3-VL: 16 px patches), so 4 merged tokens per image."""
     import torch
@@ -102,6 +102,22 @@ def save_tiny_vlm(folder: str, seed: int = 0, family: str = "qwen2_vl") -> str:
         vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2}
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
         model_cls, side, patch = Qwen2VLForConditionalGeneration, 56, 14
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        text["bos_token_id"] = None
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_cls, side, patch = Qwen2_5_VLForConditionalGeneration, 56, 14
     elif family == "qwen3_vl":
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -124,7 +140,7 @@ def save_tiny_vlm(folder: str, seed: int = 0, family: str = "qwen2_vl") -> str:
         config = Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
         model_cls, side, patch = Qwen3VLForConditionalGeneration, 64, 16
     else:
-        raise ValueError(f"family must be qwen2_vl or qwen3_vl, got {family!r}")
+        raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
     torch.manual_seed(seed)
     model_cls(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)

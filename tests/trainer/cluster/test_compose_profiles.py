@@ -25,6 +25,7 @@ OPTIONAL = {
     "vlm-rating": "vlm_judge",
     "vlm-viescore": "vlm_judge",
     "grounding": "grounding",
+    "edit-reward": "edit_reward",
 }
 ENV = {"SPIE_REDIS_PASSWORD": "p", "SPIE_RAY_TOKEN": "t", "SPIE_REWARD_TOKEN": "r"}
 
