@@ -1,15 +1,19 @@
-"""Reward-server benchmarks (`python bench/reward_server.py`).
+"""Reward-server benchmarks that measure the server, not the machine's load (`python bench/reward_server.py`).
 
-1. Transport overhead: images/s through gRPC (a `spie serve` subprocess on loopback) against calling
-   the same scorer in process, at batch sizes 1, 8 and 32 with 256x256 images, raw and PNG. Requests
-   are encoded once beforehand (as the trainer's client does), so the gRPC figure covers serialising,
-   the loopback hop, parsing, decoding and batching. Target: gRPC / in-process >= 0.9 at batch 32.
-2. Dynamic batching: 32 concurrent single-item clients against the same server with batching on
-   (max_batch_size 32, 5 ms delay) and off (max_batch_size 1). Reports throughput, the ratio
-   (target >= 4x) and the batch-size histogram the server achieved (from its Prometheus metrics).
+The headline figures use the `sleep` scorer, a stand-in for a GPU model: every call takes a fixed
+time for any batch up to its maximum size and almost no CPU, as a forward pass on a GPU does. On a
+shared CPU a model-backed scorer is compute-bound instead (a batch of 32 costs about 32 single
+items), so batching cannot help it and its timings follow the machine's load; its figures are
+printed beside, labelled as CPU model-backed.
 
-The scorer is the tiny Depth Anything of the tests (a 4-layer, 32-wide DINOv2 backbone) run at a
-224 px input: model-backed, small enough for a CPU.
+1. Dynamic batching: 32 concurrent single-item clients against a `spie serve sleep` subprocess with
+   batching on (max_batch_size 32, 5 ms delay) and off (max_batch_size 1). Throughput, the on/off
+   ratio (aim: at least 8x) and the server's batch-size histogram (its Prometheus metrics).
+2. Transport: items/s through gRPC (the subprocess on loopback, raw 256x256 images, requests encoded
+   once beforehand as the trainer's client does) against calling the same scorer in this process, at
+   batch 32. The two are measured in interleaved pairs (alternating which goes first) and the
+   median of the per-pair ratios is reported (aim: gRPC / in-process >= 0.9). The same for the tiny
+   Depth Anything at 224 px (model-backed, CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,9 +43,6 @@ from reward_servers.base import ScoreBatch, build_scorer  # noqa: E402
 from reward_servers.client import ScorerClient  # noqa: E402
 from reward_servers.images import make_item  # noqa: E402
 
-SCORER = "depth_structure"
-INPUT_SIZE = 224
-
 
 def images(n: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
     """n smooth-plus-noise RGB images (PNG compresses them like photos, not like pure noise)."""
@@ -54,14 +56,15 @@ def images(n: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def start_server(model_dir: str, max_batch_size: int, delay_ms: float, metrics_port: int):
-    config = Path(model_dir) / f"serve_{max_batch_size}.yaml"
+def start_server(folder: str, scorer: str, kwargs: dict, max_batch_size: int, metrics_port: int = 0):
+    """A `spie serve` subprocess; returns (process, "host:port") once it is SERVING."""
+    config = Path(folder) / f"serve_{scorer}_{max_batch_size}.yaml"
+    args = ", ".join(f"{k}: {v}" for k, v in kwargs.items())
     config.write_text(
-        f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: {delay_ms}, max_queue_size: 4096}}\n"
-        f"server: {{metrics_port: {metrics_port}}}\n"
-        f"scorer: {{model_id: {model_dir}, input_size: {INPUT_SIZE}, max_batch_size: 64}}\n"
+        f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: 5, max_queue_size: 4096}}\n"
+        f"server: {{metrics_port: {metrics_port}}}\nscorer: {{{args}}}\n"
     )
-    cmd = [sys.executable, "-m", "trainer.cli", "serve", SCORER, "--port", "0", "--config", str(config)]
+    cmd = [sys.executable, "-m", "trainer.cli", "serve", scorer, "--port", "0", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -75,7 +78,7 @@ def start_server(model_dir: str, max_batch_size: int, delay_ms: float, metrics_p
         if not line and proc.poll() is not None:
             break
     proc.kill()
-    raise RuntimeError("spie serve did not start")
+    raise RuntimeError(f"spie serve {scorer} did not start within 120 s")
 
 
 def stop_server(proc) -> None:
@@ -86,49 +89,16 @@ def stop_server(proc) -> None:
         proc.kill()
 
 
-def timed(fn, min_seconds: float) -> float:
-    """Seconds per call of fn, after one warm-up call, repeated for at least min_seconds."""
-    fn()
-    calls, start = 0, time.perf_counter()
-    while True:
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of fn over `repeats` calls."""
+    start = time.perf_counter()
+    for _ in range(repeats):
         fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return elapsed / calls
-
-
-def bench_transport(model_dir: str, seconds: float) -> None:
-    scorer = build_scorer(SCORER, model_id=model_dir, input_size=INPUT_SIZE, max_batch_size=64)
-    pool = images(32)
-    proc, target = start_server(model_dir, 32, 5.0, 0)
-    print("\n1. gRPC vs in-process, 256x256 images, tiny depth_structure at 224 px")
-    print(
-        f"{'batch':>5} {'encoding':>8} {'in-proc img/s':>14} {'gRPC img/s':>11} {'ratio':>6} {'encode ms':>10} {'MiB/req':>8}"
-    )
-    try:
-        with ScorerClient(target, timeout_s=120) as client:
-            for n in (1, 8, 32):
-                batch = ScoreBatch(pool[:n], pool[:n][::-1], ["x"] * n)
-                t_local = timed(lambda b=batch: scorer.score(b), seconds)
-                for encoding in ("raw", "png"):
-                    start = time.perf_counter()
-                    items = [
-                        make_item(str(i), pool[i], pool[n - 1 - i], "x", encoding=encoding) for i in range(n)
-                    ]
-                    request = pb.ScoreRequest(items=items)
-                    encode_ms = (time.perf_counter() - start) * 1000
-                    t_grpc = timed(lambda r=request: client.score_request(r), seconds)
-                    mib = request.ByteSize() / 2**20
-                    print(
-                        f"{n:>5} {encoding:>8} {n / t_local:>14.1f} {n / t_grpc:>11.1f} {t_local / t_grpc:>6.2f} "
-                        f"{encode_ms:>10.1f} {mib:>8.2f}"
-                    )
-    finally:
-        stop_server(proc)
+    return (time.perf_counter() - start) / repeats
 
 
 def batch_histogram(metrics_port: int) -> dict[str, int]:
+    """Batches per size bucket, from the server's `spie_reward_batch_size` histogram."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     cumulative = {}
     for le, value in re.findall(
@@ -143,71 +113,156 @@ def batch_histogram(metrics_port: int) -> dict[str, int]:
     return hist
 
 
-def bench_batching(model_dir: str, seconds: float, clients: int = 32) -> None:
-    print(f"\n2. Dynamic batching, {clients} concurrent single-item clients, 256x256 raw images")
+def bench_batching(folder: str, batch_seconds: float, seconds: float, clients: int = 32) -> float:
+    print(
+        f"\n1. Dynamic batching: {clients} concurrent single-item clients, 256x256 raw images, "
+        f"latency-bound `sleep` scorer ({batch_seconds * 1000:.0f} ms per batch of up to 32, a GPU stand-in)"
+    )
     pool = images(clients, seed=1)
     results = {}
     for label, size in (("off", 1), ("on", 32)):
         port = 9460 + size
-        proc, target = start_server(model_dir, size, 5.0, port)
+        proc, target = start_server(
+            folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 32}, size, port
+        )
         try:
             with ScorerClient(target, timeout_s=120) as client:
                 requests = [
                     pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[i], "x")]) for i in range(clients)
                 ]
-                for r in requests[:4]:
-                    client.score_request(r)  # warm-up
+                client.score_request(requests[0])  # warm-up
                 done = [0] * clients
-                stop_at = time.perf_counter() + seconds
-                start_barrier = threading.Barrier(clients + 1)
+                barrier = threading.Barrier(clients + 1)
+                stop_at = [0.0]
 
-                def worker(
-                    k: int,
-                    stop_at=stop_at,
-                    done=done,
-                    client=client,
-                    requests=requests,
-                    barrier=start_barrier,
-                ) -> None:
+                def worker(k: int, barrier=barrier, stop_at=stop_at, requests=requests, done=done) -> None:
                     barrier.wait()
-                    while time.perf_counter() < stop_at:
+                    while time.perf_counter() < stop_at[0]:
                         client.score_request(requests[k])
                         done[k] += 1
 
                 threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
                 for t in threads:
                     t.start()
+                stop_at[0] = time.perf_counter() + seconds
                 start = time.perf_counter()
-                start_barrier.wait()
+                barrier.wait()
                 for t in threads:
                     t.join(seconds + 120)
                 elapsed = time.perf_counter() - start
                 results[label] = sum(done) / elapsed
                 print(
-                    f"batching {label:>3}: {results[label]:8.1f} items/s, batch sizes {batch_histogram(port)}"
+                    f"  batching {label:>3}: {results[label]:8.1f} items/s, batches by size {batch_histogram(port)}"
                 )
         finally:
             stop_server(proc)
-    print(f"throughput ratio on/off: {results['on'] / results['off']:.2f}x")
+    ratio = results["on"] / results["off"]
+    print(
+        f"  on/off throughput ratio: {ratio:.2f}x (aim >= 8x; ideal {32 * batch_seconds / (batch_seconds + 0.005):.0f}x)"
+    )
+    return ratio
+
+
+def bench_transport(folder: str, scorer: str, kwargs: dict, label: str, pairs: int, repeats: int) -> dict:
+    """Interleaved pairs of (in-process, gRPC) timings at batch 32: gRPC one request at a time
+    (latency) and with two requests in flight (throughput: the server parses and decodes the next
+    request while the scorer runs). Returns the medians of the per-pair ratios."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reward_servers.server import SERVICE_NAME
+
+    n = 32
+    pool = images(n)
+    local = build_scorer(scorer, **kwargs)
+    batch = ScoreBatch(pool, pool[::-1], ["x"] * n)
+    request = pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[n - 1 - i], "x") for i in range(n)])
+    payload = request.SerializeToString()  # the client's encoding, done once (it is not the server's work)
+    proc, target = start_server(folder, scorer, kwargs, n)
+    ratios: dict[str, list[float]] = {"sequential": [], "two in flight": []}
+    rates: dict[str, list[float]] = {"in-process": [], "sequential": [], "two in flight": []}
+    try:
+        with ScorerClient(target, timeout_s=300) as client, ThreadPoolExecutor(2) as threads:
+            call = client.channel.unary_unary(
+                f"/{SERVICE_NAME}/Score", response_deserializer=pb.ScoreResponse.FromString
+            )
+
+            def grpc_one() -> None:
+                call(payload, timeout=300)
+
+            def grpc_two() -> None:  # `repeats` requests, two in flight
+                list(threads.map(lambda _: grpc_one(), range(2)))
+
+            local.score(batch), grpc_one()  # warm-up
+            for k in range(pairs):
+                runs = [
+                    ("in-process", lambda: local.score(batch), 1),
+                    ("sequential", grpc_one, 1),
+                    ("two in flight", grpc_two, 2),
+                ]
+                if k % 2:
+                    runs.reverse()  # alternate the order, so a change of load hits every side alike
+                per_item = {name: timed(fn, repeats) / (n * per_call) for name, fn, per_call in runs}
+                for name, t in per_item.items():
+                    rates[name].append(1 / t)
+                for name in ratios:
+                    ratios[name].append(per_item["in-process"] / per_item[name])
+    finally:
+        stop_server(proc)
+    medians = {name: statistics.median(r) for name, r in ratios.items()}
+    local_ms = n / statistics.median(rates["in-process"]) * 1000
+    print(f"  {label}; request {len(payload) / 2**20:.1f} MiB")
+    print(
+        f"    in-process            {statistics.median(rates['in-process']):8.1f} items/s ({local_ms:.1f} ms per batch)"
+    )
+    for name, r in ratios.items():
+        added = n / statistics.median(rates[name]) * 1000 - local_ms
+        print(
+            f"    gRPC, {name:<15} {statistics.median(rates[name]):8.1f} items/s (+{added:.1f} ms per batch), "
+            f"gRPC/in-process median {medians[name]:.3f} (pairs: {' '.join(f'{x:.3f}' for x in r)})"
+        )
+    return medians
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure of part 1")
+    parser.add_argument("--batch-seconds", type=float, default=0.05, help="the sleep scorer's time per batch")
+    parser.add_argument("--batching-seconds", type=float, default=5.0, help="measuring time per batching run")
+    parser.add_argument("--pairs", type=int, default=7, help="interleaved in-process/gRPC pairs (>= 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="calls timed per side of a pair")
     parser.add_argument(
-        "--batching-seconds", type=float, default=10.0, help="measuring time per run of part 2"
+        "--transport-batch-seconds",
+        type=float,
+        default=0.1,
+        help="the sleep scorer's time per batch in part 2",
     )
     parser.add_argument("--part", choices=("1", "2", "all"), default="all", help="which benchmark to run")
+    parser.add_argument(
+        "--skip-model", action="store_true", help="part 2 without the CPU model-backed figures"
+    )
     args = parser.parse_args()
     from reward_servers.depth import save_tiny
 
     print(f"cpus: {os.cpu_count()}, torch threads: {__import__('torch').get_num_threads()}")
-    with tempfile.TemporaryDirectory() as model_dir:
-        save_tiny(model_dir)
+    with tempfile.TemporaryDirectory() as folder:
         if args.part in ("1", "all"):
-            bench_transport(model_dir, args.seconds)
+            bench_batching(folder, args.batch_seconds, args.batching_seconds)
         if args.part in ("2", "all"):
-            bench_batching(model_dir, args.batching_seconds)
+            print(f"\n2. gRPC vs in-process at batch 32, 256x256 raw images, {args.pairs} interleaved pairs")
+            ms = args.transport_batch_seconds * 1000
+            sleep = {"batch_seconds": args.transport_batch_seconds, "max_batch_size": 32}
+            label = f"sleep, {ms:.0f} ms per batch (GPU stand-in)"
+            bench_transport(folder, "sleep", sleep, label, args.pairs, args.repeats)
+            if not args.skip_model:
+                save_tiny(folder)
+                depth = {"model_id": folder, "input_size": 224, "max_batch_size": 64}
+                bench_transport(
+                    folder,
+                    "depth_structure",
+                    depth,
+                    "tiny depth_structure, 224 px (CPU model-backed)",
+                    args.pairs,
+                    1,
+                )
     return 0
 
 

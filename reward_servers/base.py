@@ -121,6 +121,9 @@ _BUILTIN_MODULES = (
     "reward_servers.exemplar",
     "reward_servers.vlm_judge",
     "reward_servers.hps",
+    "reward_servers.clip_score",
+    "reward_servers.grounding",
+    "reward_servers.edit_reward",
     "reward_servers.sleep",
 )
 

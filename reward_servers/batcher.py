@@ -12,6 +12,8 @@ forms the next batch.
   while queued is dropped and its request fails with `DeadlineExpired` (DEADLINE_EXCEEDED).
 - If the scorer raises on a batch, every item is scored again alone, so one poisonous item fails
   alone and the rest are still scored.
+- With `cache_items` > 0, an item already scored successfully is answered from the score cache
+  (`cache.py`) without queueing: the scorer never sees it again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult
+from reward_servers.cache import ScoreCache, item_key
 from reward_servers.metrics import Metrics
 
 
@@ -52,6 +55,8 @@ class BatcherConfig:
     max_queue_delay_ms: float = 5.0
     # Most items that may wait in the queue; a request that does not fit gets QueueFull.
     max_queue_size: int = 1024
+    # Successful outcomes kept in the score cache, keyed by (scorer, version, item inputs); 0: no cache.
+    cache_items: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -60,6 +65,8 @@ class BatcherConfig:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.cache_items < 0:
+            raise ValueError(f"cache_items must be >= 0, got {self.cache_items}")
 
 
 @dataclass
@@ -102,6 +109,7 @@ class _Entry:
     index: int
     fields: tuple[Any, ...]  # (edited, source, instruction, mask, exemplars, metadata)
     enqueued: float
+    key: bytes | None = None  # score-cache key (None: no cache)
 
 
 def _slice(batch: ScoreBatch, i: int) -> tuple[Any, ...]:
@@ -128,6 +136,8 @@ class DynamicBatcher:
         score_fn: the scorer's `score(batch) -> ScoreResult`; called on one worker thread.
         config: batching limits.
         metrics: optional Prometheus metrics to update.
+        cache_namespace: what the score cache's keys start with: the scorer's name, version and
+            model id (used when `config.cache_items` > 0).
     """
 
     def __init__(
@@ -135,10 +145,13 @@ class DynamicBatcher:
         score_fn: Callable[[ScoreBatch], ScoreResult],
         config: BatcherConfig,
         metrics: Metrics | None = None,
+        cache_namespace: str = "",
     ) -> None:
         self.score_fn = score_fn
         self.config = config
         self.metrics = metrics
+        self.cache = ScoreCache(config.cache_items) if config.cache_items else None
+        self.cache_namespace = cache_namespace
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # size -> number of batches
         self._queue: collections.deque[_Entry] = collections.deque()
         self._arrived = asyncio.Event()
@@ -171,17 +184,34 @@ class DynamicBatcher:
         n = len(batch)
         if n == 0:
             return []
-        if len(self._queue) + n > self.config.max_queue_size:
+        loop = asyncio.get_running_loop()
+        keys: list[bytes | None] = [None] * n
+        cached: dict[int, ItemOutcome] = {}
+        if self.cache is not None:
+            # Hashing the pixels runs off the event loop; hits never reach the queue.
+            keys = await loop.run_in_executor(None, self._keys, batch)
+            for i, key in enumerate(keys):
+                outcome = self.cache.get(key)
+                if outcome is not None:
+                    cached[i] = outcome
+            self._count_cache(len(cached), n - len(cached))
+        misses = n - len(cached)
+        if len(self._queue) + misses > self.config.max_queue_size:
             raise QueueFull(
-                f"queue full: {len(self._queue)} items waiting, {n} more requested, "
+                f"queue full: {len(self._queue)} items waiting, {misses} more requested, "
                 f"limit {self.config.max_queue_size}"
             )
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExpired("deadline passed before the request was queued")
-        request = _Request(n, deadline, asyncio.get_running_loop())
+        request = _Request(n, deadline, loop)
+        for i, outcome in cached.items():
+            request.resolve(i, outcome)
+        if not misses:
+            return await request.future
         for i in range(n):
-            self._queue.append(_Entry(request, i, _slice(batch, i), now))
+            if i not in cached:
+                self._queue.append(_Entry(request, i, _slice(batch, i), now, keys[i]))
         self._set_depth()
         self._arrived.set()
         try:
@@ -195,6 +225,28 @@ class DynamicBatcher:
             # A cancelled or timed-out caller leaves dead entries; the loop skips them.
             if not request.future.done():
                 request.fail(DeadlineExpired("caller went away"))
+
+    async def run_exclusive(self, fn: Callable[..., Any], *args: Any, deadline: float | None = None) -> Any:
+        """Run `fn(*args)` on the scorer's worker thread (between batches: one device, one user), for
+        calls that are not scoring (the Ground RPC). Raises DeadlineExpired past `deadline`."""
+        if self._closed:
+            raise BatcherClosed("the scorer is shutting down")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+        except (TimeoutError, asyncio.TimeoutError):
+            raise DeadlineExpired("deadline passed while the request was being served") from None
+
+    def _keys(self, batch: ScoreBatch) -> list[bytes]:
+        return [item_key(self.cache_namespace, _slice(batch, i)) for i in range(len(batch))]
+
+    def _count_cache(self, hits: int, misses: int) -> None:
+        if self.metrics is not None and self.cache is not None:
+            self.metrics.cache_hits.inc(hits)
+            self.metrics.cache_misses.inc(misses)
+            self.metrics.cache_hit_ratio.set(self.cache.hit_ratio)
 
     def begin_drain(self) -> None:
         """Score whatever is queued without waiting for batches to fill (still accepting requests)."""
@@ -265,6 +317,8 @@ class DynamicBatcher:
                 self._executor, self._score, _assemble([e.fields for e in entries])
             )
             for entry, outcome in zip(entries, outcomes, strict=True):
+                if self.cache is not None and entry.key is not None and outcome.kind == "ok":
+                    self.cache.put(entry.key, outcome)
                 entry.request.resolve(entry.index, outcome)
 
     def _score(self, batch: ScoreBatch) -> list[ItemOutcome]:

@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     serve.add_argument("--config", type=Path, help="YAML with server / batching / scorer sections")
     serve.add_argument("--max-batch-size", type=int, help="override batching.max_batch_size")
     serve.add_argument("--max-queue-delay-ms", type=float, help="override batching.max_queue_delay_ms")
+    serve.add_argument("--cache-items", type=int, help="override batching.cache_items (score cache; 0: off)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: off)")
     serve.add_argument("--tls-cert", help="PEM certificate (with --tls-key): serve TLS")
     serve.add_argument("--tls-key", help="PEM private key")
@@ -129,6 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
         for k, v in {
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms,
+            "cache_items": args.cache_items,
         }.items()
         if v is not None
     }

@@ -56,6 +56,11 @@ class ScorerClient:
             request_serializer=pb.InfoRequest.SerializeToString,
             response_deserializer=pb.InfoResponse.FromString,
         )
+        self._ground = self.channel.unary_unary(
+            f"/{SERVICE_NAME}/Ground",
+            request_serializer=pb.GroundRequest.SerializeToString,
+            response_deserializer=pb.GroundResponse.FromString,
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def score(
@@ -71,6 +76,11 @@ class ScorerClient:
     def score_future(self, request: pb.ScoreRequest, timeout_s: float | None = None) -> grpc.Future:
         """Send a request without waiting; `.result()` gives the ScoreResponse or raises grpc.RpcError."""
         return self._score.future(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+
+    def ground(self, items: list[pb.GroundItem], timeout_s: float | None = None) -> pb.GroundResponse:
+        """Masks of each item's phrase (a server hosting `grounding`); see `grounding_rpc.result_mask`."""
+        request = pb.GroundRequest(items=items)
+        return self._ground(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
 
     def info(self, timeout_s: float | None = None) -> pb.InfoResponse:
         return self._info(pb.InfoRequest(), timeout=timeout_s or self.timeout_s, metadata=self._metadata)

@@ -23,6 +23,8 @@ class Metrics:
         errors: failures by kind (invalid_input, scorer_error, queue_full, deadline, invalid_request,
             unauthenticated, unavailable).
         items_scored: items scored successfully.
+        cache_hits / cache_misses: items answered from / not found in the score cache.
+        cache_hit_ratio: hits / (hits + misses) since the server started.
     """
 
     def __init__(self, scorer: str, registry: CollectorRegistry | None = None) -> None:
@@ -48,6 +50,15 @@ class Metrics:
         self.items_scored = Counter("spie_reward_items_scored", "Items scored successfully", **kw).labels(
             **labels
         )
+        self.cache_hits = Counter(
+            "spie_reward_cache_hits", "Items answered from the score cache", **kw
+        ).labels(**labels)
+        self.cache_misses = Counter(
+            "spie_reward_cache_misses", "Items not found in the score cache", **kw
+        ).labels(**labels)
+        self.cache_hit_ratio = Gauge(
+            "spie_reward_cache_hit_ratio", "Score-cache hits / lookups since start", **kw
+        ).labels(**labels)
 
     def error(self, kind: str, count: int = 1) -> None:
         """Count `count` failures of `kind`."""

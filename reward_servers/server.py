@@ -10,6 +10,7 @@ submits the good ones to the `DynamicBatcher`, and maps failures to status codes
 | queue full, or the request's images decode to more than `max_decoded_mb` | RESOURCE_EXHAUSTED |
 | deadline passed in the queue              | DEADLINE_EXCEEDED   |
 | not loaded yet, or draining               | UNAVAILABLE         |
+| `Ground` on a scorer that does not ground | UNIMPLEMENTED       |
 | missing or wrong auth token               | UNAUTHENTICATED     |
 
 The standard `grpc.health.v1` service says NOT_SERVING until the scorer is loaded and again while
@@ -19,6 +20,7 @@ draining; it needs no token, so load balancers can probe it. Server reflection i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import math
@@ -36,6 +38,7 @@ from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from reward_servers.config import ServerConfig
+from reward_servers.grounding_rpc import serve_ground
 from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes, to_batch
 from reward_servers.metrics import Metrics
 
@@ -146,6 +149,9 @@ class RewardServer:
             "Info": grpc.unary_unary_rpc_method_handler(
                 self._info, _parse_or_none(pb.InfoRequest), pb.InfoResponse.SerializeToString
             ),
+            "Ground": grpc.unary_unary_rpc_method_handler(
+                self._ground, _parse_or_none(pb.GroundRequest), pb.GroundResponse.SerializeToString
+            ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -178,10 +184,9 @@ class RewardServer:
         scorer = await asyncio.get_running_loop().run_in_executor(None, self._factory)
         size = max(1, min(self.batching.max_batch_size, int(scorer.max_batch_size)))
         if size != self.batching.max_batch_size:
-            self.batching = BatcherConfig(
-                size, self.batching.max_queue_delay_ms, self.batching.max_queue_size
-            )
-        self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics)
+            self.batching = dataclasses.replace(self.batching, max_batch_size=size)
+        namespace = f"{scorer.name}/{scorer.version}/{scorer.model_id}"
+        self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics, cache_namespace=namespace)
         self.batcher.start()
         self.scorer = scorer
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -295,6 +300,9 @@ class RewardServer:
             except Exception as err:  # anything else about one item fails that item alone
                 out.append(ImageError(f"{where}: {type(err).__name__}: {clean_error(err)}"))
         return out
+
+    async def _ground(self, request: pb.GroundRequest | None, context) -> pb.GroundResponse:
+        return await serve_ground(self, request, context)
 
     async def _score(self, request: pb.ScoreRequest | None, context) -> pb.ScoreResponse:
         start = time.perf_counter()

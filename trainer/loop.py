@@ -29,6 +29,7 @@ from trainer.engine.local import LocalEngine
 from trainer.engine.shards import epoch_generator, plan_epoch, probe_shards
 from trainer.errors import UserError
 from trainer.pipeline import ScoringThread, probe, sample_and_score
+from trainer.rewards.grounding import ground_missing_masks
 from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
 from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -148,6 +149,9 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
     config = with_local_paths(config)
     run_dir = Path(resume) if resume else make_run_dir(config)
+    inputs.masks = ground_missing_masks(
+        config.reward.grounding, inputs.sources, inputs.instructions, inputs.metadata, inputs.masks, run_dir
+    )
     rewards = make_rewards(config, run_id=run_dir.name)
     log = engine = scorer = None
     try:

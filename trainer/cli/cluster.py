@@ -4,6 +4,7 @@ spie cluster up                                   # every service of ./docker-co
 spie cluster up --services redis,depth --scale depth=2
 spie cluster up -f docker-compose.yml -f override.yml --exit-code-from trainer
 spie cluster up --dry-run                         # print what would run
+spie cluster up --profile viescore --profile grounding   # add optional model-backed scorers
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def register(subparsers) -> None:
     )
     up.add_argument(
         "--services", default="", help="comma-separated services to start (and their dependencies)"
+    )
+    up.add_argument(
+        "--profile",
+        dest="profiles",
+        action="append",
+        default=[],
+        help="enable the services of a compose profile (repeatable; COMPOSE_PROFILES also counts)",
     )
     up.add_argument(
         "--scale", action="append", default=[], metavar="SERVICE=N", help="replicas of a service (repeatable)"
@@ -81,8 +89,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from trainer.cluster.launcher import Launcher
 
     files = args.files or [Path("docker-compose.yml")]
-    project = load_project(files, args.env_file, dict(os.environ), args.project_directory)
     names = [n.strip() for n in args.services.split(",") if n.strip()]
+    project = load_project(
+        files, args.env_file, dict(os.environ), args.project_directory, args.profiles, names
+    )
     launcher = Launcher(project, names, parse_scale(args.scale), dict(os.environ), args.health_timeout)
     if args.dry_run:
         for line in launcher.describe():

@@ -252,11 +252,15 @@ def load_project(
     env_files: list[Path] | None,
     environ: dict[str, str],
     project_directory: Path | None = None,
+    profiles: list[str] | None = None,
+    targeted: list[str] | None = None,
 ) -> Project:
     """Read, merge and interpolate compose files; `env_files` default to the project's `.env`.
 
     The project directory (where the processes run, as the images' /app; relative volume sources
     and env files are read from it) is the first file's folder unless given, as in Compose.
+    As in Compose, a service with `profiles` is left out unless one of them is active (`profiles`,
+    plus COMPOSE_PROFILES) or the service is named in `targeted`.
     """
     if not files:
         raise UserError("no compose file given")
@@ -282,7 +286,11 @@ def load_project(
     unset: set[str] = set()
     label = files[0].name
     services = {}
+    active = {p for p in [*(profiles or []), *variables.get("COMPOSE_PROFILES", "").split(",")] if p}
+    chosen = set(targeted or [])
     for name, raw in (merged.get("services") or {}).items():
+        if raw.get("profiles") and name not in chosen and not active & set(raw["profiles"]):
+            continue  # an optional service whose profile is not active
         svc = interpolate_tree(raw, variables, f"{label}: services.{name}", unset)
         services[name] = _service(name, svc, f"{label}: services.{name}", directory, variables)
     for name in sorted(unset):
@@ -290,7 +298,10 @@ def load_project(
     for svc in services.values():
         for dep in svc.depends_on:
             if dep not in services:
-                raise UserError(f"{label}: services.{svc.name}.depends_on: no service {dep!r}")
+                hint = (
+                    " (its profile is not active: --profile)" if dep in (merged.get("services") or {}) else ""
+                )
+                raise UserError(f"{label}: services.{svc.name}.depends_on: no service {dep!r}{hint}")
     return Project(directory, services, files)
 
 

@@ -236,6 +236,9 @@ def validate(config: Config) -> None:
     need(q.max_in_flight >= 1, f"reward.queue.max_in_flight must be >= 1, got {q.max_in_flight}")
     need(q.blob_ttl_s >= 1, f"reward.queue.blob_ttl_s must be >= 1, got {q.blob_ttl_s}")
     need(q.poll_s > 0, f"reward.queue.poll_s must be > 0, got {q.poll_s}")
+    g = config.reward.grounding
+    need(g.timeout_s > 0, f"reward.grounding.timeout_s must be > 0, got {g.timeout_s}")
+    need(g.batch_size >= 1, f"reward.grounding.batch_size must be >= 1, got {g.batch_size}")
     names = [sc.name for sc in config.reward.scorers]
     need(len(set(names)) == len(names), f"reward.scorers lists a scorer twice: {names}")
     ray = config.ray

@@ -163,6 +163,21 @@ DEFAULT_DEADLINE_S = 120.0
 
 
 @dataclass(frozen=True)
+class GroundingConfig:
+    """Grounded edit masks (`reward.grounding`): when the data has no masks, each input's object is
+    found by a `spie serve grounding` server (GroundingDINO box + SAM mask), once per input."""
+
+    # "host:port" of the grounding server; empty: off (the masks come with the data or not at all).
+    server: str = ""
+    # Metadata field naming the object to find; inputs without it use their instruction.
+    phrase_key: str = "phrase"
+    # Seconds one Ground call may take (inputs are sent in chunks of `batch_size`).
+    timeout_s: float = 120.0
+    # Inputs per Ground call.
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     """How the trainer's queue client talks to Redis (`reward.queue`, with `reward.transport: queue`)."""
 
@@ -199,6 +214,8 @@ class RewardConfig:
     deadline_s: float = DEFAULT_DEADLINE_S
     # The queue client's other settings.
     queue: QueueConfig = field(default_factory=QueueConfig)
+    # Grounded edit masks for data without masks (SPIE's Grounded-SAM step).
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
 
 
 @dataclass(frozen=True)

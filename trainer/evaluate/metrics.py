@@ -3,7 +3,8 @@
 Per item (images in [0, 1], shapes (M, 3, R, R), masks (R, R) bool, True inside the edit region):
 - `l2_outside_mask`: SPIE's reconstruction metric, the mean squared difference between edit and
   source over the pixels (and the 3 channels) outside the edit mask; NaN for an item without a mask;
-- with a CLIP model (transformers `CLIPModel`, a local folder or a hub id):
+- with a CLIP model (transformers `CLIPModel`, a local folder or a hub id), computed by the
+  registered `clip` scorer (reward_servers/clip_score.py):
   `clip_text_image`, the cosine between the edit's image embedding and the text embedding of the
   item's `target_caption` (metadata) or else its instruction; `clip_image`, the cosine between the
   image embeddings of edit and source; `clip_direction`, the directional similarity of Gal et al.
@@ -61,7 +62,9 @@ def l2_outside_mask(
 
 
 class ClipMetric:
-    """CLIP text-image, image-image and directional similarities.
+    """CLIP text-image, image-image and directional similarities, through the registered `clip`
+    scorer (`reward_servers/clip_score.py`), so evaluation, training and a reward server compute
+    them the same way.
 
     Args:
         model_id: a local folder or hub id holding a transformers `CLIPModel` and its tokenizer.
@@ -69,67 +72,25 @@ class ClipMetric:
     """
 
     def __init__(self, model_id: str, device: str | torch.device = "cpu") -> None:
-        from transformers import CLIPModel, CLIPTokenizer
+        from reward_servers.base import build_scorer
 
         try:
-            self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
-            self.tokenizer = CLIPTokenizer.from_pretrained(model_id)
+            self.scorer = build_scorer("clip", model_id=model_id, device=str(device))
         except (OSError, ValueError) as err:
             raise UserError(f"--clip-model: cannot load {model_id!r}: {str(err).splitlines()[0]}") from err
-        self.device = torch.device(device)
-        self.image_size = int(self.model.config.vision_config.image_size)
-
-    @torch.no_grad()
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N, P) unit image embeddings (short side resized, centre crop)."""
-        from reward_servers.vision import CLIP_MEAN, CLIP_STD, resize_short_center_crop, to_tensor
-
-        crops = [resize_short_center_crop(im, self.image_size) for im in to_uint8(images)]
-        pixels = to_tensor(crops, CLIP_MEAN, CLIP_STD, self.device)
-        return _unit(_features(self.model.get_image_features(pixel_values=pixels)))
-
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """N strings -> (N, P) unit text embeddings."""
-        tok = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).to(self.device)
-        return _unit(_features(self.model.get_text_features(**tok)))
+        self.tokenizer = self.scorer.tokenizer
 
     def __call__(
         self, edited: torch.Tensor, sources: torch.Tensor, instructions: list[str], metadata: list[dict]
     ) -> dict[str, np.ndarray]:
-        """M edits -> {"clip_text_image", "clip_image", "clip_direction"}: (M,) arrays."""
-        e, s = self.embed_images(edited), self.embed_images(sources)
-        target = [m.get("target_caption") or ins for m, ins in zip(metadata, instructions, strict=True)]
-        t_target = self.embed_texts(target)
-        captions = [bool(m.get("source_caption") and m.get("target_caption")) for m in metadata]
-        t_source = self.embed_texts([m.get("source_caption") or "" for m in metadata])
-        t_instr = self.embed_texts(instructions)
-        text_dir = torch.where(torch.tensor(captions, device=e.device)[:, None], t_target - t_source, t_instr)
-
-        def cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-            c = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
-            return c.double().clamp(-1, 1).cpu().numpy()  # rounding may step past +-1
-
+        """M edits (M, 3, R, R) in [0, 1] -> {"clip_text_image", "clip_image", "clip_direction"}: (M,)."""
+        batch = ScoreBatch(to_uint8(edited), to_uint8(sources), list(instructions), metadata=list(metadata))
+        details = self.scorer.score(batch).details
         return {
-            "clip_text_image": cos(e, t_target),
-            "clip_image": cos(e, s),
-            "clip_direction": cos(e - s, text_dir),
+            k: np.array([d.get(k, math.nan) for d in details])
+            for k in BUILTIN_DIRECTION
+            if k != "l2_outside_mask"
         }
-
-
-def _features(out: Any) -> torch.Tensor:
-    """`get_*_features` returns a tensor (transformers 4) or an output with `pooler_output` (5)."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)).float()
 
 
 def score_with(

@@ -128,3 +128,47 @@ class InfoResponse(_message.Message):
     max_pixels: int
     max_items_per_request: int
     def __init__(self, scorer: _Optional[str] = ..., version: _Optional[str] = ..., model_id: _Optional[str] = ..., device: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_items_per_request: _Optional[int] = ...) -> None: ...
+
+class GroundItem(_message.Message):
+    __slots__ = ("id", "image", "phrase")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PHRASE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    image: Image
+    phrase: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., phrase: _Optional[str] = ...) -> None: ...
+
+class GroundRequest(_message.Message):
+    __slots__ = ("items", "deadline_unix_ms")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[GroundItem]
+    deadline_unix_ms: int
+    def __init__(self, items: _Optional[_Iterable[_Union[GroundItem, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class GroundResult(_message.Message):
+    __slots__ = ("id", "mask", "box", "box_score", "status", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    BOX_SCORE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    mask: Image
+    box: _containers.RepeatedScalarFieldContainer[float]
+    box_score: float
+    status: Result.Status
+    error: str
+    def __init__(self, id: _Optional[str] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., box: _Optional[_Iterable[float]] = ..., box_score: _Optional[float] = ..., status: _Optional[_Union[Result.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class GroundResponse(_message.Message):
+    __slots__ = ("results", "grounder", "version")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    GROUNDER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GroundResult]
+    grounder: str
+    version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[GroundResult, _Mapping]]] = ..., grounder: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...

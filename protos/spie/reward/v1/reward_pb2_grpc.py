@@ -44,6 +44,11 @@ class RewardServiceStub:
                 request_serializer=spie_dot_reward_dot_v1_dot_reward__pb2.InfoRequest.SerializeToString,
                 response_deserializer=spie_dot_reward_dot_v1_dot_reward__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Ground = channel.unary_unary(
+                '/spie.reward.v1.RewardService/Ground',
+                request_serializer=spie_dot_reward_dot_v1_dot_reward__pb2.GroundRequest.SerializeToString,
+                response_deserializer=spie_dot_reward_dot_v1_dot_reward__pb2.GroundResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -63,6 +68,14 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ground(self, request, context):
+        """Find each item's phrase and return its mask (servers hosting a grounding model, e.g.
+        `spie serve grounding`; the others answer UNIMPLEMENTED). Added in v1 without renumbering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=spie_dot_reward_dot_v1_dot_reward__pb2.InfoRequest.FromString,
                     response_serializer=spie_dot_reward_dot_v1_dot_reward__pb2.InfoResponse.SerializeToString,
+            ),
+            'Ground': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ground,
+                    request_deserializer=spie_dot_reward_dot_v1_dot_reward__pb2.GroundRequest.FromString,
+                    response_serializer=spie_dot_reward_dot_v1_dot_reward__pb2.GroundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class RewardService:
             '/spie.reward.v1.RewardService/Info',
             spie_dot_reward_dot_v1_dot_reward__pb2.InfoRequest.SerializeToString,
             spie_dot_reward_dot_v1_dot_reward__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ground(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spie.reward.v1.RewardService/Ground',
+            spie_dot_reward_dot_v1_dot_reward__pb2.GroundRequest.SerializeToString,
+            spie_dot_reward_dot_v1_dot_reward__pb2.GroundResponse.FromString,
             options,
             channel_credentials,
             insecure,
