@@ -71,6 +71,7 @@ class ItemOutcome:
     details: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     kind: str = "ok"
+    gradient: np.ndarray | None = None  # (3, H, W) d score / d edit, for items that asked
 
 
 class _Request:
@@ -100,7 +101,7 @@ class _Request:
 class _Entry:
     request: _Request
     index: int
-    fields: tuple[Any, ...]  # (edited, source, instruction, mask, exemplars, metadata)
+    fields: tuple[Any, ...]  # (edited, source, instruction, mask, exemplars, metadata, tensor, want_gradient)
     enqueued: float
 
 
@@ -112,6 +113,8 @@ def _slice(batch: ScoreBatch, i: int) -> tuple[Any, ...]:
         batch.mask(i),
         list(batch.exemplar_list(i)),
         batch.meta(i),
+        batch.tensor(i),
+        batch.wants_gradient(i),
     )
 
 
@@ -299,11 +302,14 @@ class DynamicBatcher:
         if len(result.scores) != len(batch):
             raise RuntimeError(f"scorer returned {len(result.scores)} scores for {len(batch)} items")
         outcomes = []
-        for score, details, error in zip(result.scores, result.details, result.errors, strict=True):
+        rows = zip(result.scores, result.details, result.errors, result.gradients, strict=True)
+        for score, details, error, gradient in rows:
             if error is not None:
                 outcomes.append(ItemOutcome(math.nan, {}, error, "invalid_input"))
             elif not np.isfinite(score):
                 outcomes.append(ItemOutcome(math.nan, {}, f"scorer returned {score}", "scorer_error"))
             else:
-                outcomes.append(ItemOutcome(float(score), {k: float(v) for k, v in details.items()}))
+                outcomes.append(
+                    ItemOutcome(float(score), {k: float(v) for k, v in details.items()}, gradient=gradient)
+                )
         return outcomes

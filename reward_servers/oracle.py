@@ -154,6 +154,35 @@ class OracleEditScorer(_OracleBase):
 
         return _per_item(batch, one)
 
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) edits in [0, 1] -> (B,) exp(-smooth_error / colour_scale), where smooth_error
+        = sqrt(|mean colour inside the mask - wanted|^2 + 1) in 0-255 units: the colour error made
+        smooth at 0 (it differs from `colour_error` by at most 1)."""
+        import torch
+
+        out = []
+        for i in range(images.shape[0]):
+            _, source, mask = self._images(batch, i)
+            meta = batch.meta(i)
+            kind = meta.get("kind")
+            if kind not in KINDS:
+                raise ValueError(f"metadata.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+            if mask is None:
+                if kind != "brighten":
+                    raise ValueError(f"mask: a {kind} edit needs its edit mask")
+                mask = np.ones(source.shape[:2], dtype=bool)
+            if not mask.any():
+                raise ValueError("mask: the edit region is empty")
+            if kind == "brighten":
+                wanted = (source + _amount(meta) * (255.0 - source))[mask].mean(0)
+            else:
+                wanted = _target_rgb(meta)
+            inside = torch.from_numpy(mask).to(images.device)
+            mean = (images[i] * 255.0).permute(1, 2, 0)[inside].mean(0)
+            d = mean - torch.as_tensor(wanted, dtype=images.dtype, device=images.device)
+            out.append(torch.exp(-torch.sqrt((d * d).sum() + 1.0) / self.colour_scale))
+        return torch.stack(out)
+
 
 @register_scorer("oracle_structure")
 class OracleStructureScorer(_OracleBase):

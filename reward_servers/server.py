@@ -19,6 +19,7 @@ draining; it needs no token, so load balancers can probe it. Server reflection i
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import math
@@ -36,6 +37,7 @@ from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from reward_servers.config import ServerConfig
+from reward_servers.gradients import encode_tensor, score_batch
 from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes, to_batch
 from reward_servers.metrics import Metrics
 
@@ -181,7 +183,7 @@ class RewardServer:
             self.batching = BatcherConfig(
                 size, self.batching.max_queue_delay_ms, self.batching.max_queue_size
             )
-        self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics)
+        self.batcher = DynamicBatcher(functools.partial(score_batch, scorer), self.batching, self.metrics)
         self.batcher.start()
         self.scorer = scorer
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -332,6 +334,8 @@ class RewardServer:
                 result.details.update(o.details)
                 if o.error:
                     result.error = o.error
+                if o.gradient is not None:
+                    result.gradient.CopyFrom(encode_tensor(o.gradient))
             else:
                 result.score, result.status = math.nan, pb.Result.STATUS_INVALID_INPUT
                 result.error = str(decoded[index])

@@ -171,6 +171,15 @@ class RewardClient:
         """Score proto Items with every scorer; returns N x S scores (NaN and an error for failed
         items), oriented so that higher is better. Raises `RewardQueueError` when results are still
         missing after the last resubmission's deadline."""
+        return self._to_scores(self.gather_results(items))
+
+    def gather_results(
+        self, items: Sequence[pb.Item], scorers: Sequence[str] | None = None
+    ) -> dict[str, list[pb.Result]]:
+        """The N proto Results of each scorer (default: every scorer of the client), as written by
+        the replicas (a gradient request's results carry their gradient). Raises `RewardQueueError`
+        when results are still missing after the last resubmission's deadline."""
+        names = list(scorers) if scorers is not None else self.scorers
         start = time.monotonic()
         self._seq += 1
         keys = P.BatchKeys(self.run_id, f"{self.attempt_id}-b{self._seq}")
@@ -178,10 +187,10 @@ class RewardClient:
         self.stats = GatherStats()
         self._gen = 0
         self._answered = True  # did Redis answer the last call? (no diagnosis or cleanup if not)
-        results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in self.scorers}
+        results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in names}
         try:
             for round_ in range(self.config.resubmits + 1):
-                todo = {s: [i for i, r in enumerate(results[s]) if r is None] for s in self.scorers}
+                todo = {s: [i for i, r in enumerate(results[s]) if r is None] for s in names}
                 if round_:
                     self._gen += 1
                     self.stats.resubmitted += sum(map(len, todo.values()))
@@ -201,7 +210,7 @@ class RewardClient:
             self.stats.seconds = time.monotonic() - start
             for name in ("submitted", "resubmitted", "duplicates_ignored", "redis_errors"):
                 self.totals[name] = self.totals.get(name, 0) + getattr(self.stats, name)
-        return self._to_scores(results)
+        return results  # type: ignore[return-value]
 
     def take_counts(self) -> dict[str, int]:
         """Jobs submitted and resubmitted, duplicate results ignored and Redis errors retried since
