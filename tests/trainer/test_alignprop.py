@@ -158,3 +158,16 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tiny_config):
     ma, mb = read_metrics(straight), read_metrics(resumed)
     assert [m["backprop_steps"] for m in ma] == [m["backprop_steps"] for m in mb]
     assert [m["brightness.mean"] for m in ma] == [m["brightness.mean"] for m in mb]
+
+
+def test_paper_preset_has_alignprop_s_settings():
+    from trainer.config import load_config
+
+    c = load_config("configs/alignprop-a100.yaml")
+    assert c.train.objective == "alignprop" and c.sample.num_steps == 50 and c.sample.guidance_scale == 7.5
+    assert (c.train.learning_rate, c.train.adam_weight_decay, c.train.max_grad_norm) == (1e-3, 0.1, 5.0)
+    assert (c.train.backprop_min_steps, c.train.backprop_max_steps) == (1, 0)  # minmax (0, 50): K in 1-50
+    assert c.sample.batch_size * c.sample.num_batches_per_epoch == 256  # samples per epoch
+    assert c.sample.batch_size * c.train.gradient_accumulation_steps == 128  # total batch size
+    assert c.model.use_lora and c.train.gradient_checkpointing and not c.ray.enabled
+    assert [(s.name, s.weight) for s in c.reward.scorers] == [("hpsv2", 0.01)]  # loss_coeff 0.01
