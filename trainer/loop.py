@@ -173,7 +173,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             print(f"[spie] resumed from {folder} at epoch {start}")
         dump_config(config, run_dir / "config.yaml")
         # sample.pipeline=async: shards are scored on a background thread while the next are sampled.
-        scorer = ScoringThread(rewards) if config.sample.pipeline == "async" else None
+        scorer = ScoringThread(rewards) if config.sample.pipeline == "async" and not alignprop else None
         probe_set = make_probe(config) if config.eval.probe_every else None
         initial = probe(engine, rewards, probe_set) if probe_set and start == 0 else {}
         for epoch in range(start, config.run.num_epochs):

@@ -27,7 +27,7 @@ def _batch(n: int = 3, size: int = 16, seed: int = 0):
     return edits, ScoreBatch(uint8, list(sources), ["recolor it"] * n, list(masks), metadata=meta)
 
 
-@pytest.mark.parametrize("name", ["ssim_structure", "oracle_edit"])
+@pytest.mark.parametrize("name", ["ssim_structure", "oracle_edit", "oracle_structure"])
 def test_differentiable_form_matches_finite_differences(name):
     """Central differences (float64, step 1e-6) of the differentiable score along 4 random
     directions equal its autograd directional derivative to 1e-6 relative."""
@@ -48,11 +48,11 @@ def test_differentiable_form_matches_finite_differences(name):
 
 
 def test_differentiable_forms_agree_with_the_scores():
-    """Brightness and SSIM: the differentiable form at the uint8 edit / 255 is the score itself;
+    """Brightness and both SSIMs: the differentiable form at the uint8 edit / 255 is the score itself;
     the oracle's smooth form is exp(-sqrt(e^2 + 1) / scale) of the score's colour error e."""
     edits, batch = _batch()
     x = torch.tensor(np.stack([e.transpose(2, 0, 1) for e in batch.edited]) / 255.0)
-    for name in ("brightness", "ssim_structure"):
+    for name in ("brightness", "ssim_structure", "oracle_structure"):
         scorer = build_scorer(name)
         np.testing.assert_allclose(
             scorer.score_differentiable(x, batch).numpy(), scorer.score(batch).scores, atol=1e-9

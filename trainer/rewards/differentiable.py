@@ -30,8 +30,9 @@ from sampler.rollout import Rollout, to_uint8
 from trainer.errors import UserError
 
 
-class RewardGradientError(RuntimeError):
-    """A reward server did not return a usable score and gradient; the message names the scorer."""
+class RewardGradientError(UserError):
+    """No usable score and gradient for an item (a server that predates reward gradients, a failed
+    item); one line naming the scorer, as `spie` prints a `UserError`."""
 
 
 class ServedGradient(torch.autograd.Function):
@@ -184,7 +185,12 @@ def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str
     refuse_non_differentiable({name: base._REGISTRY.get(name) for name in client.scorers})
 
     def ask(name: str, items: list[pb.Item]) -> list[pb.Result]:
-        return client.gather_results(items, [name])[name]
+        from trainer.rewards.queue import RewardQueueError
+
+        try:
+            return client.gather_results(items, [name])[name]
+        except RewardQueueError as err:
+            raise UserError(f"scoring through {client.url}: {err}") from err
 
     return ServedGradients(
         client.scorers,
