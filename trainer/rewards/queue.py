@@ -168,17 +168,13 @@ class RewardClient:
     # ---- gathering -------------------------------------------------------------------------------
 
     def score_items(self, items: Sequence[pb.Item]) -> Scores:
-        """Score proto Items with every scorer; returns N x S scores (NaN and an error for failed
-        items), oriented so that higher is better. Raises `RewardQueueError` when results are still
-        missing after the last resubmission's deadline."""
+        """N x S scores of proto Items (NaN and an error for failed items), higher is better."""
         return self._to_scores(self.gather_results(items))
 
-    def gather_results(
-        self, items: Sequence[pb.Item], scorers: Sequence[str] | None = None
-    ) -> dict[str, list[pb.Result]]:
-        """The N proto Results of each scorer (default: every scorer of the client), as written by
-        the replicas (a gradient request's results carry their gradient). Raises `RewardQueueError`
-        when results are still missing after the last resubmission's deadline."""
+    def gather_results(self, items: Sequence[pb.Item], scorers: Sequence[str] | None = None):
+        """scorer -> the N proto Results the replicas wrote (with their gradient when asked for), for
+        `scorers` (default: all). Raises `RewardQueueError` when results are still missing after the
+        last resubmission's deadline."""
         names = list(scorers) if scorers is not None else self.scorers
         start = time.monotonic()
         self._seq += 1
