@@ -172,16 +172,13 @@ class RewardClient:
         return self._to_scores(self.gather_results(items))
 
     def gather_results(self, items: Sequence[pb.Item], scorers: Sequence[str] | None = None):
-        """scorer -> the N proto Results the replicas wrote (with their gradient when asked for), for
-        `scorers` (default: all). Raises `RewardQueueError` when results are still missing after the
-        last resubmission's deadline."""
-        names = list(scorers) if scorers is not None else self.scorers
-        start = time.monotonic()
+        """scorer -> the N Results the replicas wrote (gradients included), for `scorers` (default all);
+        `RewardQueueError` when some are still missing after the last resubmission's deadline."""
+        names, start = list(scorers or self.scorers), time.monotonic()
         self._seq += 1
         keys = P.BatchKeys(self.run_id, f"{self.attempt_id}-b{self._seq}")
         blobs = [item.SerializeToString() for item in items]
-        self.stats = GatherStats()
-        self._gen = 0
+        self.stats, self._gen = GatherStats(), 0
         self._answered = True  # did Redis answer the last call? (no diagnosis or cleanup if not)
         results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in names}
         try:
