@@ -180,9 +180,11 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
             shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
-            if alignprop:  # sampling, scoring and learning in one pass (all counted as sampling)
-                rollout, scores, learned = engine.learn_by_reward(shards, grad_reward, gen, progress)
-                times = {"time_sampling_s": time.perf_counter() - t0}
+            if alignprop:  # sampling, differentiable scoring and learning in one pass
+                rollout, _, learned = engine.learn_by_reward(shards, grad_reward, gen, progress)
+                ts = time.perf_counter()
+                scores = rewards.score(rollout)  # the scorers' own scores and details, for the metrics
+                times = {"time_sampling_s": ts - t0, "time_scoring_s": time.perf_counter() - ts}
             else:
                 rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
             t2 = time.perf_counter()
