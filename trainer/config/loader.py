@@ -299,6 +299,7 @@ def validate_alignprop(config: Config, need) -> None:
         f"multiple of train.gradient_accumulation_steps ({t.gradient_accumulation_steps})",
     )
     need(not config.ray.enabled, "train.objective=alignprop runs in this process: set ray.enabled=false")
+    need(t.kl_coef == 0, "train.kl_coef: alignprop has no per-step KL penalty (set it to 0)")
     need(
         config.run.mixed_precision != "fp16",
         "train.objective=alignprop: run.mixed_precision=fp16 has no loss scaler here; use bf16 or no",
