@@ -38,6 +38,9 @@ os.chdir(ROOT)  # configs/ and models/ are relative to the checkout
 OBJECTIVES: dict[str, list[str]] = {
     "spie_ranking": [],
     "ppo": ["train.objective=ppo"],
+    # AlignProp: the differentiable oracle forms (oracle_edit's smooth colour error, oracle_structure),
+    # K drawn from all steps per sampling batch, one optimizer step per batch of 32 edits.
+    "alignprop": ["train.objective=alignprop", "train.backprop_min_steps=1", "train.backprop_max_steps=0"],
 }
 KEYS = ("oracle_edit.success", "oracle_structure", "l2_outside_mask")
 

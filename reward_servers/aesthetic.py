@@ -19,6 +19,7 @@ from reward_servers.vision import (
     CLIP_MEAN,
     CLIP_STD,
     load_pretrained,
+    preprocess_differentiable,
     resize_short_center_crop,
     score_valid,
     to_tensor,
@@ -91,7 +92,8 @@ class AestheticScorer:
             path = Path(model_id) / mlp_path
         self.mlp = build_mlp(self.model.config.projection_dim)
         self.mlp.load_state_dict(load_mlp_state(path))
-        self.mlp = self.mlp.to(device).eval()
+        self.mlp = self.mlp.to(device).eval().requires_grad_(False)
+        self.model.requires_grad_(False)  # frozen: gradients flow to the images only
         self.model_id, self.device = model_id, device
         self.image_size = int(self.model.config.image_size)
         self.max_batch_size = max_batch_size
@@ -113,6 +115,15 @@ class AestheticScorer:
             return scores, [{} for _ in valid]
 
         return score_valid(batch, False, run)
+
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) edits in [0, 1] -> (B,) aesthetic scores, differentiable (AlignProp's
+        `aesthetic_loss_fn` without its sign: torch resize and CLIP normalisation, the frozen CLIP
+        tower, the MLP)."""
+        pixels = preprocess_differentiable(images.to(self.device), self.image_size, CLIP_MEAN, CLIP_STD)
+        embeds = self.model(pixel_values=pixels.to(self.model.dtype)).image_embeds.float()
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return self.mlp(embeds).squeeze(-1)
 
 
 def save_tiny(folder: str, seed: int = 0) -> str:

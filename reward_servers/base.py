@@ -28,6 +28,9 @@ class ScoreBatch:
         masks: N optional (H, W) bool masks of the edit region (None: unknown / whole frame).
         exemplars: N lists of exemplar images (H', W', 3) uint8 (empty list: none).
         metadata: N dicts of extra per-item fields (strings or numbers).
+        tensors: N optional (3, H, W) float32 arrays in [0, 1], the edits before quantisation to
+            uint8 (sent with a gradient request, so the gradient is taken where the trainer's image is).
+        want_gradient: N flags, True where the caller asks for d score / d edit (`reward_servers.gradients`).
     """
 
     edited: Sequence[np.ndarray]
@@ -36,6 +39,8 @@ class ScoreBatch:
     masks: Sequence[np.ndarray | None] | None = None
     exemplars: Sequence[Sequence[np.ndarray]] | None = None
     metadata: Sequence[dict[str, Any]] | None = None
+    tensors: Sequence[np.ndarray | None] | None = None
+    want_gradient: Sequence[bool] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.edited)
@@ -44,7 +49,7 @@ class ScoreBatch:
                 f"ScoreBatch: edited ({n}), sources ({len(self.sources)}) and instructions "
                 f"({len(self.instructions)}) must have the same length"
             )
-        for name in ("masks", "exemplars", "metadata"):
+        for name in ("masks", "exemplars", "metadata", "tensors", "want_gradient"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"ScoreBatch: {name} has {len(value)} entries, expected {n}")
@@ -61,6 +66,12 @@ class ScoreBatch:
     def meta(self, i: int) -> dict[str, Any]:
         return {} if self.metadata is None else self.metadata[i]
 
+    def tensor(self, i: int) -> np.ndarray | None:
+        return None if self.tensors is None else self.tensors[i]
+
+    def wants_gradient(self, i: int) -> bool:
+        return bool(self.want_gradient is not None and self.want_gradient[i])
+
 
 @dataclass
 class ScoreResult:
@@ -70,11 +81,14 @@ class ScoreResult:
         scores: (N,) float64, one score per item (NaN where the item failed).
         details: N dicts of named numbers per item (sub-scores, diagnostics).
         errors: N entries, None for a scored item or a one-line message for a failed one.
+        gradients: N entries, None or the (3, H, W) float32 gradient of the item's score with
+            respect to its edit in [0, 1] (only for items that asked for one).
     """
 
     scores: np.ndarray
     details: list[dict[str, float]] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+    gradients: list[np.ndarray | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
@@ -83,8 +97,10 @@ class ScoreResult:
             self.details = [{} for _ in range(n)]
         if not self.errors:
             self.errors = [None] * n
-        if len(self.details) != n or len(self.errors) != n:
-            raise ValueError("ScoreResult: scores, details and errors must have the same length")
+        if not self.gradients:
+            self.gradients = [None] * n
+        if len(self.details) != n or len(self.errors) != n or len(self.gradients) != n:
+            raise ValueError("ScoreResult: scores, details, errors and gradients must have the same length")
 
 
 @runtime_checkable
@@ -108,6 +124,21 @@ class Scorer(Protocol):
     def score(self, batch: ScoreBatch) -> ScoreResult:
         """Score a batch; one result per item, in order."""
         ...
+
+
+# A scorer may also offer a differentiable form of its score (AlignProp's reward backpropagation):
+#
+#     def score_differentiable(self, images: torch.Tensor, batch: ScoreBatch) -> torch.Tensor
+#
+# images: (B, 3, H, W) float in [0, 1] (on any device; the scorer moves them to its own); batch: the
+# same B items (sources, instructions, masks, metadata); returns (B,) scores, differentiable with
+# respect to `images`, in the scorer's own orientation. `reward_servers.gradients` calls it for the
+# items that ask for a gradient, and the trainer calls it in process.
+
+
+def is_differentiable(scorer: Any) -> bool:
+    """Whether `scorer` offers `score_differentiable`."""
+    return callable(getattr(scorer, "score_differentiable", None))
 
 
 ScorerFactory = Callable[..., Scorer]

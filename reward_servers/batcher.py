@@ -78,6 +78,7 @@ class ItemOutcome:
     details: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     kind: str = "ok"
+    gradient: np.ndarray | None = None  # (3, H, W) d score / d edit, for items that asked
 
 
 class _Request:
@@ -107,7 +108,7 @@ class _Request:
 class _Entry:
     request: _Request
     index: int
-    fields: tuple[Any, ...]  # (edited, source, instruction, mask, exemplars, metadata)
+    fields: tuple[Any, ...]  # (edited, source, instruction, mask, exemplars, metadata, tensor, want_gradient)
     enqueued: float
     key: bytes | None = None  # score-cache key (None: no cache)
 
@@ -120,6 +121,8 @@ def _slice(batch: ScoreBatch, i: int) -> tuple[Any, ...]:
         batch.mask(i),
         list(batch.exemplar_list(i)),
         batch.meta(i),
+        batch.tensor(i),
+        batch.wants_gradient(i),
     )
 
 
@@ -191,6 +194,9 @@ class DynamicBatcher:
             # Hashing the pixels runs off the event loop; hits never reach the queue.
             keys = await loop.run_in_executor(None, self._keys, batch)
             for i, key in enumerate(keys):
+                if batch.wants_gradient(i):
+                    keys[i] = None  # a gradient is never cached: the item is scored afresh
+                    continue
                 outcome = self.cache.get(key)
                 if outcome is not None:
                     cached[i] = outcome
@@ -353,11 +359,14 @@ class DynamicBatcher:
         if len(result.scores) != len(batch):
             raise RuntimeError(f"scorer returned {len(result.scores)} scores for {len(batch)} items")
         outcomes = []
-        for score, details, error in zip(result.scores, result.details, result.errors, strict=True):
+        rows = zip(result.scores, result.details, result.errors, result.gradients, strict=True)
+        for score, details, error, gradient in rows:
             if error is not None:
                 outcomes.append(ItemOutcome(math.nan, {}, error, "invalid_input"))
             elif not np.isfinite(score):
                 outcomes.append(ItemOutcome(math.nan, {}, f"scorer returned {score}", "scorer_error"))
             else:
-                outcomes.append(ItemOutcome(float(score), {k: float(v) for k, v in details.items()}))
+                outcomes.append(
+                    ItemOutcome(float(score), {k: float(v) for k, v in details.items()}, gradient=gradient)
+                )
         return outcomes

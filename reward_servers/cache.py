@@ -40,7 +40,7 @@ def item_key(namespace: str, fields: tuple[Any, ...]) -> bytes:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
 
-    edited, source, instruction, mask, exemplars, metadata = fields
+    edited, source, instruction, mask, exemplars, metadata = fields[:6]
     add(b"e", edited)
     add(b"s", source)
     add(b"i", instruction)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
-from reward_servers.vision import score_valid
+from reward_servers.vision import CLIP_MEAN, CLIP_STD, preprocess_differentiable, score_valid
 
 
 @register_scorer("hpsv2")
@@ -49,7 +49,7 @@ class HpsV2Scorer:
         )
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state))
-        self.model, self.preprocess = model.eval(), preprocess
+        self.model, self.preprocess = model.eval().requires_grad_(False), preprocess
         self.tokenizer = open_clip.get_tokenizer(architecture)
         self.model_id, self.device, self.max_batch_size = checkpoint, device, max_batch_size
 
@@ -69,3 +69,17 @@ class HpsV2Scorer:
             return scores.float().cpu().numpy(), [{} for _ in valid]
 
         return score_valid(batch, False, run)
+
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) edits in [0, 1] -> (B,) HPSv2 scores, differentiable (AlignProp's
+        `hps_loss_fn` as a score: torch resize to the tower's size, CLIP normalisation)."""
+        import torch
+
+        side = self.model.visual.image_size
+        side = side[0] if isinstance(side, tuple | list) else int(side)
+        pixels = preprocess_differentiable(images.to(self.device), side, CLIP_MEAN, CLIP_STD)
+        image_feats = self.model.encode_image(pixels, normalize=True)
+        with torch.no_grad():
+            text = self.tokenizer(list(batch.instructions)).to(self.device)
+            text_feats = self.model.encode_text(text, normalize=True)
+        return 100.0 * (image_feats.float() * text_feats.float()).sum(-1)

@@ -147,6 +147,8 @@ class DecodedItem:
     mask: np.ndarray | None
     exemplars: list[np.ndarray]
     metadata: dict[str, Any]
+    tensor: np.ndarray | None = None  # (3, H, W) float32 edit before quantisation, or None
+    want_gradient: bool = False
 
 
 def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedItem:
@@ -164,7 +166,22 @@ def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS)
             raise ImageError(f"{where}.mask: {mask.shape[1]}x{mask.shape[0]} does not match the edit")
     exemplars = [decode_rgb(ex, f"{where}.exemplars[{k}]", max_pixels) for k, ex in enumerate(item.exemplars)]
     metadata = decode_metadata(item, where)
-    return DecodedItem(item.id, edited, source, item.instruction, mask, exemplars, metadata)
+    tensor = None
+    if item.HasField("edited_tensor"):
+        from reward_servers.gradients import TensorError, decode_tensor
+
+        try:
+            tensor = decode_tensor(item.edited_tensor, f"{where}.edited_tensor", max_pixels * 3)
+        except TensorError as err:
+            raise ImageError(str(err)) from None
+        if tensor.shape != (3, *edited.shape[:2]):
+            raise ImageError(
+                f"{where}.edited_tensor: shape {list(tensor.shape)} is not (3, height, width) of the edit "
+                f"{list(edited.shape[:2])}"
+            )
+    return DecodedItem(
+        item.id, edited, source, item.instruction, mask, exemplars, metadata, tensor, item.want_gradient
+    )
 
 
 def decode_metadata(item: pb.Item, where: str) -> dict[str, Any]:
@@ -200,6 +217,8 @@ def item_decoded_bytes(item: pb.Item) -> int:
     total = sum(_image_cost(getattr(item, f), True) for f in ("edited", "source") if item.HasField(f))
     if item.HasField("mask"):
         total += _image_cost(item.mask, False)
+    if item.HasField("edited_tensor"):
+        total += 4 * int(np.prod([int(d) for d in item.edited_tensor.shape]))
     return total + sum(_image_cost(ex, True) for ex in item.exemplars)
 
 
@@ -212,6 +231,8 @@ def to_batch(items: list[DecodedItem]) -> ScoreBatch:
         masks=[it.mask for it in items],
         exemplars=[it.exemplars for it in items],
         metadata=[it.metadata for it in items],
+        tensors=[it.tensor for it in items],
+        want_gradient=[it.want_gradient for it in items],
     )
 
 
@@ -224,8 +245,11 @@ def make_item(
     exemplars: list[np.ndarray] | None = None,
     metadata: dict[str, Any] | None = None,
     encoding: str = "raw",
+    tensor: np.ndarray | None = None,
+    want_gradient: bool = False,
 ) -> pb.Item:
-    """Build a proto Item from arrays (the client side of `decode_item`)."""
+    """Build a proto Item from arrays (the client side of `decode_item`); `tensor` is the (3, H, W)
+    float edit sent with a gradient request (`want_gradient`)."""
     item = pb.Item(
         id=item_id,
         edited=encode_image(edited, encoding),
@@ -237,4 +261,9 @@ def make_item(
         item.mask.CopyFrom(encode_image(mask, encoding))
     if metadata:
         item.metadata.update(metadata)
+    if tensor is not None:
+        from reward_servers.gradients import encode_tensor
+
+        item.edited_tensor.CopyFrom(encode_tensor(tensor))
+    item.want_gradient = want_gradient
     return item

@@ -154,6 +154,35 @@ class OracleEditScorer(_OracleBase):
 
         return _per_item(batch, one)
 
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) edits in [0, 1] -> (B,) exp(-smooth_error / colour_scale), where smooth_error
+        = sqrt(|mean colour inside the mask - wanted|^2 + 1) in 0-255 units: the colour error made
+        smooth at 0 (it differs from `colour_error` by at most 1)."""
+        import torch
+
+        out = []
+        for i in range(images.shape[0]):
+            _, source, mask = self._images(batch, i)
+            meta = batch.meta(i)
+            kind = meta.get("kind")
+            if kind not in KINDS:
+                raise ValueError(f"metadata.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+            if mask is None:
+                if kind != "brighten":
+                    raise ValueError(f"mask: a {kind} edit needs its edit mask")
+                mask = np.ones(source.shape[:2], dtype=bool)
+            if not mask.any():
+                raise ValueError("mask: the edit region is empty")
+            if kind == "brighten":
+                wanted = (source + _amount(meta) * (255.0 - source))[mask].mean(0)
+            else:
+                wanted = _target_rgb(meta)
+            inside = torch.from_numpy(mask).to(images.device)
+            mean = (images[i] * 255.0).permute(1, 2, 0)[inside].mean(0)
+            d = mean - torch.as_tensor(wanted, dtype=images.dtype, device=images.device)
+            out.append(torch.exp(-torch.sqrt((d * d).sum() + 1.0) / self.colour_scale))
+        return torch.stack(out)
+
 
 @register_scorer("oracle_structure")
 class OracleStructureScorer(_OracleBase):
@@ -171,3 +200,34 @@ class OracleStructureScorer(_OracleBase):
             return structure, {"structure": structure}
 
         return _per_item(batch, one)
+
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) edits in [0, 1] -> (B,) the same SSIM as `structure`, in torch: the edit's
+        pixels inside the mask replaced by the reference's, windows centred outside the mask."""
+        import torch
+
+        from reward_servers.weightfree import ssim_map_torch
+
+        grey = torch.tensor(GREY, dtype=images.dtype, device=images.device)
+        out = []
+        for i in range(images.shape[0]):
+            _, source, mask = self._images(batch, i)
+            meta = batch.meta(i)
+            if meta.get("kind") == "brighten":
+                reference, mask = source + _amount(meta) * (255.0 - source), np.zeros(source.shape[:2], bool)
+            else:
+                reference = source
+                mask = np.zeros(source.shape[:2], bool) if mask is None else mask
+            ref = torch.as_tensor(reference / 255.0, dtype=images.dtype, device=images.device).permute(
+                2, 0, 1
+            )
+            inside = torch.from_numpy(mask).to(images.device)
+            composite = torch.where(inside, ref, images[i])
+            smap = ssim_map_torch(
+                torch.einsum("chw,c->hw", composite, grey), torch.einsum("chw,c->hw", ref, grey), self.window
+            )
+            w = images.shape[2] - smap.shape[0] + 1
+            c = w // 2
+            keep = ~inside[c : c + smap.shape[0], c : c + smap.shape[1]]
+            out.append(smap[keep].mean() if keep.any() else smap.new_tensor(1.0))
+        return torch.stack(out)

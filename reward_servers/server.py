@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import math
@@ -38,6 +39,7 @@ from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from reward_servers.config import ServerConfig
+from reward_servers.gradients import encode_tensor, score_batch
 from reward_servers.grounding_rpc import serve_ground
 from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes, to_batch
 from reward_servers.metrics import Metrics
@@ -186,7 +188,9 @@ class RewardServer:
         if size != self.batching.max_batch_size:
             self.batching = dataclasses.replace(self.batching, max_batch_size=size)
         namespace = f"{scorer.name}/{scorer.version}/{scorer.model_id}"
-        self.batcher = DynamicBatcher(scorer.score, self.batching, self.metrics, cache_namespace=namespace)
+        self.batcher = DynamicBatcher(
+            functools.partial(score_batch, scorer), self.batching, self.metrics, cache_namespace=namespace
+        )
         self.batcher.start()
         self.scorer = scorer
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -340,6 +344,8 @@ class RewardServer:
                 result.details.update(o.details)
                 if o.error:
                     result.error = o.error
+                if o.gradient is not None:
+                    result.gradient.CopyFrom(encode_tensor(o.gradient))
             else:
                 result.score, result.status = math.nan, pb.Result.STATUS_INVALID_INPUT
                 result.error = str(decoded[index])

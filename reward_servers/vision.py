@@ -82,6 +82,25 @@ def to_tensor(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(torch_device or "cpu")
 
 
+def preprocess_differentiable(images, side: int, mean: Sequence[float], std: Sequence[float]):
+    """`resize_short_center_crop` then `to_tensor` in torch, differentiable: (B, 3, H, W) in [0, 1]
+    -> (B, 3, side, side) normalised. Bicubic with antialiasing (torch's, not PIL's: values differ
+    from the uint8 path by a few 1e-3)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    scale = side / min(h, w)
+    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+    if (nh, nw) != (h, w):
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - side) // 2, (nw - side) // 2
+    images = images[:, :, top : top + side, left : left + side]
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - m) / s
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W) bool -> (size[0], size[1]) bool, nearest neighbour."""
     return resize(mask.astype(np.uint8) * 255, size, "nearest") > 127

@@ -52,6 +52,10 @@ class BrightnessScorer:
     def score(self, batch: ScoreBatch) -> ScoreResult:
         return _per_item(batch, lambda i: (_as_float(batch.edited[i]).mean(), {}))
 
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) in [0, 1] -> (B,) mean intensity (the same number as `score` on the uint8 edit)."""
+        return images.mean(dim=(1, 2, 3))
+
 
 @register_scorer("jpeg_compressibility")
 class JpegCompressibilityScorer:
@@ -140,3 +144,47 @@ class SsimStructureScorer:
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
         return _per_item(batch, lambda i: self._one(batch, i))
+
+    def score_differentiable(self, images, batch: ScoreBatch):
+        """(B, 3, H, W) edits in [0, 1] -> (B,) the same SSIM minus rec_lambda x MSE as `score`,
+        computed in torch on the float edit (windows and mask as in `_one`)."""
+        import torch
+
+        grey = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device)
+        out = []
+        for i in range(images.shape[0]):
+            edit = images[i]
+            source = torch.from_numpy(_as_float(batch.sources[i])).to(images).permute(2, 0, 1)
+            if edit.shape != source.shape:
+                raise ValueError(
+                    f"source {tuple(source.shape[1:])} and edit {tuple(edit.shape[1:])} sizes differ"
+                )
+            smap = ssim_map_torch(
+                torch.einsum("chw,c->hw", edit, grey), torch.einsum("chw,c->hw", source, grey), self.window
+            )
+            mask = batch.mask(i)
+            keep = torch.ones(edit.shape[1:], dtype=torch.bool, device=images.device)
+            if mask is not None:
+                keep = ~torch.from_numpy(np.asarray(mask, dtype=bool)).to(images.device)
+            keep_map = keep[: smap.shape[0], : smap.shape[1]]
+            ssim = smap[keep_map].mean() if keep_map.any() else smap.new_tensor(1.0)
+            mse = ((edit - source) ** 2).permute(1, 2, 0)[keep].mean() if keep.any() else smap.new_tensor(0.0)
+            out.append(ssim - self.rec_lambda * mse)
+        return torch.stack(out)
+
+
+def ssim_map_torch(a, b, window: int = 7):
+    """`ssim_map` in torch (differentiable): (H, W) tensors in [0, 1] -> (H - w + 1, W - w + 1)."""
+    import torch.nn.functional as F
+
+    w = max(1, min(window, a.shape[0], a.shape[1]))
+    c1, c2 = 0.01**2, 0.03**2
+
+    def box(x):
+        return F.avg_pool2d(x[None, None], w, stride=1)[0, 0]
+
+    mu_a, mu_b = box(a), box(b)
+    var_a = box(a * a) - mu_a**2
+    var_b = box(b * b) - mu_b**2
+    cov = box(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))

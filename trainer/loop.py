@@ -29,6 +29,7 @@ from trainer.engine.local import LocalEngine
 from trainer.engine.shards import epoch_generator, plan_epoch, probe_shards
 from trainer.errors import UserError
 from trainer.pipeline import ScoringThread, probe, sample_and_score
+from trainer.rewards.differentiable import make_gradient_rewards
 from trainer.rewards.grounding import ground_missing_masks
 from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
@@ -105,7 +106,10 @@ def epoch_line(config: Config, record: dict[str, Any], seconds: float) -> str:
         )
     elif "approx_kl" in record:
         parts.append(f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}")
-    parts.append(f"zero-var groups={record['groups_zero_var']:.0%}")
+    if "backprop_steps" in record:
+        parts.append(f"loss={record['loss']:.4g} K={record['backprop_steps']:.1f}")
+    if "groups_zero_var" in record:
+        parts.append(f"zero-var groups={record['groups_zero_var']:.0%}")
     probe_parts = [
         f"{k[6:]}={v:.4f}"
         for k, v in record.items()
@@ -154,7 +158,10 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     )
     rewards = make_rewards(config, run_id=run_dir.name)
     log = engine = scorer = None
+    alignprop = config.train.objective == "alignprop"
     try:
+        # AlignProp: the scorers' differentiable forms (refused, naming them, when one has none).
+        grad_reward = make_gradient_rewards(rewards) if alignprop else None
         print(f"[spie] run folder: {run_dir}")
         print(f"[spie] {config.summary()}")
         engine = make_engine(config)
@@ -172,14 +179,20 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             print(f"[spie] resumed from {folder} at epoch {start}")
         dump_config(config, run_dir / "config.yaml")
         # sample.pipeline=async: shards are scored on a background thread while the next are sampled.
-        scorer = ScoringThread(rewards) if config.sample.pipeline == "async" else None
+        scorer = ScoringThread(rewards) if config.sample.pipeline == "async" and not alignprop else None
         probe_set = make_probe(config) if config.eval.probe_every else None
         initial = probe(engine, rewards, probe_set) if probe_set and start == 0 else {}
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
             shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
-            rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
+            if alignprop:  # sampling, differentiable scoring and learning in one pass
+                rollout, _, learned = engine.learn_by_reward(shards, grad_reward, gen, progress)
+                ts = time.perf_counter()
+                scores = rewards.score(rollout)  # the scorers' own scores and details, for the metrics
+                times = {"time_sampling_s": ts - t0, "time_scoring_s": time.perf_counter() - ts}
+            else:
+                rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
             t2 = time.perf_counter()
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -197,9 +210,12 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 if finite.size:
                     record[key] = float(finite.mean())
             rollout_ok, scores_ok, dropped = drop_failed(rollout, scores)
-            rollout_ok, scores_ok, group_info = filter_groups(config, rollout_ok, scores_ok)
-            record.update(group_info)
-            if len(rollout_ok):
+            if alignprop:
+                record.update(learned)
+            else:
+                rollout_ok, scores_ok, group_info = filter_groups(config, rollout_ok, scores_ok)
+                record.update(group_info)
+            if len(rollout_ok) and not alignprop:
                 attach_signal(config, rollout_ok, scores_ok, stats)
                 record.update(engine.learn(rollout_ok, gen, progress))
             t3 = time.perf_counter()

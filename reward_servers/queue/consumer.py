@@ -43,6 +43,7 @@ import redis
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, ItemOutcome, QueueFull
+from reward_servers.gradients import encode_tensor
 from reward_servers.images import (
     DEFAULT_MAX_DECODED_MB,
     DEFAULT_MAX_PIXELS,
@@ -412,6 +413,8 @@ class StreamConsumer(JobWrites):
                 result.details.update(outcome.details)
                 if outcome.error:
                     result.error = outcome.error
+                if outcome.gradient is not None:
+                    result.gradient.CopyFrom(encode_tensor(outcome.gradient))
                 await self._until_written(lambda: self._complete(job, result), job)
         finally:
             self._held.discard(job.entry_id)

@@ -210,8 +210,10 @@ def validate(config: Config) -> None:
     )
     per_process = s.batch_size * s.nb_gen * s.num_batches_per_epoch
     step = t.batch_size * t.gradient_accumulation_steps
+    if t.objective == "alignprop":
+        validate_alignprop(config, need)
     need(
-        per_process % step == 0,
+        t.objective == "alignprop" or per_process % step == 0,
         f"edits per epoch per process (sample.batch_size x sample.nb_gen x sample.num_batches_per_epoch "
         f"= {per_process}) must be divisible by train.batch_size x train.gradient_accumulation_steps "
         f"= {step}",
@@ -282,6 +284,29 @@ def validate(config: Config) -> None:
     if d.source in ("shapes", "folder") or (d.source == "spie" and not d.input_name):
         need(len(config.data.instructions) >= 1, "data.instructions must list at least one instruction")
         need(all(i.strip() for i in config.data.instructions), "data.instructions: an instruction is empty")
+
+
+def validate_alignprop(config: Config, need) -> None:
+    """What train.objective=alignprop needs: a K range within the steps, whole optimizer steps per
+    epoch, this process (no Ray), no fp16 (no loss scaler)."""
+    t, s = config.train, config.sample
+    hi = s.num_steps if t.backprop_max_steps == 0 else t.backprop_max_steps
+    need(
+        1 <= t.backprop_min_steps <= hi <= s.num_steps,
+        f"train.backprop_min_steps ({t.backprop_min_steps}) and train.backprop_max_steps "
+        f"({t.backprop_max_steps}) must satisfy 1 <= min <= max <= sample.num_steps ({s.num_steps}); max 0: all",
+    )
+    need(
+        s.num_batches_per_epoch % t.gradient_accumulation_steps == 0,
+        f"train.objective=alignprop: sample.num_batches_per_epoch ({s.num_batches_per_epoch}) must be a "
+        f"multiple of train.gradient_accumulation_steps ({t.gradient_accumulation_steps})",
+    )
+    need(not config.ray.enabled, "train.objective=alignprop runs in this process: set ray.enabled=false")
+    need(t.kl_coef == 0, "train.kl_coef: alignprop has no per-step KL penalty (set it to 0)")
+    need(
+        config.run.mixed_precision != "fp16",
+        "train.objective=alignprop: run.mixed_precision=fp16 has no loss scaler here; use bf16 or no",
+    )
 
 
 def to_dict(config: Config) -> dict[str, Any]:

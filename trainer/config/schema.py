@@ -89,9 +89,11 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Objective: "ppo" (DDPO PPO-clip on per-step ratios) or "spie_ranking" (Plackett-Luce over
-    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference).
-    objective: Literal["ppo", "spie_ranking"] = "ppo"
+    # Objective: "ppo" (DDPO PPO-clip on per-step ratios), "spie_ranking" (Plackett-Luce over
+    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference) or "alignprop" (reward
+    # backpropagation: sample with gradients, loss = minus the weighted differentiable reward; each
+    # sampling batch is one backward pass, gradient_accumulation_steps of them one optimizer step).
+    objective: Literal["ppo", "spie_ranking", "alignprop"] = "ppo"
     # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
     batch_size: int = 2
     # Micro-batches accumulated per optimizer step.
@@ -143,6 +145,13 @@ class TrainConfig:
     rec_lambda: float = 0.5
     # Weight of a per-step KL penalty to the frozen reference (0: off).
     kl_coef: float = 0.0
+    # AlignProp: K, the last denoising steps backpropagated through (earlier steps run without a
+    # graph), is drawn per sampling batch uniformly from [backprop_min_steps, backprop_max_steps];
+    # equal ends give a fixed K, backprop_max_steps 0 means all sample.num_steps steps.
+    backprop_min_steps: int = 1
+    backprop_max_steps: int = 1
+    # AlignProp: recompute each UNet call in the backward pass instead of storing its activations.
+    gradient_checkpointing: bool = True
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ class LocalEngine:
         """One epoch of updates on a batch that carries its advantages or ranks."""
         return self.learner.train(rollout, generator, progress=progress)
 
+    def learn_by_reward(self, shards: list[Shard], reward, generator: torch.Generator, progress: bool):
+        """One epoch of AlignProp (`train.objective: alignprop`): (rollout, scores, update numbers)."""
+        from trainer.engine.alignprop import alignprop_epoch
+
+        return alignprop_epoch(self.learner, shards, reward, generator, progress)
+
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(trainable weights, optimizer state) for `save_checkpoint`."""
         return self.learner.trainable_state(), self.learner.optimizer.state_dict()

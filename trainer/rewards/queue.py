@@ -168,20 +168,22 @@ class RewardClient:
     # ---- gathering -------------------------------------------------------------------------------
 
     def score_items(self, items: Sequence[pb.Item]) -> Scores:
-        """Score proto Items with every scorer; returns N x S scores (NaN and an error for failed
-        items), oriented so that higher is better. Raises `RewardQueueError` when results are still
-        missing after the last resubmission's deadline."""
-        start = time.monotonic()
+        """N x S scores of proto Items (NaN and an error for failed items), higher is better."""
+        return self._to_scores(self.gather_results(items))
+
+    def gather_results(self, items: Sequence[pb.Item], scorers: Sequence[str] | None = None):
+        """scorer -> the N Results the replicas wrote (gradients included), for `scorers` (default all);
+        `RewardQueueError` when some are still missing after the last resubmission's deadline."""
+        names, start = list(scorers or self.scorers), time.monotonic()
         self._seq += 1
         keys = P.BatchKeys(self.run_id, f"{self.attempt_id}-b{self._seq}")
         blobs = [item.SerializeToString() for item in items]
-        self.stats = GatherStats()
-        self._gen = 0
+        self.stats, self._gen = GatherStats(), 0
         self._answered = True  # did Redis answer the last call? (no diagnosis or cleanup if not)
-        results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in self.scorers}
+        results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in names}
         try:
             for round_ in range(self.config.resubmits + 1):
-                todo = {s: [i for i, r in enumerate(results[s]) if r is None] for s in self.scorers}
+                todo = {s: [i for i, r in enumerate(results[s]) if r is None] for s in names}
                 if round_:
                     self._gen += 1
                     self.stats.resubmitted += sum(map(len, todo.values()))
@@ -201,7 +203,7 @@ class RewardClient:
             self.stats.seconds = time.monotonic() - start
             for name in ("submitted", "resubmitted", "duplicates_ignored", "redis_errors"):
                 self.totals[name] = self.totals.get(name, 0) + getattr(self.stats, name)
-        return self._to_scores(results)
+        return results  # type: ignore[return-value]
 
     def take_counts(self) -> dict[str, int]:
         """Jobs submitted and resubmitted, duplicate results ignored and Redis errors retried since

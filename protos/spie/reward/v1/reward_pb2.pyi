@@ -30,8 +30,18 @@ class Image(_message.Message):
     channels: int
     def __init__(self, encoding: _Optional[_Union[Image.Encoding, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class Item(_message.Message):
-    __slots__ = ("id", "edited", "source", "exemplars", "instruction", "mask", "metadata")
+    __slots__ = ("id", "edited", "source", "exemplars", "instruction", "mask", "metadata", "edited_tensor", "want_gradient")
     ID_FIELD_NUMBER: _ClassVar[int]
     EDITED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +49,8 @@ class Item(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    EDITED_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    WANT_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     edited: Image
     source: Image
@@ -46,7 +58,9 @@ class Item(_message.Message):
     instruction: str
     mask: Image
     metadata: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., edited: _Optional[_Union[Image, _Mapping]] = ..., source: _Optional[_Union[Image, _Mapping]] = ..., exemplars: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., instruction: _Optional[str] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    edited_tensor: Tensor
+    want_gradient: bool
+    def __init__(self, id: _Optional[str] = ..., edited: _Optional[_Union[Image, _Mapping]] = ..., source: _Optional[_Union[Image, _Mapping]] = ..., exemplars: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., instruction: _Optional[str] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., edited_tensor: _Optional[_Union[Tensor, _Mapping]] = ..., want_gradient: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("items", "scorer", "deadline_unix_ms")
@@ -59,7 +73,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., scorer: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "score", "details", "status", "error")
+    __slots__ = ("id", "score", "details", "status", "error", "gradient")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[Result.Status]
@@ -82,12 +96,14 @@ class Result(_message.Message):
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     details: _containers.ScalarMap[str, float]
     status: Result.Status
     error: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., details: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[Result.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    gradient: Tensor
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., details: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[Result.Status, str]] = ..., error: _Optional[str] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "scorer", "version")
