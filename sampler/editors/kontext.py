@@ -46,7 +46,7 @@ class KontextPolicy:
         num_steps: denoising steps T.
         noise_level: the SDE's noise level a (0: the ODE, for evaluation).
         sde_kind: "sde" (Flow-GRPO) or "cps" (coefficients-preserving).
-        guidance_scale: the distilled guidance input (FLUX.1 Kontext's default is 2.5).
+        guidance_scale: the distilled guidance input (FluxKontextPipeline's default is 3.5).
         resolution: image side in pixels (the schedule's resolution shift depends on it).
         device: where the models run.
     """
@@ -60,7 +60,7 @@ class KontextPolicy:
         num_steps: int = 28,
         noise_level: float = 0.7,
         sde_kind: str = "sde",
-        guidance_scale: float = 2.5,
+        guidance_scale: float = 3.5,
         resolution: int = 512,
         device: str | torch.device = "cpu",
     ) -> None:

@@ -71,7 +71,7 @@ class SampleConfig:
     num_steps: int = 20
     # DDIM eta (0: deterministic, 1: DDPM-like variance). Log-probs need eta > 0.
     eta: float = 1.0
-    # Text classifier-free guidance scale (FLUX.1 Kontext: the distilled guidance input, 2.5 there).
+    # Text classifier-free guidance scale (FLUX.1 Kontext: the distilled guidance input, 3.5 in its pipeline).
     guidance_scale: float = 7.5
     # Flow editors: the SDE's noise level a (Flow-GRPO's sigma_t = a sqrt(t / (1 - t)); CPS's
     # sin(a pi / 2)); 0 is the deterministic ODE (evaluation: `--set sample.noise_level=0`).
