@@ -38,6 +38,8 @@ os.chdir(ROOT)  # configs/ and models/ are relative to the checkout
 OBJECTIVES: dict[str, list[str]] = {
     "spie_ranking": [],
     "ppo": ["train.objective=ppo"],
+    # DiffusionNFT at beta 0.1 (configs/tiny-kontext.yaml has the measurements behind it).
+    "nft": ["train.objective=nft", "train.nft_beta=0.1"],
 }
 KEYS = ("oracle_edit.success", "oracle_structure", "l2_outside_mask")
 
