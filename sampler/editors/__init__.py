@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sampler.models import looks_local
+
 # model_index.json `_class_name` -> editor family.
 PIPELINE_FAMILIES = {
     "StableDiffusionInstructPix2PixPipeline": "instruct_pix2pix",
@@ -42,13 +44,19 @@ def editor_family(pretrained: str, editor: str = "auto", revision: str | None = 
         return editor
     if pretrained in TINY_FAMILIES:
         return TINY_FAMILIES[pretrained]
-    index = Path(pretrained).expanduser() / "model_index.json"
-    if not index.is_file():
-        if Path(pretrained).expanduser().is_dir():
-            raise ValueError(f"{pretrained}: no model_index.json (set model.editor)")
-        from huggingface_hub import hf_hub_download
+    folder = Path(pretrained).expanduser()
+    index = folder / "model_index.json"
+    if folder.is_dir() and not index.is_file():
+        raise ValueError(f"{pretrained}: no model_index.json (set model.editor)")
+    if not folder.is_dir():
+        if looks_local(pretrained):
+            raise FileNotFoundError(f"model folder not found: {pretrained}")
+        try:
+            from huggingface_hub import hf_hub_download
 
-        index = Path(hf_hub_download(pretrained, "model_index.json", revision=revision))
+            index = Path(hf_hub_download(pretrained, "model_index.json", revision=revision))
+        except Exception:  # offline, or no such repo: the default family's loader reports it
+            return "instruct_pix2pix"
     name = json.loads(index.read_text()).get("_class_name", "")
     if name not in PIPELINE_FAMILIES:
         raise ValueError(f"{index}: unknown pipeline {name!r} (known: {sorted(PIPELINE_FAMILIES)})")
