@@ -42,7 +42,7 @@ def train_nft(
         noises.append(torch.randn((n, k, *x0_shape), generator=generator))
     # The sampling policy's predictions, before any update.
     olds = [torch.empty((n, k, *x0_shape)) for _ in plans]
-    with torch.no_grad(), policy.eval_mode():
+    with torch.no_grad(), policy.eval_mode(), learner.accelerator.autocast():
         for plan, noise, old in zip(plans, noises, olds, strict=True):
             for start in range(0, n, t.batch_size):
                 rows = torch.arange(start, min(start + t.batch_size, n))
