@@ -74,6 +74,7 @@ class KontextPolicy:
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.to(self.device)
         self._schedules: dict[int, FlowMatchSDE] = {}
+        self._id_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ the contract's parts
 
@@ -138,6 +139,18 @@ class KontextPolicy:
 
     # ------------------------------------------------------------------ one prediction
 
+    def _ids(self, h: int, w: int, text_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (cached): (2 * h/2 * w/2, 3) for the noisy then the source tokens (first
+        coordinate 0, then 1), and (text_len, 3) zeros for the text, as the pipeline makes them."""
+        key = (h, w, text_len, dtype)
+        if key not in self._id_cache:
+            ids = self.c._prepare_latent_image_ids(1, h // 2, w // 2, self.device, dtype)
+            image_ids = ids.clone()
+            image_ids[..., 0] = 1
+            text = torch.zeros(text_len, 3, device=self.device, dtype=dtype)
+            self._id_cache[key] = (torch.cat([ids, image_ids], dim=0), text)
+        return self._id_cache[key]
+
     def velocity(
         self,
         latents: torch.Tensor,
@@ -162,9 +175,7 @@ class KontextPolicy:
         dtype = model.dtype
         noisy = pipe._pack_latents(latents, b, c, h, w)
         source = pipe._pack_latents(image_latents, b, c, h, w)
-        ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, self.device, dtype)
-        image_ids = ids.clone()
-        image_ids[..., 0] = 1
+        img_ids, txt_ids = self._ids(h, w, text_embeds.shape[1], dtype)
         guidance = None
         if model.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=self.device, dtype=torch.float32)
@@ -175,8 +186,8 @@ class KontextPolicy:
             guidance=guidance,
             pooled_projections=pooled_embeds.to(dtype),
             encoder_hidden_states=text_embeds.to(dtype),
-            txt_ids=torch.zeros(text_embeds.shape[1], 3, device=self.device, dtype=dtype),
-            img_ids=torch.cat([ids, image_ids], dim=0),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
             return_dict=False,
         )[0][:, : noisy.shape[1]]
         return pipe._unpack_latents(out.float(), h * self.vae_factor, w * self.vae_factor, self.vae_factor)
