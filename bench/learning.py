@@ -41,6 +41,8 @@ OBJECTIVES: dict[str, list[str]] = {
     # AlignProp: the differentiable oracle forms (oracle_edit's smooth colour error, oracle_structure),
     # K drawn from all steps per sampling batch, one optimizer step per batch of 32 edits.
     "alignprop": ["train.objective=alignprop", "train.backprop_min_steps=1", "train.backprop_max_steps=0"],
+    # DiffusionNFT at beta 0.1 (configs/tiny-kontext.yaml has the measurements behind it).
+    "nft": ["train.objective=nft", "train.nft_beta=0.1"],
 }
 KEYS = ("oracle_edit.success", "oracle_structure", "l2_outside_mask")
 

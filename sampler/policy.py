@@ -68,9 +68,24 @@ class EditPolicy:
                 module.to(self.device)
         self._null: torch.Tensor | None = None
 
+    denoiser_name = "unet"
+
     @property
-    def unet(self) -> torch.nn.Module:
+    def denoiser(self) -> torch.nn.Module:
+        """The trained network (the UNet); settable, so a learner can swap in a frozen reference."""
         return self.c.unet
+
+    @denoiser.setter
+    def denoiser(self, module: torch.nn.Module) -> None:
+        self.c.unet = module
+
+    unet = denoiser
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for resolution x resolution images."""
+        vae = self.c.vae.config
+        side = resolution // 2 ** (len(vae.block_out_channels) - 1)
+        return (int(vae.latent_channels), side, side)
 
     # ------------------------------------------------------------------ encoders
 
@@ -268,6 +283,27 @@ class EditPolicy:
             x_t.to(self.device), index, batch.text_embeds, batch.image_latents, batch.exemplar_latents
         )
         return self.sched.step(eps, index, x_t.to(self.device), prev_sample=x_prev.to(self.device)).log_prob
+
+    def forward_x0(self, batch: Rollout, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Noise each final latent to step `index`'s level on the forward process and predict it back.
+
+        DDIM: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t);
+        Euler-ancestral: x = x0 + sigma eps, x0_hat = x - sigma eps_hat. With the policy's guidance (at
+        scales 1 the (instruction, source) branch alone, the CFG-free model DiffusionNFT trains).
+        Shapes: index (B,), noise (B, 4, h, w) -> (B, 4, h, w), with grad.
+        """
+        x0 = batch.latents[:, -1].to(self.device)
+        noise = noise.to(self.device)
+        if self.kind == "ddim":
+            a = self.sched.alpha_t[index].view(-1, 1, 1, 1)
+            x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        else:
+            sigma = self.sched.sigmas[index].view(-1, 1, 1, 1)
+            x = x0 + sigma * noise
+        eps = self.guided_noise(x, index, batch.text_embeds, batch.image_latents, batch.exemplar_latents)
+        if self.kind == "ddim":
+            return (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return x - sigma * eps
 
     @contextlib.contextmanager
     def eval_mode(self):

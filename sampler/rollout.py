@@ -33,6 +33,7 @@ class Rollout:
         ranks: (N,) long, each edit's place in its group's ranking, 0 = best, attached by the
             trainer after scoring (SPIE ranking). Per-item, so selecting, concatenating and
             splitting the batch keep every signal with its edit.
+        pooled_embeds: (N, P) pooled instruction embeddings (FLUX.1 Kontext's CLIP), or None.
     """
 
     latents: torch.Tensor
@@ -52,6 +53,7 @@ class Rollout:
     item_ids: list[str] = field(default_factory=list)
     advantages: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]

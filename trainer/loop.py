@@ -69,10 +69,10 @@ def filter_groups(config: Config, rollout: Rollout, scores: Scores) -> tuple[Rol
 
 
 def attach_signal(config: Config, rollout: Rollout, scores: Scores, stats: RewardStats) -> None:
-    """Attach the objective's per-item signal to the batch: PPO's group-normalised advantages, or
-    each edit's place in SPIE's ranking of its group."""
+    """Attach the objective's per-item signal to the batch: PPO's (and DiffusionNFT's)
+    group-normalised advantages, or each edit's place in SPIE's ranking of its group."""
     t = config.train
-    if t.objective == "ppo":
+    if t.objective in ("ppo", "nft"):
         reward = ppo_rewards(config.reward, scores)
         single = len(config.reward.scorers) == 1
         fallback = stats.mean_std(config.reward.scorers[0].name) if single else None

@@ -204,6 +204,8 @@ def validate(config: Config) -> None:
     need(0 < t.eps < 1, f"train.eps must be in (0, 1), got {t.eps}")
     need(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")
     need(m.resolution % 8 == 0, f"model.resolution must be a multiple of 8, got {m.resolution}")
+    need(s.noise_level >= 0, f"sample.noise_level must be >= 0, got {s.noise_level}")
+    need(t.nft_beta > 0, f"train.nft_beta must be > 0, got {t.nft_beta}")
     need(
         m.scheduler != "ddim" or s.eta > 0,
         "sample.eta must be > 0 with model.scheduler=ddim: a deterministic step has no log-probability",

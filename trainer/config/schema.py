@@ -40,8 +40,12 @@ class RunConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     # Base model: a hub id ("timbrooks/instruct-pix2pix"), a local folder saved with
-    # `save_pretrained`, or "tiny" to build a seeded tiny InstructPix2Pix in `tiny_dir`.
+    # `save_pretrained`, "tiny" to build a seeded tiny InstructPix2Pix in `tiny_dir`, or
+    # "tiny-kontext" for a seeded tiny FLUX.1 Kontext.
     pretrained: str = "tiny"
+    # Editor family: "auto" (the model folder's model_index.json `_class_name`), "instruct_pix2pix"
+    # or "flux_kontext" (flow matching: sample.noise_level and sample.sde_kind apply).
+    editor: Literal["auto", "instruct_pix2pix", "flux_kontext"] = "auto"
     # Hub revision of `pretrained` (ignored for local folders).
     revision: str = "main"
     # Where the tiny model is built and cached when `pretrained` is "tiny".
@@ -67,8 +71,13 @@ class SampleConfig:
     num_steps: int = 20
     # DDIM eta (0: deterministic, 1: DDPM-like variance). Log-probs need eta > 0.
     eta: float = 1.0
-    # Text classifier-free guidance scale.
+    # Text classifier-free guidance scale (FLUX.1 Kontext: the distilled guidance input, 3.5 in its pipeline).
     guidance_scale: float = 7.5
+    # Flow editors: the SDE's noise level a (Flow-GRPO's sigma_t = a sqrt(t / (1 - t)); CPS's
+    # sin(a pi / 2)); 0 is the deterministic ODE (evaluation: `--set sample.noise_level=0`).
+    noise_level: float = 0.7
+    # Flow editors: "sde" (Flow-GRPO's SDE) or "cps" (coefficients-preserving sampling, arXiv 2509.05952).
+    sde_kind: Literal["sde", "cps"] = "sde"
     # Source-image classifier-free guidance scale.
     image_guidance_scale: float = 1.5
     # Exemplar-image guidance scale (only with model.exemplar_conditioning).
@@ -90,10 +99,12 @@ class SampleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Objective: "ppo" (DDPO PPO-clip on per-step ratios), "spie_ranking" (Plackett-Luce over
-    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference) or "alignprop" (reward
+    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference), "alignprop" (reward
     # backpropagation: sample with gradients, loss = minus the weighted differentiable reward; each
-    # sampling batch is one backward pass, gradient_accumulation_steps of them one optimizer step).
-    objective: Literal["ppo", "spie_ranking", "alignprop"] = "ppo"
+    # sampling batch is one backward pass, gradient_accumulation_steps of them one optimizer step),
+    # or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
+    # final latents and the group-normalised advantages.
+    objective: Literal["ppo", "spie_ranking", "alignprop", "nft"] = "ppo"
     # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
     batch_size: int = 2
     # Micro-batches accumulated per optimizer step.
@@ -143,7 +154,8 @@ class TrainConfig:
     score_alpha: float = 1.0
     # SPIE: weight of the MSE reconstruction term outside the edit region.
     rec_lambda: float = 0.5
-    # Weight of a per-step KL penalty to the frozen reference (0: off).
+    # Weight of a per-step KL penalty to the frozen reference (0: off). With nft: on the squared
+    # difference of the x0 predictions (DiffusionNFT's `config.train.beta`).
     kl_coef: float = 0.0
     # AlignProp: K, the last denoising steps backpropagated through (earlier steps run without a
     # graph), is drawn per sampling batch uniformly from [backprop_min_steps, backprop_max_steps];
@@ -152,6 +164,9 @@ class TrainConfig:
     backprop_max_steps: int = 1
     # AlignProp: recompute each UNet call in the backward pass instead of storing its activations.
     gradient_checkpointing: bool = True
+    # DiffusionNFT: the guidance strength beta of the implicit positive / negative policies
+    # v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v (their `config.beta`: 1.0 or 0.1).
+    nft_beta: float = 1.0
 
 
 @dataclass(frozen=True)

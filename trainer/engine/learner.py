@@ -20,6 +20,7 @@ from sampler.rollout import Rollout
 from trainer.algo.diagnostics import ranking_diagnostics
 from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss, ranking_of
 from trainer.config import Config
+from trainer.engine.nft import train_nft
 from trainer.engine.policy import trainable_parameters
 from trainer.errors import UserError
 
@@ -48,10 +49,16 @@ class Learner:
         )
         # Steps trained per trajectory: only stochastic steps have a log-prob (DDIM's last step with
         # alpha_prev = 1 and Euler-ancestral's last step are deterministic).
-        n_stochastic = int(policy.sched.step_is_stochastic().sum()) - config.train.skip_final_steps
+        # DiffusionNFT trains on the forward process: every step's noise level serves.
+        if t.objective == "nft":
+            n_stochastic = config.sample.num_steps - t.skip_final_steps
+        else:
+            n_stochastic = int(policy.sched.step_is_stochastic().sum()) - t.skip_final_steps
         self.steps_per_trajectory = min(config.train_timesteps, n_stochastic)
         if self.steps_per_trajectory < 1:
-            raise UserError("no denoising step draws noise: raise sample.eta or sample.num_steps")
+            raise UserError(
+                "no denoising step draws noise: raise sample.eta, sample.noise_level or num_steps"
+            )
         # One optimizer step per `gradient_accumulation_steps` micro-batches, each contributing one
         # backward pass per trained timestep (as ddpo-pytorch does).
         self.accelerator = Accelerator(
@@ -63,7 +70,7 @@ class Learner:
         self.needs_reference = t.objective == "spie_ranking" or t.kl_coef > 0
         self._reference_unet = None
         if self.needs_reference and not config.model.use_lora:
-            self._reference_unet = copy.deepcopy(policy.unet).requires_grad_(False).eval()
+            self._reference_unet = copy.deepcopy(policy.denoiser).requires_grad_(False).eval()
         self.version = 0
         self.nonfinite_skipped = 0
 
@@ -72,7 +79,7 @@ class Learner:
     @contextmanager
     def _reference(self):
         """Run the policy as the frozen reference: LoRA adapters off, or the frozen full copy."""
-        unet = self.policy.c.unet
+        unet = self.policy.denoiser
         if self.config.model.use_lora:
             unet.disable_adapters()
             try:
@@ -80,11 +87,11 @@ class Learner:
             finally:
                 unet.enable_adapters()
         else:
-            self.policy.c.unet = self._reference_unet
+            self.policy.denoiser = self._reference_unet
             try:
                 yield
             finally:
-                self.policy.c.unet = unet
+                self.policy.denoiser = unet
 
     # ------------------------------------------------------------------ one epoch of updates
 
@@ -110,6 +117,8 @@ class Learner:
             generator: drives the shuffles (seeded per epoch, so a resumed run repeats them).
         """
         t = self.config.train
+        if t.objective == "nft":
+            return train_nft(self, rollout, generator, progress)
         ranked = t.objective == "spie_ranking"
         if ranked and rollout.ranks is None:
             raise ValueError("spie_ranking needs the batch's ranks")
@@ -121,7 +130,7 @@ class Learner:
         stats: dict[str, list[float]] = defaultdict(
             list, {"loss": [], "approx_kl": [], "clipfrac": [], "kl": []}
         )
-        unet = self.policy.unet
+        unet = self.policy.denoiser
         unet.train()
         total = t.num_inner_epochs * (n // t.batch_size) * self.steps_per_trajectory
         bar = tqdm(total=total, desc="training", leave=False, disable=not progress)

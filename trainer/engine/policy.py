@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sampler.editors import editor_family
 from sampler.exemplar import ExemplarPreconv, expand_conv_in
 from sampler.models import load_components, resolve_pretrained
 from sampler.policy import EditPolicy
@@ -27,8 +28,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_policy(config: Config, device: torch.device | None = None) -> EditPolicy:
-    """Load the base model and wrap it for sampling; adds LoRA adapters and exemplar parts per config."""
+    """Load the base model and wrap it for sampling; adds LoRA adapters and exemplar parts per config.
+
+    `model.editor` (or the model's `model_index.json`) picks the family: InstructPix2Pix here, the
+    flow-matching editors in `trainer.engine.flow_policy`."""
     m, s = config.model, config.sample
+    try:
+        family = editor_family(m.pretrained, m.editor, m.revision)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.pretrained: {str(err).splitlines()[0]}") from err
+    if family != "instruct_pix2pix":
+        from trainer.engine.flow_policy import build_flow_policy
+
+        return build_flow_policy(config, family, device or resolve_device(config.run.device))
     path = resolve_pretrained(m.pretrained, m.tiny_dir, seed=config.run.seed)
     try:
         components = load_components(path, m.revision, m.scheduler)
@@ -73,13 +85,13 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
 def trainable_parameters(policy: EditPolicy, use_lora: bool) -> dict[str, torch.nn.Parameter]:
     """Name -> parameter of everything the optimizer updates (marks them requires_grad)."""
     params: dict[str, torch.nn.Parameter] = {}
-    for name, p in policy.unet.named_parameters():
+    for name, p in policy.denoiser.named_parameters():
         keep = ("lora_" in name) if use_lora else True
         if policy.exemplar is not None and name.startswith("conv_in."):
             keep = True
         if keep:
             p.requires_grad_(True)
-            params[f"unet.{name}"] = p
+            params[f"{policy.denoiser_name}.{name}"] = p
     if policy.exemplar is not None:
         for name, p in policy.exemplar.named_parameters():
             p.requires_grad_(True)

@@ -64,9 +64,7 @@ def probe_shards(inputs: Inputs, batch_size: int, seed: int) -> list[Shard]:
 
 def latent_shape(policy, resolution: int) -> tuple[int, int, int]:
     """(C, h, w) of the policy's latents for resolution x resolution images."""
-    vae = policy.c.vae.config
-    factor = 2 ** (len(vae.block_out_channels) - 1)
-    return (int(vae.latent_channels), resolution // factor, resolution // factor)
+    return policy.latent_shape(resolution)
 
 
 def plan_epoch(

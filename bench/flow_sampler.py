@@ -1,0 +1,139 @@
+"""Flow sampler overhead: our SDE rollout with log-probs against diffusers' FluxKontextPipeline.
+
+Both run the same model, batch, resolution and steps in this process; the figure is the median over
+`--runs` of (our time / pipeline time). Target: <= 1.10. `--model tiny-kontext` (default) builds the
+seeded tiny Kontext; `--real-size` builds random weights with FLUX.1 Kontext's transformer and VAE
+sizes (diffusers' default `FluxTransformer2DModel` config with guidance embedding; throughput does not
+depend on the weights) and the tiny text encoders (they run once per call on both sides), in bf16.
+
+    python bench/flow_sampler.py [--batch 4] [--steps 10] [--resolution 16] [--runs 5]
+    python bench/flow_sampler.py --real-size --resolution 512 --batch 4 --device cuda   # GPU only
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/ holds queue.py: take the folder off sys.path so `import queue` finds the standard library.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def real_size_folder(folder: Path) -> Path:
+    """A FluxKontextPipeline folder with FLUX.1-sized random transformer and VAE (bf16)."""
+    from diffusers import AutoencoderKL, FluxKontextPipeline, FluxTransformer2DModel
+
+    from sampler.editors.tiny_kontext import build_tiny_kontext
+
+    parts = build_tiny_kontext(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        parts["transformer"] = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16)
+        parts["text_encoder"] = parts["text_encoder"].__class__(
+            parts["text_encoder"].config.__class__(
+                **{**parts["text_encoder"].config.to_dict(), "hidden_size": 768, "projection_dim": 768}
+            )
+        )
+        t5 = parts["text_encoder_2"].config
+        t5.d_model = 4096
+        parts["text_encoder_2"] = parts["text_encoder_2"].__class__(t5)
+        parts["vae"] = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        )
+    FluxKontextPipeline(**parts).save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-kontext", help='"tiny-kontext" or a local folder / hub id')
+    parser.add_argument("--real-size", action="store_true", help="random weights of FLUX.1 Kontext's sizes")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--noise-level", type=float, default=0.7)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    from sampler.editors.kontext import KontextPolicy, load_kontext
+    from sampler.editors.tiny_kontext import save_tiny_kontext
+    from sampler.scenes import shapes_batch
+
+    tmp = tempfile.TemporaryDirectory()
+    if args.real_size:
+        path = str(real_size_folder(Path(tmp.name)))
+    elif args.model == "tiny-kontext":
+        path = str(save_tiny_kontext(Path(tmp.name), vae_warmup_steps=0))
+    else:
+        path = args.model
+    dtype = torch.bfloat16 if args.real_size else torch.float32
+    pipe = load_kontext(path, dtype=dtype).to(args.device)
+    policy = KontextPolicy(pipe, args.steps, args.noise_level, resolution=args.resolution, device=args.device)
+    res = args.resolution
+    sources = torch.from_numpy(shapes_batch(0, args.batch, res)).permute(0, 3, 1, 2).float() / 255
+    prompts = ["make it brighter"] * args.batch
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def ours() -> float:
+        sync()
+        t = time.perf_counter()
+        policy.rollout(sources, prompts, generator=torch.Generator().manual_seed(0))
+        sync()
+        return time.perf_counter() - t
+
+    def theirs() -> float:
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            pipe(
+                image=sources, prompt=prompts, height=res, width=res, max_area=res * res, _auto_resize=False,
+                num_inference_steps=args.steps, guidance_scale=policy.guidance_scale,
+                max_sequence_length=policy.max_text_length, output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+        sync()
+        return time.perf_counter() - t
+
+    ours(), theirs()  # warm-up
+    ratios, t_ours, t_theirs = [], [], []
+    for i in range(args.runs):
+        # Alternate the order so drift on a noisy machine hits both sides alike.
+        a, b = (ours(), theirs()) if i % 2 == 0 else tuple(reversed((theirs(), ours())))
+        t_ours.append(a)
+        t_theirs.append(b)
+        ratios.append(a / b)
+    name = "real-size random" if args.real_size else args.model
+    print(f"device={args.device} model={name} batch={args.batch} steps={args.steps} resolution={res}")
+    print(
+        f"ours (SDE, log-probs): median {statistics.median(t_ours) * 1e3:.1f} ms, {args.batch / statistics.median(t_ours):.2f} images/s"
+    )
+    print(
+        f"diffusers pipeline:    median {statistics.median(t_theirs) * 1e3:.1f} ms, {args.batch / statistics.median(t_theirs):.2f} images/s"
+    )
+    print(
+        f"ratio ours/pipeline: median {statistics.median(ratios):.3f} (target <= 1.10)  runs {[round(r, 3) for r in ratios]}"
+    )
+
+
+if __name__ == "__main__":
+    main()

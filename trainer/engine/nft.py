@@ -1,0 +1,95 @@
+"""One epoch of DiffusionNFT updates: forward-process training from final latents and advantages.
+
+Following `NVlabs/DiffusionNFT` `scripts/train_nft_sd3.py` (lines 855-975): for each trained item and
+noise level, x_t is drawn on the forward process from the rollout's clean final latents, the current
+and the sampling ("old") policies predict x0 from it, and `trainer.algo.nft.nft_loss` pulls the
+current model towards the old one plus (advantage-weighted) the implicit positive policy. No
+log-probabilities are used, so any sampler works (the ODE too). What changed: the old policy is
+the one that sampled the batch (upstream's `decay_type` 0; its other schedules keep an EMA of the
+weights), its predictions are computed once, before the first update; the noise levels are the
+sampler's steps, a random `train.timestep_fraction` of them per item, as the other objectives pick.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from sampler.rollout import Rollout
+from trainer.algo.nft import nft_loss
+
+
+def nft_plan(rollout: Rollout, steps: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(N, k) step positions per item: a random subset of the first `steps` steps."""
+    return torch.stack([torch.randperm(steps, generator=generator)[:k] for _ in range(len(rollout))])
+
+
+def train_nft(
+    learner, rollout: Rollout, generator: torch.Generator, progress: bool = False
+) -> dict[str, float]:
+    """`train.num_inner_epochs` passes of DiffusionNFT over a batch carrying `advantages` (N,)."""
+    t, policy = learner.config.train, learner.policy
+    if rollout.advantages is None:
+        raise ValueError("nft needs the batch's advantages")
+    n, k = len(rollout), learner.steps_per_trajectory
+    steps = rollout.latents.shape[1] - 1 - t.skip_final_steps
+    x0_shape = tuple(rollout.latents.shape[2:])
+    plans, noises = [], []
+    for _ in range(t.num_inner_epochs):
+        plans.append(nft_plan(rollout, steps, k, generator))
+        noises.append(torch.randn((n, k, *x0_shape), generator=generator))
+    # The sampling policy's predictions, before any update.
+    olds = [torch.empty((n, k, *x0_shape)) for _ in plans]
+    with torch.no_grad(), policy.eval_mode(), learner.accelerator.autocast():
+        for plan, noise, old in zip(plans, noises, olds, strict=True):
+            for start in range(0, n, t.batch_size):
+                rows = torch.arange(start, min(start + t.batch_size, n))
+                batch = rollout.select(rows)
+                for j in range(k):
+                    index = plan[rows, j].to(policy.device)
+                    old[rows, j] = policy.forward_x0(batch, index, noise[rows, j]).float().cpu()
+    stats: dict[str, list[float]] = defaultdict(list)
+    model = policy.denoiser
+    model.train()
+    bar = tqdm(
+        total=t.num_inner_epochs * (n // t.batch_size) * k, desc="training", leave=False, disable=not progress
+    )
+    for plan, noise, old in zip(plans, noises, olds, strict=True):
+        for mb in torch.randperm(n, generator=generator).view(-1, t.batch_size):
+            batch = rollout.select(mb)
+            x0 = batch.latents[:, -1].to(policy.device)
+            for j in range(k):
+                index = plan[mb, j].to(policy.device)
+                with learner.accelerator.accumulate(model), learner.accelerator.autocast():
+                    pred = policy.forward_x0(batch, index, noise[mb, j])
+                    loss, info = nft_loss(
+                        pred.float(),
+                        old[mb, j].to(policy.device),
+                        x0,
+                        batch.advantages.to(policy.device),
+                        t.nft_beta,
+                        t.adv_clip_max,
+                    )
+                    if t.kl_coef > 0:
+                        with torch.no_grad(), learner._reference():
+                            ref = policy.forward_x0(batch, index, noise[mb, j])
+                        info["kl"] = ((pred.float() - ref.float()) ** 2).mean()
+                        loss = loss + t.kl_coef * info["kl"]
+                    if torch.isfinite(loss):
+                        learner.accelerator.backward(loss)
+                    else:
+                        learner.nonfinite_skipped += 1
+                    if learner.accelerator.sync_gradients:
+                        learner._apply_update()
+                stats["loss"].append(float(loss.detach()))
+                for key, value in info.items():
+                    stats[key].append(float(value))
+                bar.update()
+    bar.close()
+    model.eval()
+    learner.version += 1
+    out = {key: sum(v) / len(v) for key, v in stats.items() if v}
+    out["nonfinite_skipped"] = float(learner.nonfinite_skipped)
+    return out
