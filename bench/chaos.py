@@ -217,10 +217,10 @@ def run_once(name: str, args, work: Path, chaos: bool) -> dict:
         fabric.close()
         for i, replica in enumerate(fabric.replicas + fabric.retired):
             (folder / f"replica-{i}-{replica.process.pid}.log").write_text("\n".join(replica.log))
+    if injector is not None and injector.error is not None:
+        raise SystemExit(f"the injector failed: {injector.error!r} (the run exited with {code})")
     if code != 0:
         raise SystemExit(f"{name} run failed ({code}):\n{tail}")
-    if injector is not None and injector.error is not None:
-        raise SystemExit(f"the injector failed: {injector.error!r}")
     run = folder / "runs" / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     last = sorted((run / "checkpoints").glob("epoch_*"))[-1]
@@ -264,9 +264,9 @@ def counts(records: list[dict]) -> dict[str, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="run.seed of both runs (and the injector's draws)")
-    p.add_argument("--epochs", type=int, default=6, help="run.num_epochs")
+    p.add_argument("--epochs", type=int, default=20, help="run.num_epochs")
     p.add_argument("--replicas", type=int, default=2, help="replicas of the scorer")
-    p.add_argument("--period", type=float, default=4.0, help="seconds between faults")
+    p.add_argument("--period", type=float, default=3.0, help="seconds between faults")
     p.add_argument("--freeze", type=float, default=2.0, help="seconds Redis stays frozen (< --deadline)")
     p.add_argument("--max-faults", type=int, default=12, help="most faults injected")
     p.add_argument(
