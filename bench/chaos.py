@@ -252,6 +252,12 @@ def compare(calm: dict, chaos: dict) -> list[str]:
     return diffs
 
 
+def _excess(seconds: list[float]) -> float:
+    """Sum of each epoch's time over the median epoch's."""
+    median = sorted(seconds)[len(seconds) // 2]
+    return sum(max(0.0, t - median) for t in seconds)
+
+
 def counts(records: list[dict]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in records:
@@ -300,6 +306,10 @@ def main() -> None:
     print(f"replica recoveries: calm {calm['replica_events']}; chaos {chaos['replica_events']}")
     lost = chaos["seconds"] - calm["seconds"]
     print(f"wall time: calm {calm['seconds']:.1f}s, chaos {chaos['seconds']:.1f}s (lost {lost:+.1f}s)")
+    # On a shared machine the two runs' speeds differ; each run's epochs over its own median epoch
+    # measure the time faults cost (the calm run's figure is the noise).
+    excess = [_excess([r.get("time_epoch_s", 0.0) for r in run["records"]]) for run in (calm, chaos)]
+    print(f"epoch seconds over the run's median epoch: calm {excess[0]:.1f}s, chaos {excess[1]:.1f}s")
     for name, run in (("calm", calm), ("chaos", chaos)):
         per = [round(r.get("time_epoch_s", 0.0), 1) for r in run["records"]]
         print(f"  {name} epoch seconds: {per}")

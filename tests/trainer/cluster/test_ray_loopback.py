@@ -1,6 +1,7 @@
 """`spie cluster up` keeps a Ray head on loopback: every listening socket of every process in the
 launcher's tree (the head's GCS, raylet, agents, Ray Client server and its per-client server, the
-autoscaler monitor, and a worker that ran a task) is on 127.0.0.1 or ::1 (issue 15, defect 6)."""
+autoscaler monitor, and a worker that ran a task) is on 127.0.0.1 or ::1 (issue 15, defect 6). The
+local Ray that `spie train` starts with `ray.enabled` and no address keeps a loopback node address."""
 
 from __future__ import annotations
 
@@ -116,3 +117,21 @@ def test_ray_head_listens_on_loopback_only(tmp_path):
         except subprocess.TimeoutExpired:
             up.kill()
         reader.join(timeout=10)
+
+
+def test_the_local_ray_of_spie_train_keeps_a_loopback_node_address(monkeypatch):
+    """`spie train` with `ray.enabled` and no address starts Ray with `_node_ip_address=127.0.0.1`,
+    which Ray's own resolution turns into the machine's address (then every listener of that Ray
+    leaves loopback, as the test above shows for `ray start`), except inside `_single_node`.
+    Checked on Ray's resolution itself; starting a Ray here would cost 20-70 s on 2 shared cores."""
+    from ray._private import ray_constants, services
+
+    from trainer.engine.ray.engine import _single_node
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with _single_node():
+        assert services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # for the processes it starts
+    assert before == ray_constants.ENABLE_RAY_CLUSTER
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
