@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo toy-editor test lint format protos bench clean
+.PHONY: install demo toy-editor test lint format protos bench chaos clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +52,9 @@ bench: $(STAMP)
 	$(PY) bench/reward_server.py
 	$(PY) bench/queue.py
 	$(PY) bench/overlap.py
+
+chaos: $(STAMP)
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,7 +7,8 @@ It listens on a unix socket (mode 700 folder) by default, or on 127.0.0.1 with `
 another interface. It keeps nothing on disk (no RDB, no AOF). The process is removed on `stop()`, on
 interpreter exit (atexit), on SIGTERM/SIGHUP to the launcher and on Ctrl-C (KeyboardInterrupt
 unwinds the `with`); on Linux the server also gets SIGKILL when its launcher dies (PR_SET_PDEATHSIG),
-so not even `kill -9` of the launcher leaves it behind.
+so not even `kill -9` of the launcher leaves it behind (whichever thread started it: see
+`_popen`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from reward_servers.errors import UserError
@@ -55,6 +58,24 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_SPAWNER: ThreadPoolExecutor | None = None
+_SPAWN_LOCK = threading.Lock()
+
+
+def _popen(argv: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` from a thread that lives as long as the process. Linux sends the
+    parent-death signal (`_die_with_parent`) when the *thread* that forked exits, so a server
+    started from a short-lived thread would die with it; the main thread, or one idle worker kept
+    for the process's life, forks instead."""
+    global _SPAWNER
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(argv, **kwargs)
+    with _SPAWN_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = ThreadPoolExecutor(1, thread_name_prefix="embedded-redis-spawner")
+    return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
 
 
 def _cleanup_all() -> None:
@@ -121,7 +142,7 @@ class EmbeddedRedis:
         conf = self.folder / "redis.conf"  # 0600: the password stays out of argv and other users' reach
         conf.touch(mode=0o600)
         conf.write_text("\n".join(lines) + "\n")
-        self.process = subprocess.Popen(
+        self.process = _popen(
             [redis_server_binary(), str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

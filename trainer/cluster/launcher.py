@@ -6,8 +6,10 @@ How a service runs here:
   (`reward_servers.queue.embedded`), on 127.0.0.1, with the service's REDIS_PASSWORD;
 - `spie serve ...` / `spie-reward serve ...`: its command, bound to 127.0.0.1 on a free port per replica; healthy when
   `grpc.health.v1` says SERVING;
-- `ray start --head ...`: its command on loopback (node address, dashboard), on free ports, in a
-  private temp dir, with `--block`; healthy when `ray health-check` passes;
+- `ray start --head ...`: its command on loopback, on free ports, in a private temp dir, with
+  `--block`; healthy when `ray health-check` passes. Every listener of the head (GCS, raylet,
+  object manager, agents, Ray Client, metrics, autoscaler monitor, workers) binds 127.0.0.1: see
+  `RAY_LOOPBACK_ENV`;
 - anything else (`spie train ...`): its command as written.
 Every `spie` command runs with this interpreter (`python -m trainer.cli`), and `spie-reward` as
 `python -m reward_servers`. Host names of services
@@ -46,6 +48,17 @@ from trainer.errors import UserError
 
 SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 
+# Ray keeps a node on loopback only while its node address stays 127.0.0.1, and `ray start`
+# replaces a loopback `--node-ip-address` by the machine's address unless Ray runs single-node:
+# `ray._private.services.resolve_ip_for_localhost` calls `get_node_ip_address`, which answers
+# loopback only when `ray_constants.ENABLE_RAY_CLUSTER` is false (this variable; Ray 2.x). With
+# the node on loopback, the GCS, raylet, object manager, agents, Ray Client, autoscaler monitor and
+# workers bind 127.0.0.1 (`is_localhost(node_ip)` in each). Such a head accepts no other node,
+# which is what a local `cluster up` is. Measured by tests/trainer/cluster/test_ray_loopback.py.
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray's two fixed metrics ports (44217, 44227) would clash between two heads on one machine.
+RAY_PORT_ENV = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
+
 
 class Launcher:
     """Runs the services `names` of `project` (and their dependencies) as local processes.
@@ -77,6 +90,7 @@ class Launcher:
         self.lock = threading.Lock()
         self.ports: dict[tuple[str, int], int] = {}  # (service, port in the file) -> local port
         self.replica_ports: dict[str, list[int]] = {}
+        self.ray_env: dict[str, dict[str, str]] = {}  # ray-head service -> its loopback variables
         self.temp_dirs: list[Path] = []
         self.started: dict[str, list] = {}
         self.healthy: set[str] = set()
@@ -108,6 +122,9 @@ class Launcher:
                 self.ports[(name, port)] = local[0]
                 if flag == "--port":
                     self.replica_ports[name] = local
+            if svc.kind == "ray-head":
+                ports = {key: str(free_port()) for key in RAY_PORT_ENV}
+                self.ray_env[name] = {**RAY_LOOPBACK_ENV, **ports}
         names = sorted(self.project.services, key=len, reverse=True)
         alt = "|".join(re.escape(n) for n in names)
         self._host = re.compile(rf"(?P<pre>^|//|@|=)(?P<host>{alt})(?::(?P<port>\d+))?(?=$|[/?#\s])")
@@ -141,6 +158,7 @@ class Launcher:
             if any(value == t or value.startswith(t.rstrip("/") + "/") for t in named):
                 continue  # a path in a container's named volume: this machine's default instead
             env[key] = self.localize(value, svc)
+        env.update(self.ray_env.get(svc.name, {}))
         return env
 
     def command(self, svc: Service, index: int, dry_run: bool = False) -> list[str]:

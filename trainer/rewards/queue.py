@@ -269,7 +269,7 @@ class RewardClient:
             room = self.config.max_in_flight - length
             if room <= 0:
                 continue
-            take, queued[scorer] = indices[:room], indices[room:]
+            take = indices[:room]
             ttl = self.config.blob_ttl_s
             left_s = deadline - time.monotonic()
             deadline_ms, budget_ms = int((time.time() + left_s) * 1000), int(left_s * 1000)
@@ -283,6 +283,10 @@ class RewardClient:
                     fields = P.job_fields(keys.run, keys.batch, i, deadline_ms, budget_ms, self._gen)
                     pipe.xadd(P.jobs_key(scorer), fields)
                 pipe.execute()
+            # Only now are they sent: a pipeline cut off by a Redis error (restart, freeze) keeps
+            # its jobs queued, and the next try sends them again (a job that did get through is
+            # scored twice and its second result ignored).
+            queued[scorer] = indices[room:]
             uploaded.update(take)
             self.stats.submitted += len(take)
             peak[scorer] = max(peak[scorer], length + len(take))

@@ -30,12 +30,17 @@ from trainer.rewards.inprocess import InProcessRewards
 
 
 class LocalReplica:
-    """One `spie serve <scorer>` child process consuming the run's Redis streams."""
+    """One `spie serve <scorer>` child process consuming the run's Redis streams.
 
-    def __init__(self, scorer: str, kwargs: dict, env: dict[str, str], folder: Path) -> None:
+    `sections` adds other sections of the server's YAML (`queue`, `batching`, `server`).
+    """
+
+    def __init__(
+        self, scorer: str, kwargs: dict, env: dict[str, str], folder: Path, sections: dict | None = None
+    ) -> None:
         self.scorer = scorer
         config = folder / f"{scorer}-{time.monotonic_ns()}.yaml"
-        config.write_text(yaml.safe_dump({"scorer": dict(kwargs)}))
+        config.write_text(yaml.safe_dump({**(sections or {}), "scorer": dict(kwargs)}))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reward_servers", "serve", scorer, "--port", "0", "--config", str(config)],
             env=env,

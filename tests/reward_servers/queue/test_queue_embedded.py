@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +89,22 @@ def test_tcp_mode_binds_loopback_only():
         client = connect(server.url, server.password)
         assert client.config_get("bind")["bind"] == "127.0.0.1"
         client.close()
+
+
+def test_a_server_started_from_a_thread_outlives_that_thread():
+    """Linux sends the parent-death signal when the *thread* that forked exits: a server started or
+    restarted from a short-lived thread (bench/chaos.py's fault injector) died with that thread,
+    and the chaos run then failed on a Redis that refused every connection."""
+    server = EmbeddedRedis()
+    try:
+        for step in (server.start, server.restart):
+            thread = threading.Thread(target=step)
+            thread.start()
+            thread.join(30)
+            time.sleep(0.3)  # the signal, if any, is delivered as the thread exits
+            assert server.running, f"redis-server died with the thread that ran {step.__name__}"
+            client = connect(server.url, server.password)
+            assert client.ping()
+            client.close()
+    finally:
+        server.stop()

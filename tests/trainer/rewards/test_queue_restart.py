@@ -114,3 +114,28 @@ def test_score_rollout_matches_the_in_process_interface(redis_server, replicas):
     assert isinstance(scores, Scores)
     np.testing.assert_allclose(scores.values["sleep"], np.array(levels) / 255)
     assert scores.failed() == []
+
+
+def test_a_submission_cut_off_midway_is_sent_again(redis_server, rdb, replicas):
+    """A submission whose pipeline fails (Redis restarted or frozen while it was sent) is sent again
+    at once, not left to the deadline: the chaos run (bench/chaos.py) lost 30 s per such epoch and
+    failed when it happened twice to one batch. Redis holds every write for 1.5 s (CLIENT PAUSE
+    WRITE) while reads go on, so the client's submission is its first call to fail."""
+    replicas(scorer_kwargs={"batch_seconds": 0.0, "max_batch_size": 8}, queue_cfg=FAST_CLAIMS)
+    items, expected = brightness_items(8)
+    deadline_s = 10.0
+    config = QueueClientConfig(
+        url=redis_server.url, deadline_s=deadline_s, resubmits=0, poll_s=0.1, call_timeout_s=0.5
+    )
+    client = RewardClient(["sleep"], config, password=redis_server.password)
+    keys = P.BatchKeys(client.run_id, f"{client.attempt_id}-b1")
+    rdb.set(keys.live, "1", ex=60)  # the batch marker exists: the next write is the submission itself
+    rdb.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+    start = time.monotonic()
+    scores = client.score_items(items)
+    elapsed = time.monotonic() - start
+    client.close()
+    assert scores.errors["sleep"] == [None] * 8
+    np.testing.assert_allclose(scores.values["sleep"], expected)
+    assert client.stats.redis_errors >= 1  # the cut-off submission
+    assert client.stats.resubmitted == 0 and elapsed < deadline_s / 2, elapsed

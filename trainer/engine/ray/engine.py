@@ -17,6 +17,8 @@ One epoch with `ray.enabled`:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import ray
@@ -38,7 +40,8 @@ def connect(config: Config) -> bool:
     if not address:
         # A local Ray for this run: no dashboard (its job API runs code for whoever reaches it).
         # Its processes listen on loopback only: nothing off this machine can reach them.
-        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        with _single_node():
+            ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
         return True
     # A Ray Client head (ray://) can refuse a client while it is still starting ("Starting Ray
     # client server failed" before its runtime-env agent is up): try again, 5 s apart, for up to
@@ -55,6 +58,32 @@ def connect(config: Config) -> bool:
                 raise UserError(f"ray.address={address!r}: cannot join the Ray cluster ({first})") from err
             print(f"[spie] ray: cannot join {address} yet ({type(err).__name__}); retrying in 5 s")
             time.sleep(5)
+
+
+@contextlib.contextmanager
+def _single_node():
+    """Keep the node address of a Ray started here on loopback. `ray.init` replaces a loopback
+    `_node_ip_address` by the machine's address (then the GCS, raylet, agents and workers listen
+    on every interface) unless Ray runs single-node: `ray._private.ray_constants.ENABLE_RAY_CLUSTER`
+    false, read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER by each process at import (Ray 2.x; the same
+    as `trainer.cluster.launcher.RAY_LOOPBACK_ENV`). Set for this process and the ones it starts,
+    then restored."""
+    from ray._private import ray_constants
+
+    previous = os.environ.get(_SINGLE_NODE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_NODE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+        if previous[0] is None:
+            os.environ.pop(_SINGLE_NODE, None)
+        else:
+            os.environ[_SINGLE_NODE] = previous[0]
+
+
+_SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class RayEngine:
