@@ -88,10 +88,30 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class SPOConfig:
+    """Step-by-step preference optimisation (`train.objective: spo`; defaults as RockeyCoss/SPO's
+    configs/basic_config.py and its SD-1.5 preset spo_sd-v1-5_4k-prompts_num-sam-4_10ep_bs10.py)."""
+
+    # Candidates x_{t-1} drawn from each x_t at a trained step (SPO's num_sample_each_step: 4).
+    pool_size: int = 4
+    # A pool gives a win/lose pair when softmax([best, worst]) differs by more than this (SPO's
+    # compare_func threshold: 0.3). The values are the judge's raw scores x their `weight`, so scale
+    # a scorer whose scores lie in [0, 1] with its weight.
+    threshold: float = 0.3
+    # The DPO-style coefficient on the clamped log-ratios to the reference (SPO's train.beta: 10).
+    # The clamp is `train.eps` (SPO's train.eps: 0.1, as SPIE's).
+    beta: float = 10.0
+    # Denoising steps sampled plainly before the pools start (SPO's divert_start_step: 4 of 20).
+    start_step: int = 4
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    # Objective: "ppo" (DDPO PPO-clip on per-step ratios) or "spie_ranking" (Plackett-Luce over
-    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference).
-    objective: Literal["ppo", "spie_ranking"] = "ppo"
+    # Objective: "ppo" (DDPO PPO-clip on per-step ratios), "spie_ranking" (Plackett-Luce over
+    # the nb_gen edits, D3PO-style clamped ratios to a frozen reference) or "spo" (step-wise
+    # win/lose pairs from a pool of candidates per step, judged on their predicted clean images;
+    # settings in `train.spo`; needs ray.enabled: false and gradient_accumulation_steps 1).
+    objective: Literal["ppo", "spie_ranking", "spo"] = "ppo"
     # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
     batch_size: int = 2
     # Micro-batches accumulated per optimizer step.
@@ -139,6 +159,8 @@ class TrainConfig:
     rec_lambda: float = 0.5
     # Weight of a per-step KL penalty to the frozen reference (0: off).
     kl_coef: float = 0.0
+    # SPO's pools, threshold and beta (objective "spo").
+    spo: SPOConfig = field(default_factory=SPOConfig)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""SPO's epoch: step pools sampled, every candidate judged through the reward fabric, pairs formed.
+
+For each shard, `engine.sample_pools` runs the pooled chain (`sampler.step_pool`); each step's
+K x M candidates (their predicted clean images, the step in each item's metadata: `step`,
+`num_steps`, `timestep`) go to `rewards.score` as one batch, like any rollout: in process, or as
+`reward.proto` jobs over the Redis queue to `spie-reward serve` replicas. Any registered scorer
+judges this way; a step-aware one reads the metadata.
+
+SPO continues each chain from a uniformly drawn candidate, whatever the judge says, so the judging
+need not stop the chain: with `sample.pipeline: async` each step's candidates are submitted to the
+scoring thread as soon as they are decoded, and the chain goes on while the servers score (many
+steps' and shards' candidates in flight); the pairs are formed once the scores are in. With `sync`
+each step waits for its scores. Both give the same pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+import torch
+
+from sampler.rollout import Rollout
+from trainer.algo.spo import judge_values, pair_batch
+from trainer.config import Config
+from trainer.rewards.scores import Scores
+
+
+def sample_spo(
+    engine, rewards, shards: list, config: Config, progress: bool, scorer=None
+) -> tuple[Rollout, Scores, Rollout, dict[str, float]]:
+    """Sample `shards` with SPO's pools, judge every candidate and form the step-wise pairs.
+
+    Args:
+        engine: has `sample_pools(shard, on_step, progress)` (`trainer.engine.local.LocalEngine`).
+        rewards: `score(rollout) -> Scores` (in process or over the queue).
+        scorer: a `trainer.pipeline.ScoringThread` to judge while sampling goes on, or None.
+
+    Returns:
+        The final edits (one chain per input), their scores (for the epoch's metrics), the training
+        batch of pairs (`trainer.algo.spo.pair_batch`, concatenated over steps and shards) and the
+        epoch's numbers: `spo.pools`, `spo.pairs`, `spo.judged`, `spo.judge_failed`,
+        `spo.judge_mean`, `spo.gap_mean` (best minus worst judge value), the timings.
+    """
+    o = config.train.spo
+    jobs: list[tuple[Rollout, Future | Scores]] = []
+    judging = 0.0
+
+    def on_step(candidates: Rollout) -> None:
+        nonlocal judging
+        if scorer is not None:
+            jobs.append((candidates, scorer.submit(candidates)))
+            return
+        t = time.perf_counter()
+        jobs.append((candidates, rewards.score(candidates)))
+        judging += time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    finals = [engine.sample_pools(shard, on_step, progress).final for shard in shards]
+    t1 = time.perf_counter()
+    wait = 2.5 * config.reward.deadline_s
+    pairs, values, gaps, failed = [], [], [], 0
+    for candidates, job in jobs:
+        if isinstance(job, Future):
+            try:
+                scores, seconds = job.result(timeout=wait)
+            except FutureTimeout as err:
+                raise RuntimeError(
+                    f"SPO: the judge gave no scores for {candidates.item_ids[0]}.. within {wait:g}s "
+                    f"(2.5 x reward.deadline_s); not training on a partial batch"
+                ) from err
+            judging += seconds
+        else:
+            scores = job
+        v = judge_values(config.reward, scores)
+        failed += int((~torch.isfinite(v)).sum())
+        pool = v.view(-1, o.pool_size)
+        gaps.append((pool.max(dim=1).values - pool.min(dim=1).values).numpy())
+        values.append(v.numpy())
+        pairs.append(pair_batch(candidates, v, o.threshold, o.pool_size))
+    t2 = time.perf_counter()
+    final = Rollout.concat(finals) if len(finals) > 1 else finals[0]
+    scores = rewards.score(final)
+    t3 = time.perf_counter()
+    batch = Rollout.concat(pairs) if pairs else final.select([])
+    all_values = np.concatenate(values) if values else np.zeros(0)
+    gap = np.concatenate(gaps) if gaps else np.zeros(0)
+    finite = all_values[np.isfinite(all_values)]
+    info = {
+        "spo.pools": float(len(all_values) // o.pool_size),
+        "spo.pairs": float(len(batch) // 2),
+        "spo.judged": float(len(all_values)),
+        "spo.judge_failed": float(failed),
+        "spo.judge_mean": float(finite.mean()) if finite.size else float("nan"),
+        "spo.gap_mean": float(np.nanmean(gap)) if np.isfinite(gap).any() else float("nan"),
+        "time_sampling_s": t1 - t0,
+        "time_judging_s": judging,
+        "time_judging_wait_s": t2 - t1,
+        "time_scoring_s": t3 - t2,
+        "time_sample_score_s": t3 - t0,
+    }
+    return final, scores, batch, info
