@@ -121,6 +121,7 @@ def step_pool_rollout(
             masks=pool(masks),
             metadata=meta,
             policy_version=policy_version,
+            item_ids=[f"s{i}-i{j}" for j in range(m * k)],
         )
         candidates.append(batch)
         if on_step is not None:
@@ -147,5 +148,6 @@ def step_pool_rollout(
         masks=masks,
         metadata=[dict(d) for d in metadata] if metadata else None,
         policy_version=policy_version,
+        item_ids=[f"i{j}" for j in range(m)],
     )
     return StepPool(final, candidates)
