@@ -39,7 +39,7 @@ def test_spo_learns_brightness(tiny_config, tmp_path, seed):
     trained editor's edits are brighter than the base model's by more than 0.01 and 4 standard errors."""
     from trainer.evaluate.compare import evaluate_models
 
-    run_dir = train(tiny_config(*SPO, "run.num_epochs=4", f"run.seed={seed}", "run.name=spo"))
+    run_dir = train(tiny_config(*SPO, "run.num_epochs=2", f"run.seed={seed}", "run.name=spo"))
     metrics = read_metrics(run_dir)
     assert all(m["nonfinite_skipped"] == 0 and m["spo.pairs"] > 0 for m in metrics)
     summary = evaluate_models(
