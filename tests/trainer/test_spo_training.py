@@ -108,3 +108,23 @@ def test_spo_settings_are_checked_with_one_line(override, field):
         load_config("configs/tiny.yaml", [*SPO, override])
     message = str(err.value)
     assert field in message and "\n" not in message
+
+
+def test_spo_resume_gives_the_same_weights_as_a_straight_run(tiny_config):
+    """2 + 2 SPO epochs (stopped, resumed from the checkpoint) equal 4 straight epochs, bit for bit."""
+    from safetensors.torch import load_file
+
+    from trainer.run.checkpoint import list_checkpoints
+
+    small = [*SPO, "sample.batch_size=8", "run.save_freq=1", "run.checkpoint_limit=2"]
+    straight = train(tiny_config(*small, "run.num_epochs=4", "run.name=straight"))
+    first = train(tiny_config(*small, "run.num_epochs=2", "run.name=split"))
+    resumed = train(tiny_config(*small, "run.num_epochs=4", "run.name=split"), resume=first)
+    a = load_file(str(list_checkpoints(straight)[-1] / "trainable.safetensors"))
+    b = load_file(str(list_checkpoints(resumed)[-1] / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    ma, mb = read_metrics(straight), read_metrics(resumed)
+    assert [m["epoch"] for m in mb] == [0, 1, 2, 3]
+    assert [(m["spo.pairs"], m["loss"]) for m in ma] == [(m["spo.pairs"], m["loss"]) for m in mb]
+    assert ma[0]["loss"] != ma[3]["loss"]  # the weights did move
