@@ -418,6 +418,13 @@ class Config:
         return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
 
     def summary(self) -> str:
+        if self.train.objective == "spo":
+            o = self.train.spo
+            return (
+                f"inputs per epoch = {self.batches_per_epoch * self.sample.batch_size}, "
+                f"SPO pools of {o.pool_size} candidates at each stochastic step from step {o.start_step}, "
+                f"pairs past threshold {o.threshold:g} trained in micro-batches of {self.train.batch_size // 2}"
+            )
         return (
             f"images per epoch = {self.images_per_epoch}, "
             f"effective train batch = {self.effective_train_batch}, "
