@@ -58,7 +58,9 @@ def test_the_queue_judge_gives_the_in_process_pairs(tiny_config, redis_server, r
     replica saw each candidate's step index in its metadata."""
     replicas(scorer="sleep", scorer_kwargs={"batch_seconds": 0.0, "max_batch_size": 64})
     config = tiny_config(
-        *SPO, "reward.scorers=[{name: sleep, weight: 100, kwargs: {batch_seconds: 0.0}}]", "sample.batch_size=8"
+        *SPO,
+        "reward.scorers=[{name: sleep, weight: 100, kwargs: {batch_seconds: 0.0}}]",
+        "sample.batch_size=8",
     )
     engine = LocalEngine(config)
     shards = plan_epoch(engine_inputs(config), config, 0, epoch_generator(0, 0), engine.latent_shape)
