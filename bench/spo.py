@@ -8,7 +8,8 @@ CPU), in four ways, interleaved (one epoch of each per round, the order rotating
 and noise), and reports medians:
 
 - in process, sync: the judge called at each step, the chain waiting (as SPO's own loop does);
-- in process, async: each step's candidates handed to a scoring thread, the chain going on;
+- in process, async: each step's candidates handed to a scoring thread, the chain going on (steps
+  decoded while a call is in flight go together in the next call);
 - queue, sync / async: the same through Redis to one `spie-reward serve sleep` replica.
 
 The figure of merit is queue async / in process sync (aim: <= 1.3): the fabric against the plain
@@ -160,9 +161,15 @@ def main() -> int:
                     thread = threads[transport] if pipeline == "async" else None
                     _, _, _, info = sample_spo(engine, rewards[transport], shards, config, False, thread)
                     if r:
-                        for key in ("time_sample_score_s", "time_judging_s", "time_judging_wait_s"):
+                        for key in (
+                            "time_sample_score_s",
+                            "time_sampling_s",
+                            "time_judging_s",
+                            "time_judging_wait_s",
+                        ):
                             times.setdefault(f"{transport}, {pipeline}|{key}", []).append(info[key])
                         pools, judged = info["spo.pools"], info["spo.judged"]
+                        times.setdefault(f"{transport}, {pipeline}|calls", []).append(info["spo.judge_calls"])
             after = batch_histogram(port)
         finally:
             for t in threads.values():
@@ -180,14 +187,17 @@ def main() -> int:
         f"median of {args.rounds - 1} interleaved rounds after a warm-up one, seconds"
     )
     print(
-        "| transport, pipeline | s / epoch | / in process, same pipeline | judge calls, s (summed) | wait after sampling, s |"
+        "| transport, pipeline | s / epoch | / in process, same pipeline | sampling, s | judge calls | "
+        "judge calls, s (summed) | wait after sampling, s |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for key in ("in process, sync", "in process, async", "queue, sync", "queue, async"):
         epoch = med[f"{key}|time_sample_score_s"]
         same = med[f"in process, {key.split(', ')[1]}|time_sample_score_s"]
         print(
-            f"| {key} | {epoch:.3f} | {epoch / same:.3f} | {med[f'{key}|time_judging_s']:.3f} "
+            f"| {key} | {epoch:.3f} | {epoch / same:.3f} | {med[f'{key}|time_sampling_s']:.3f} "
+            f"| {med[f'{key}|calls']:.0f} "
+            f"| {med[f'{key}|time_judging_s']:.3f} "
             f"| {med[f'{key}|time_judging_wait_s']:.3f} |"
         )
     for pipeline in ("sync", "async"):

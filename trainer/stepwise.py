@@ -7,10 +7,11 @@ K x M candidates (their predicted clean images, the step in each item's metadata
 judges this way; a step-aware one reads the metadata.
 
 SPO continues each chain from a uniformly drawn candidate, whatever the judge says, so the judging
-need not stop the chain: with `sample.pipeline: async` each step's candidates are submitted to the
-scoring thread as soon as they are decoded, and the chain goes on while the servers score (many
-steps' and shards' candidates in flight); the pairs are formed once the scores are in. With `sync`
-each step waits for its scores. Both give the same pairs.
+need not stop the chain: with `sample.pipeline: async` each step's candidates go to the scoring
+thread as soon as they are decoded, and the chain goes on while the servers score; steps decoded
+while a call is in flight are sent together in the next call (one round trip for all of them, as
+many inputs in flight as the judge lets pile up); the pairs are formed once the scores are in. With
+`sync` each step waits for its scores. Both give the same pairs (each candidate is scored on its own).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
-import torch
 
 from sampler.rollout import Rollout
 from trainer.algo.spo import judge_values, pair_batch
@@ -45,41 +45,51 @@ def sample_spo(
         `spo.judge_mean`, `spo.gap_mean` (best minus worst judge value), the timings.
     """
     o = config.train.spo
-    jobs: list[tuple[Rollout, Future | Scores]] = []
+    calls: list[tuple[list[Rollout], Future | Scores]] = []  # the steps each judge call covers
+    pending: list[Rollout] = []
     judging = 0.0
+
+    def send() -> None:
+        batch = Rollout.concat(pending) if len(pending) > 1 else pending[0]
+        calls.append((list(pending), scorer.submit(batch)))
+        pending.clear()
 
     def on_step(candidates: Rollout) -> None:
         nonlocal judging
         if scorer is not None:
-            jobs.append((candidates, scorer.submit(candidates)))
+            pending.append(candidates)
+            if not calls or calls[-1][1].done():  # else it joins the next call
+                send()
             return
         t = time.perf_counter()
-        jobs.append((candidates, rewards.score(candidates)))
+        calls.append(([candidates], rewards.score(candidates)))
         judging += time.perf_counter() - t
 
     t0 = time.perf_counter()
     finals = [engine.sample_pools(shard, on_step, progress).final for shard in shards]
+    if pending:
+        send()
     t1 = time.perf_counter()
     wait = 2.5 * config.reward.deadline_s
     pairs, values, gaps, failed = [], [], [], 0
-    for candidates, job in jobs:
+    for steps, job in calls:
         if isinstance(job, Future):
             try:
                 scores, seconds = job.result(timeout=wait)
             except FutureTimeout as err:
                 raise RuntimeError(
-                    f"SPO: the judge gave no scores for {candidates.item_ids[0]}.. within {wait:g}s "
+                    f"SPO: the judge gave no scores for {steps[0].item_ids[0]}.. within {wait:g}s "
                     f"(2.5 x reward.deadline_s); not training on a partial batch"
                 ) from err
             judging += seconds
         else:
             scores = job
-        v = judge_values(config.reward, scores)
-        failed += int((~torch.isfinite(v)).sum())
-        pool = v.view(-1, o.pool_size)
-        gaps.append((pool.max(dim=1).values - pool.min(dim=1).values).numpy())
-        values.append(v.numpy())
-        pairs.append(pair_batch(candidates, v, o.threshold, o.pool_size))
+        start = 0
+        for candidates in steps:
+            part = scores.select(list(range(start, start + len(candidates))))
+            start += len(candidates)
+            pairs.append(_pairs(config, candidates, part, values, gaps))
+            failed += int(np.isnan(values[-1]).sum())
     t2 = time.perf_counter()
     final = Rollout.concat(finals) if len(finals) > 1 else finals[0]
     scores = rewards.score(final)
@@ -100,5 +110,16 @@ def sample_spo(
         "time_judging_wait_s": t2 - t1,
         "time_scoring_s": t3 - t2,
         "time_sample_score_s": t3 - t0,
+        "spo.judge_calls": float(len(calls)),
     }
     return final, scores, batch, info
+
+
+def _pairs(config: Config, candidates: Rollout, scores: Scores, values: list, gaps: list) -> Rollout:
+    """One step's pairs; appends the candidates' judge values and their pools' best - worst gaps."""
+    o = config.train.spo
+    v = judge_values(config.reward, scores)
+    pool = v.view(-1, o.pool_size)
+    gaps.append((pool.max(dim=1).values - pool.min(dim=1).values).numpy())
+    values.append(v.numpy())
+    return pair_batch(candidates, v, o.threshold, o.pool_size)

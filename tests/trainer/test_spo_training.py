@@ -54,13 +54,15 @@ def test_spo_learns_brightness(tiny_config, tmp_path, seed):
 
 def test_the_queue_judge_gives_the_in_process_pairs(tiny_config, redis_server, replicas):
     """The same SPO epoch judged by a `sleep` replica over Redis (asynchronously, while the chains go
-    on) and by the same scorer in process (step by step): the same pairs, the same final scores; the
-    replica saw each candidate's step index in its metadata."""
-    replicas(scorer="sleep", scorer_kwargs={"batch_seconds": 0.0, "max_batch_size": 64})
+    on; 0.5 s per call, so the steps decoded meanwhile go together in the next call) and by the same
+    scorer in process (step by step): the same pairs, the same final scores; the replica saw each
+    candidate's step index in its metadata."""
+    replicas(scorer="sleep", scorer_kwargs={"batch_seconds": 0.5, "max_batch_size": 128})
     config = tiny_config(
         *SPO,
         "reward.scorers=[{name: sleep, weight: 100, kwargs: {batch_seconds: 0.0}}]",
         "sample.batch_size=8",
+        "sample.num_batches_per_epoch=2",
     )
     engine = LocalEngine(config)
     shards = plan_epoch(engine_inputs(config), config, 0, epoch_generator(0, 0), engine.latent_shape)
@@ -77,7 +79,8 @@ def test_the_queue_judge_gives_the_in_process_pairs(tiny_config, redis_server, r
     finally:
         thread.close()
         client.close()
-    assert info_a["spo.pairs"] == info_b["spo.pairs"] > 0 and info_b["spo.judged"] == 2 * 8 * 4
+    assert info_a["spo.pairs"] == info_b["spo.pairs"] > 0 and info_b["spo.judged"] == 2 * 2 * 8 * 4
+    assert info_a["spo.judge_calls"] == 4 and info_b["spo.judge_calls"] < 4  # 2 shards x 2 steps
     assert pairs_a.item_ids == pairs_b.item_ids and torch.equal(pairs_a.latents, pairs_b.latents)
     assert pairs_a.ranks.tolist() == pairs_b.ranks.tolist()
     assert torch.equal(final_a.images, final_b.images)
