@@ -8,7 +8,7 @@ CPU), in four ways, interleaved (one epoch of each per round, the order rotating
 and noise), and reports medians:
 
 - in process, sync: the judge called at each step, the chain waiting (as SPO's own loop does);
-- in process, async: each step's candidates handed to a scoring thread, the chain going on (steps
+- in process, async: each step's candidates handed to the judge thread, the chain going on (steps
   decoded while a call is in flight go together in the next call);
 - queue, sync / async: the same through Redis to one `spie-reward serve sleep` replica.
 
@@ -108,11 +108,10 @@ def main() -> int:
     import torch
 
     from reward_servers.queue.embedded import EmbeddedRedis
-    from trainer.config import load_config
+    from trainer.config import load_config, with_overrides
     from trainer.data.inputs import load_inputs
     from trainer.engine.local import LocalEngine
     from trainer.engine.shards import epoch_generator, plan_epoch
-    from trainer.pipeline import ScoringThread
     from trainer.rewards.inprocess import InProcessRewards
     from trainer.rewards.queue import QueueClientConfig, RewardClient
     from trainer.stepwise import sample_spo
@@ -147,7 +146,7 @@ def main() -> int:
             password=redis.password,
         )
         local = InProcessRewards(config.reward)
-        threads = {"in process": ScoringThread(local), "queue": ScoringThread(client)}
+        configs = {p: with_overrides(config, [f"sample.pipeline={p}"]) for p in ("sync", "async")}
         rewards = {"in process": local, "queue": client}
         modes = [(t, p) for t in ("in process", "queue") for p in ("sync", "async")]
         try:
@@ -158,8 +157,7 @@ def main() -> int:
                 for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
                     transport, pipeline = mode
                     shards = plan_epoch(inputs, config, r, epoch_generator(0, r), engine.latent_shape)
-                    thread = threads[transport] if pipeline == "async" else None
-                    _, _, _, info = sample_spo(engine, rewards[transport], shards, config, False, thread)
+                    _, _, _, info = sample_spo(engine, rewards[transport], shards, configs[pipeline], False)
                     if r:
                         for key in (
                             "time_sample_score_s",
@@ -172,8 +170,6 @@ def main() -> int:
                         times.setdefault(f"{transport}, {pipeline}|calls", []).append(info["spo.judge_calls"])
             after = batch_histogram(port)
         finally:
-            for t in threads.values():
-                t.close()
             client.close()
             replica.terminate()
             replica.wait(30)

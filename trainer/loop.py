@@ -181,7 +181,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
             pairs = None  # SPO: its step-wise win/lose pairs, judged while sampling
             if config.train.objective == "spo":
-                rollout, scores, pairs, times = sample_spo(engine, rewards, shards, config, progress, scorer)
+                rollout, scores, pairs, times = sample_spo(engine, rewards, shards, config, progress)
             else:
                 rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
             t2 = time.perf_counter()

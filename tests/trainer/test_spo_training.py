@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 
-from trainer.config import load_config
+from trainer.config import load_config, with_overrides
 from trainer.engine.local import LocalEngine
 from trainer.engine.shards import epoch_generator, plan_epoch
 from trainer.errors import UserError
 from trainer.loop import train
-from trainer.pipeline import ScoringThread
 from trainer.rewards.inprocess import InProcessRewards
 from trainer.rewards.queue import QueueClientConfig, RewardClient
 from trainer.run.log import read_metrics
@@ -69,15 +68,14 @@ def test_the_queue_judge_gives_the_in_process_pairs(tiny_config, redis_server, r
     local = InProcessRewards(config.reward)
     queue_config = QueueClientConfig(url=redis_server.url, deadline_s=30, resubmits=0, poll_s=0.05)
     client = RewardClient(["sleep"], queue_config, password=redis_server.password)
-    thread = ScoringThread(client)
+    sync = with_overrides(config, ["sample.pipeline=sync"])
     try:
-        final_a, scores_a, pairs_a, info_a = sample_spo(engine, local, shards, config, False)
-        final_b, scores_b, pairs_b, info_b = sample_spo(engine, client, shards, config, False, thread)
+        final_a, scores_a, pairs_a, info_a = sample_spo(engine, local, shards, sync, False)
+        final_b, scores_b, pairs_b, info_b = sample_spo(engine, client, shards, config, False)
         seen = []
         engine.sample_pools(shards[0], seen.append, False)
         judged = client.score(seen[-1])
     finally:
-        thread.close()
         client.close()
     assert info_a["spo.pairs"] == info_b["spo.pairs"] > 0 and info_b["spo.judged"] == 2 * 2 * 8 * 4
     assert info_a["spo.judge_calls"] == 4 and info_b["spo.judge_calls"] < 4  # 2 shards x 2 steps
