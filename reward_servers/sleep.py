@@ -3,6 +3,8 @@
 Each `score` call sleeps a fixed `batch_seconds` (plus `item_seconds` per item), the way a GPU
 forward pass takes about the same time for any batch up to its size, and uses almost no CPU. The
 score is the edit's mean brightness in [0, 1], so a test can check that each item got its own score.
+It is step-aware the simplest way: an item whose metadata carries SPO's `step` (the denoising step of
+a candidate, `trainer.stepwise`) gets it back as the detail `step`, so a test sees what arrived.
 An item whose instruction equals `poison` makes the call raise, as a model that fails on one input.
 """
 
@@ -44,4 +46,6 @@ class SleepScorer:
             if self.poison and instruction == self.poison:
                 raise RuntimeError(f"sleep: poison item ({self.poison!r})")
         scores = [float(np.asarray(image, dtype=np.float64).mean() / 255.0) for image in batch.edited]
-        return ScoreResult(np.array(scores))
+        steps = [batch.meta(i).get("step") for i in range(len(batch))]
+        details = [{"step": float(s)} if isinstance(s, int | float) else {} for s in steps]
+        return ScoreResult(np.array(scores), details)

@@ -116,6 +116,18 @@ class LogProbScheduler:
         s_from, s_to = self.sigmas[index], self.sigmas[index + 1]
         return (s_to**2 * (s_from**2 - s_to**2) / s_from**2).clamp(min=0).sqrt()
 
+    def pred_x0(self, model_output: torch.Tensor, index: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The clean latents the step predicts from x_t: (B, C, h, w) eps, (B,) index, (B, C, h, w) x_t.
+
+        DDIM: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Song et al. 2021, eq. 12), clipped as `step`
+        clips it; Euler-ancestral: x0 = x - sigma eps.
+        """
+        if self.kind == "ddim":
+            a_t = self._bcast(self.alpha_t[index], sample)
+            x0 = (sample - (1 - a_t) ** 0.5 * model_output) / a_t**0.5
+            return x0.clamp(-self.clip_range, self.clip_range) if self.clip_sample else x0
+        return sample - self._bcast(self.sigmas[index], sample) * model_output
+
     def step(
         self,
         model_output: torch.Tensor,

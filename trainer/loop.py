@@ -35,6 +35,7 @@ from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
 from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from trainer.run.log import RunLog
+from trainer.stepwise import sample_spo
 
 
 def with_local_paths(config: Config) -> Config:
@@ -99,7 +100,11 @@ def epoch_line(config: Config, record: dict[str, Any], seconds: float) -> str:
     """One readable line per epoch: the scores, what the update did, and the probe when measured."""
     parts = [f"{k[:-5]}={v:.4f}" for k, v in record.items() if k.endswith(".mean") and "probe" not in k]
     parts += [f"{k}={v:.3f}" for k, v in record.items() if k.endswith(".success") and "probe" not in k]
-    if config.train.objective == "spie_ranking" and "pref_agreement" in record:
+    if "spo.pairs" in record:
+        parts.append(
+            f"pairs={record['spo.pairs']:.0f}/{record['spo.pools']:.0f} gap={record['spo.gap_mean']:.3g}"
+        )
+    if config.train.objective != "ppo" and "pref_agreement" in record:
         parts.append(
             f"clamped={record['clamped_frac']:.0%} |log r|={record['abs_log_ratio']:.2g} "
             f"agree={record['pref_agreement']:.2f}"
@@ -108,7 +113,7 @@ def epoch_line(config: Config, record: dict[str, Any], seconds: float) -> str:
         parts.append(f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}")
     if "backprop_steps" in record:
         parts.append(f"loss={record['loss']:.4g} K={record['backprop_steps']:.1f}")
-    if "groups_zero_var" in record:
+    if "groups_zero_var" in record and "spo.pairs" not in record:  # SPO's groups are single chains
         parts.append(f"zero-var groups={record['groups_zero_var']:.0%}")
     probe_parts = [
         f"{k[6:]}={v:.4f}"
@@ -186,11 +191,14 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
             shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
+            pairs = None  # SPO: its step-wise win/lose pairs, judged while sampling
             if alignprop:  # sampling, differentiable scoring and learning in one pass
                 rollout, _, learned = engine.learn_by_reward(shards, grad_reward, gen, progress)
                 ts = time.perf_counter()
                 scores = rewards.score(rollout)  # the scorers' own scores and details, for the metrics
                 times = {"time_sampling_s": ts - t0, "time_scoring_s": time.perf_counter() - ts}
+            elif config.train.objective == "spo":
+                rollout, scores, pairs, times = sample_spo(engine, rewards, shards, config, progress)
             else:
                 rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
             t2 = time.perf_counter()
@@ -215,8 +223,11 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             else:
                 rollout_ok, scores_ok, group_info = filter_groups(config, rollout_ok, scores_ok)
                 record.update(group_info)
-            if len(rollout_ok) and not alignprop:
+            if pairs is not None:  # SPO trains on its pairs, which carry their ranks
+                rollout_ok = pairs
+            elif len(rollout_ok) and not alignprop:
                 attach_signal(config, rollout_ok, scores_ok, stats)
+            if len(rollout_ok) and not alignprop:
                 record.update(engine.learn(rollout_ok, gen, progress))
             t3 = time.perf_counter()
             record.update(engine.metrics())

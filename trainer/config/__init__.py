@@ -13,6 +13,7 @@ from trainer.config.schema import (
     SampleConfig,
     ScorerConfig,
     SFTConfig,
+    SPOConfig,
     TrainConfig,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "RewardConfig",
     "RunConfig",
     "SFTConfig",
+    "SPOConfig",
     "SampleConfig",
     "ScorerConfig",
     "TrainConfig",

@@ -214,8 +214,10 @@ def validate(config: Config) -> None:
     step = t.batch_size * t.gradient_accumulation_steps
     if t.objective == "alignprop":
         validate_alignprop(config, need)
+    if t.objective == "spo":
+        validate_spo(config)
     need(
-        t.objective == "alignprop" or per_process % step == 0,
+        t.objective in ("alignprop", "spo") or per_process % step == 0,
         f"edits per epoch per process (sample.batch_size x sample.nb_gen x sample.num_batches_per_epoch "
         f"= {per_process}) must be divisible by train.batch_size x train.gradient_accumulation_steps "
         f"= {step}",
@@ -309,6 +311,39 @@ def validate_alignprop(config: Config, need) -> None:
         config.run.mixed_precision != "fp16",
         "train.objective=alignprop: run.mixed_precision=fp16 has no loss scaler here; use bf16 or no",
     )
+
+
+def validate_spo(config: Config) -> None:
+    """`train.objective: spo`: its pools, and what its variable number of pairs per epoch allows."""
+    t, o = config.train, config.train.spo
+    checks = (
+        (o.pool_size >= 2, f"train.spo.pool_size must be >= 2, got {o.pool_size}"),
+        (0 <= o.threshold < 1, f"train.spo.threshold must be in [0, 1), got {o.threshold}"),
+        (o.beta > 0, f"train.spo.beta must be > 0, got {o.beta}"),
+        (
+            0 <= o.start_step < config.sample.num_steps,
+            f"train.spo.start_step must be in [0, sample.num_steps), got {o.start_step}",
+        ),
+        (
+            t.batch_size % 2 == 0,
+            f"train.objective=spo trains on pairs: train.batch_size must be even, got {t.batch_size}",
+        ),
+        (
+            t.gradient_accumulation_steps == 1,
+            "train.objective=spo: the pairs per epoch vary, so train.gradient_accumulation_steps must be 1",
+        ),
+        (
+            config.sample.nb_gen == 1,
+            "train.objective=spo samples one chain per input (its pools replace nb_gen): set sample.nb_gen: 1",
+        ),
+        (
+            not config.ray.enabled,
+            "train.objective=spo samples in this process: set ray.enabled: false (--no-ray)",
+        ),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

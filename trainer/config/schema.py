@@ -97,14 +97,34 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class SPOConfig:
+    """Step-by-step preference optimisation (`train.objective: spo`; defaults as RockeyCoss/SPO's
+    configs/basic_config.py and its SD-1.5 preset spo_sd-v1-5_4k-prompts_num-sam-4_10ep_bs10.py)."""
+
+    # Candidates x_{t-1} drawn from each x_t at a trained step (SPO's num_sample_each_step: 4).
+    pool_size: int = 4
+    # A pool gives a win/lose pair when softmax([best, worst]) differs by more than this (SPO's
+    # compare_func threshold: 0.3). The values are the judge's raw scores x their `weight`, so scale
+    # a scorer whose scores lie in [0, 1] with its weight.
+    threshold: float = 0.3
+    # The DPO-style coefficient on the clamped log-ratios to the reference (SPO's train.beta: 10).
+    # The clamp is `train.eps` (SPO's train.eps: 0.1, as SPIE's).
+    beta: float = 10.0
+    # Denoising steps sampled plainly before the pools start (SPO's divert_start_step: 4 of 20).
+    start_step: int = 4
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # Objective: "ppo" (DDPO PPO-clip on per-step ratios), "spie_ranking" (Plackett-Luce over
     # the nb_gen edits, D3PO-style clamped ratios to a frozen reference), "alignprop" (reward
     # backpropagation: sample with gradients, loss = minus the weighted differentiable reward; each
     # sampling batch is one backward pass, gradient_accumulation_steps of them one optimizer step),
-    # or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
+    # "spo" (step-wise win/lose pairs from a pool of candidates per step, judged on their predicted
+    # clean images; settings in `train.spo`; needs ray.enabled: false and gradient_accumulation_steps
+    # 1), or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
     # final latents and the group-normalised advantages.
-    objective: Literal["ppo", "spie_ranking", "alignprop", "nft"] = "ppo"
+    objective: Literal["ppo", "spie_ranking", "alignprop", "spo", "nft"] = "ppo"
     # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
     batch_size: int = 2
     # Micro-batches accumulated per optimizer step.
@@ -167,6 +187,8 @@ class TrainConfig:
     # DiffusionNFT: the guidance strength beta of the implicit positive / negative policies
     # v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v (their `config.beta`: 1.0 or 0.1).
     nft_beta: float = 1.0
+    # SPO's pools, threshold and beta (objective "spo").
+    spo: SPOConfig = field(default_factory=SPOConfig)
 
 
 @dataclass(frozen=True)
@@ -441,6 +463,13 @@ class Config:
         return max(1, int(self.sample.num_steps * self.train.timestep_fraction))
 
     def summary(self) -> str:
+        if self.train.objective == "spo":
+            o = self.train.spo
+            return (
+                f"inputs per epoch = {self.batches_per_epoch * self.sample.batch_size}, "
+                f"SPO pools of {o.pool_size} candidates at each stochastic step from step {o.start_step}, "
+                f"pairs past threshold {o.threshold:g} trained in micro-batches of {self.train.batch_size // 2}"
+            )
         return (
             f"images per epoch = {self.images_per_epoch}, "
             f"effective train batch = {self.effective_train_batch}, "

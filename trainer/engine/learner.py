@@ -19,6 +19,7 @@ from sampler.policy import EditPolicy
 from sampler.rollout import Rollout
 from trainer.algo.diagnostics import ranking_diagnostics
 from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss, ranking_of
+from trainer.algo.spo import spo_loss
 from trainer.config import Config
 from trainer.engine.nft import train_nft
 from trainer.engine.policy import trainable_parameters
@@ -55,6 +56,8 @@ class Learner:
         else:
             n_stochastic = int(policy.sched.step_is_stochastic().sum()) - t.skip_final_steps
         self.steps_per_trajectory = min(config.train_timesteps, n_stochastic)
+        if t.objective == "spo":  # SPO's batch: one-step trajectories (a pair at one denoising step)
+            self.steps_per_trajectory = 1
         if self.steps_per_trajectory < 1:
             raise UserError(
                 "no denoising step draws noise: raise sample.eta, sample.noise_level or num_steps"
@@ -67,7 +70,7 @@ class Learner:
             cpu=policy.device.type == "cpu",
         )
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        self.needs_reference = t.objective == "spie_ranking" or t.kl_coef > 0
+        self.needs_reference = t.objective in ("spie_ranking", "spo") or t.kl_coef > 0
         self._reference_unet = None
         if self.needs_reference and not config.model.use_lora:
             self._reference_unet = copy.deepcopy(policy.denoiser).requires_grad_(False).eval()
@@ -113,15 +116,16 @@ class Learner:
 
         Args:
             rollout: N edits (whole groups, contiguous) carrying their signal: `advantages` (N,)
-                for PPO, `ranks` (N,) for SPIE ranking.
+                for PPO, `ranks` (N,) for SPIE ranking; for SPO, win/lose pairs of one-step
+                trajectories (`trainer.algo.spo.pair_batch`: `group` the pair, `ranks` 0 / 1).
             generator: drives the shuffles (seeded per epoch, so a resumed run repeats them).
         """
         t = self.config.train
         if t.objective == "nft":
             return train_nft(self, rollout, generator, progress)
-        ranked = t.objective == "spie_ranking"
+        ranked = t.objective in ("spie_ranking", "spo")
         if ranked and rollout.ranks is None:
-            raise ValueError("spie_ranking needs the batch's ranks")
+            raise ValueError(f"{t.objective} needs the batch's ranks")
         if not ranked and rollout.advantages is None:
             raise ValueError("ppo needs the batch's advantages")
         ranking = ranking_of(rollout.group, rollout.ranks) if ranked else None
@@ -132,16 +136,19 @@ class Learner:
         )
         unet = self.policy.denoiser
         unet.train()
-        total = t.num_inner_epochs * (n // t.batch_size) * self.steps_per_trajectory
+        total = t.num_inner_epochs * -(-n // t.batch_size) * self.steps_per_trajectory
         bar = tqdm(total=total, desc="training", leave=False, disable=not progress)
         for _ in range(t.num_inner_epochs):
             # Shuffle whole groups for the ranking objective, single edits for PPO.
             if ranked:
                 order = ranking[torch.randperm(ranking.shape[0], generator=generator)]
-                micro = order.view(-1, t.batch_size // group_size, group_size)
+                micro = order.split(t.batch_size // group_size)  # SPO's last may be smaller
             else:
                 micro = torch.randperm(n, generator=generator).view(-1, t.batch_size)
-            plan = self._timestep_plan(rollout, generator)
+            if t.objective == "spo":  # each item is the one step of its pair
+                plan = torch.zeros((n, 1), dtype=torch.long)
+            else:
+                plan = self._timestep_plan(rollout, generator)
             for mb in micro:
                 index = mb.reshape(-1)
                 batch = rollout.select(index)
@@ -175,7 +182,10 @@ class Learner:
         if self.needs_reference:
             with torch.no_grad(), self._reference():
                 ref = self.policy.step_log_prob(batch, j)
-        if t.objective == "spie_ranking":
+        if t.objective == "spo":
+            loss = spo_loss(log_prob, ref, local_rank, t.spo.beta, t.eps)
+            info = ranking_diagnostics(log_prob.detach(), ref, local_rank, t.eps)
+        elif t.objective == "spie_ranking":
             loss = plackett_luce_loss(log_prob, ref, local_rank, t.beta, t.eps)
             info = ranking_diagnostics(log_prob.detach(), ref, local_rank, t.eps)
         else:

@@ -8,6 +8,7 @@ from sampler.rollout import Rollout
 from trainer.config import Config
 from trainer.engine.learner import Learner
 from trainer.engine.policy import build_policy
+from trainer.engine.pools import sample_pool_shard
 from trainer.engine.shards import Shard, latent_shape, sample_shard
 
 
@@ -35,6 +36,10 @@ class LocalEngine:
     def sample(self, shards: list[Shard], progress: bool) -> Rollout:
         parts = [sample_shard(self.policy, sh, self.config, progress, self.version) for sh in shards]
         return Rollout.concat(parts)
+
+    def sample_pools(self, shard: Shard, on_step, progress: bool):
+        """SPO: one shard sampled with a pool of candidates per step (`trainer.engine.pools`)."""
+        return sample_pool_shard(self.policy, shard, self.config, on_step, self.version)
 
     def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool) -> dict:
         """One epoch of updates on a batch that carries its advantages or ranks."""

@@ -274,7 +274,9 @@ class RewardClient:
             left_s = deadline - time.monotonic()
             deadline_ms, budget_ms = int((time.time() + left_s) * 1000), int(left_s * 1000)
             self._bound(deadline)
-            with self.redis.pipeline(transaction=False) as pipe:
+            # One MULTI/EXEC: a replica blocked on the stream wakes to every job of the batch at
+            # once, not to the first XADDs of a plain pipeline (its batcher then fills its batches).
+            with self.redis.pipeline(transaction=True) as pipe:
                 for i in take:
                     if i not in uploaded:
                         pipe.set(keys.blob(i), blobs[i], ex=ttl)
