@@ -36,7 +36,9 @@ def connect(config: Config) -> bool:
     """Join `ray.address` (or RAY_ADDRESS), or start a local Ray; True if this call started it."""
     if ray.is_initialized():
         return False
-    address = config.ray.address or None
+    # A job submitted to a cluster gets the cluster's address in RAY_ADDRESS: join it (starting a
+    # single-node Ray on loopback there would not find the cluster's raylet).
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         # A local Ray for this run: no dashboard (its job API runs code for whoever reaches it).
         # Its processes listen on loopback only: nothing off this machine can reach them.
