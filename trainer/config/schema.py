@@ -470,6 +470,15 @@ class Config:
                 f"SPO pools of {o.pool_size} candidates at each stochastic step from step {o.start_step}, "
                 f"pairs past threshold {o.threshold:g} trained in micro-batches of {self.train.batch_size // 2}"
             )
+        if self.train.objective == "alignprop":
+            t = self.train
+            k_max = t.backprop_max_steps or self.sample.num_steps
+            return (
+                f"images per epoch = {self.images_per_epoch}, AlignProp: one backward pass per sampling "
+                f"batch of {self.sample.batch_size * self.sample.nb_gen}, "
+                f"{self.batches_per_epoch // t.gradient_accumulation_steps} optimizer steps per epoch, "
+                f"K drawn from {t.backprop_min_steps}..{k_max} of {self.sample.num_steps} steps"
+            )
         return (
             f"images per epoch = {self.images_per_epoch}, "
             f"effective train batch = {self.effective_train_batch}, "
