@@ -44,6 +44,19 @@ OBJECTIVES: dict[str, list[str]] = {
     # AlignProp: the differentiable oracle forms (oracle_edit's smooth colour error, oracle_structure),
     # K drawn from all steps per sampling batch, one optimizer step per batch of 32 edits.
     "alignprop": ["train.objective=alignprop", "train.backprop_min_steps=1", "train.backprop_max_steps=0"],
+    # SPO: one chain per input (64 per epoch), pools of 4 at every stochastic step (start_step 0: on
+    # the toy editor steps 0-3 carry 3/4 of the reward variance, bench/step_sensitivity.py), judged
+    # by the oracles scaled to SPO's softmax threshold (a gap of 0.62 makes a pair: weights 10 and
+    # 5), 20 epochs (an SPO epoch costs about 2.5 demo epochs: 4 candidates and a decode per step).
+    "spo": [
+        "train.objective=spo",
+        "train.spo.start_step=0",
+        "sample.nb_gen=1",
+        "sample.batch_size=32",
+        "run.num_epochs=20",
+        "reward.scorers=[{name: oracle_edit, role: semantic, weight: 10}, "
+        "{name: oracle_structure, role: structural, weight: 5}]",
+    ],
     # DiffusionNFT at beta 0.1 (configs/tiny-kontext.yaml has the measurements behind it).
     "nft": ["train.objective=nft", "train.nft_beta=0.1"],
 }
