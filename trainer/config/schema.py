@@ -121,8 +121,8 @@ class TrainConfig:
     # backpropagation: sample with gradients, loss = minus the weighted differentiable reward; each
     # sampling batch is one backward pass, gradient_accumulation_steps of them one optimizer step),
     # "spo" (step-wise win/lose pairs from a pool of candidates per step, judged on their predicted
-    # clean images; settings in `train.spo`; needs ray.enabled: false and gradient_accumulation_steps
-    # 1), or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
+    # clean images; settings in `train.spo`; needs gradient_accumulation_steps 1 and, with Ray, one
+    # learner), or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
     # final latents and the group-normalised advantages.
     objective: Literal["ppo", "spie_ranking", "alignprop", "spo", "nft"] = "ppo"
     # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).

@@ -80,6 +80,11 @@ class InProcessGradients:
     def __init__(self, scorers: dict) -> None:
         refuse_non_differentiable(scorers)
         self.scorers = scorers
+        # How another process (a Ray learner) builds the same reward: its own scorers from config.
+        self.spec: dict = {"transport": "inprocess"}
+
+    def close(self) -> None:
+        pass
 
     def __call__(self, images: torch.Tensor, rollout: Rollout) -> dict[str, torch.Tensor]:
         batch = score_batch_of(rollout)
@@ -140,9 +145,19 @@ class ServedGradients:
     """Scores and gradients from reward servers: `ask(scorer, items) -> N results` is the transport
     (the queue client's `gather_results`, or gRPC), `higher(scorer)` its orientation."""
 
-    def __init__(self, scorers: list[str], ask, higher, where: str, encoding: str = "raw") -> None:
+    def __init__(
+        self, scorers: list[str], ask, higher, where: str, encoding: str = "raw", close=None, spec=None
+    ) -> None:
         self.scorers, self.ask, self.higher, self.where, self.encoding = scorers, ask, higher, where, encoding
         self.bytes_sent = self.bytes_received = 0
+        self._close = close
+        # How another process (a Ray learner) reaches the same servers (`gradient_rewards_from_spec`).
+        self.spec: dict | None = spec
+
+    def close(self) -> None:
+        """Close the transport this object opened itself (the run's own client stays open)."""
+        if self._close is not None:
+            self._close()
 
     def __call__(self, images: torch.Tensor, rollout: Rollout) -> dict[str, torch.Tensor]:
         out = {}
@@ -172,12 +187,9 @@ def grpc_gradients(clients: dict, encoding: str = "raw", timeout_s: float | None
     return ServedGradients(list(clients), ask, higher.__getitem__, where, encoding)
 
 
-def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str, torch.Tensor]]:
-    """The differentiable reward for the run's scoring transport (`trainer.rewards.services.make_rewards`)."""
-    scorers = getattr(rewards, "scorers", None)
-    if isinstance(scorers, dict):  # InProcessRewards
-        return InProcessGradients(scorers)
-    client = rewards.client  # QueueRewards
+def queue_gradients(client, password: str | None = None, owned: bool = False) -> ServedGradients:
+    """`ServedGradients` through a `trainer.rewards.queue.RewardClient`; `owned`: closing it closes
+    the client. Its `spec` lets a Ray learner open its own client to the same Redis."""
     from reward_servers import base
     from reward_servers.queue import protocol as P
 
@@ -192,10 +204,43 @@ def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str
         except RewardQueueError as err:
             raise UserError(f"scoring through {client.url}: {err}") from err
 
+    spec = {"transport": "queue", "url": client.url, "password": password, "run_id": client.run_id}
     return ServedGradients(
         client.scorers,
         ask,
         client._higher_is_better,
         f"the queue at {P.describe(client.url)}",
         client.config.encoding,
+        close=client.close if owned else None,
+        spec=spec,
     )
+
+
+def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str, torch.Tensor]]:
+    """The differentiable reward for the run's scoring transport (`trainer.rewards.services.make_rewards`)."""
+    scorers = getattr(rewards, "scorers", None)
+    if isinstance(scorers, dict):  # InProcessRewards
+        return InProcessGradients(scorers)
+    return queue_gradients(rewards.client, getattr(rewards, "password", None))  # QueueRewards
+
+
+def gradient_rewards_from_spec(config, spec: dict):
+    """The run's differentiable reward rebuilt in another process (a Ray learner actor) from the
+    config and the driver's `reward.spec` (plain values: the transport, and for the queue the Redis
+    URL, password and run id): its own scorers in process, or its own client of the same servers."""
+    if spec["transport"] == "inprocess":
+        from trainer.rewards.inprocess import build_scorers
+
+        return InProcessGradients(build_scorers(config.reward))
+    if spec["transport"] == "queue":
+        import dataclasses
+
+        from trainer.rewards.queue import QueueClientConfig, RewardClient
+
+        r = config.reward
+        queue = QueueClientConfig(
+            url=spec["url"], run_id=spec["run_id"], deadline_s=r.deadline_s, **dataclasses.asdict(r.queue)
+        )
+        client = RewardClient([sc.name for sc in r.scorers], queue, password=spec["password"])
+        return queue_gradients(client, spec["password"], owned=True)
+    raise ValueError(f"no differentiable reward for transport {spec['transport']!r}")

@@ -116,6 +116,7 @@ class QueueRewards:
                 print(
                     f"[spie] started {len(self.replicas)} reward server(s): {', '.join(sc.name for sc in r.scorers)}"
                 )
+            self.password = password  # for the clients a Ray learner opens (AlignProp's gradients)
             run = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
             self.client = RewardClient(
                 [sc.name for sc in r.scorers],
