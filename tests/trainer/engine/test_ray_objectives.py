@@ -99,6 +99,46 @@ def test_alignprop_on_one_ray_learner_equals_the_local_engine(local_ray, tiny_co
     assert_same_weights(wa, wb)
 
 
+def test_alignprop_on_two_ray_learners_equals_one_process(local_ray, tiny_config):
+    """4 shards per epoch and one optimizer step: in one process 4 accumulated backward passes; on 2
+    learners 2 each, their gradients averaged by the all-reduce. The same sum in another order: the
+    same edits, K, losses and weights to float rounding."""
+    from trainer.engine.ray.engine import RayEngine
+    from trainer.rewards.differentiable import make_gradient_rewards
+    from trainer.rewards.inprocess import InProcessRewards
+
+    one = tiny_config(
+        *ALIGNPROP,
+        "ray.enabled=false",
+        "sample.num_batches_per_epoch=4",
+        "train.gradient_accumulation_steps=4",
+    )
+    two = tiny_config(*ALIGNPROP, "ray.num_learners=2", "train.gradient_accumulation_steps=2")
+    assert one.batches_per_epoch == two.batches_per_epoch == 4
+    reward = make_gradient_rewards(InProcessRewards(one.reward))
+
+    def step(engine, shards, gen):
+        return engine.learn_by_reward(shards, reward, gen, False)
+
+    with one_thread():
+        local = LocalEngine(one)
+        a, wa = run_epochs(local, one, 2, step), local.checkpoint_state()[0]
+    engine = RayEngine(two)
+    try:
+        b, wb = run_epochs(engine, two, 2, step), engine.checkpoint_state()[0]
+    finally:
+        engine.close()
+    for (ra, _, ma), (rb, _, mb) in zip(a, b, strict=True):
+        assert ra.item_ids == rb.item_ids and len(ra) == 32
+        torch.testing.assert_close(ra.images, rb.images, atol=1e-5, rtol=0)
+        assert ma["backprop_steps"] == mb["backprop_steps"]
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+    assert a[0][2]["loss"] != a[1][2]["loss"]
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=1e-5)
+
+
 # SPO on the tiny editor (3 DDIM steps, pools at both stochastic steps), brightness scaled to SPO's
 # threshold as in tests/trainer/test_spo_training.py; 2 epochs of 2 shards of 4 inputs.
 SPO = [
