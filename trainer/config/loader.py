@@ -242,6 +242,17 @@ def validate(config: Config) -> None:
     need(q.max_in_flight >= 1, f"reward.queue.max_in_flight must be >= 1, got {q.max_in_flight}")
     need(q.blob_ttl_s >= 1, f"reward.queue.blob_ttl_s must be >= 1, got {q.blob_ttl_s}")
     need(q.poll_s > 0, f"reward.queue.poll_s must be > 0, got {q.poll_s}")
+    if config.reward.transport == "grpc":
+        gc = config.reward.grpc
+        missing = [sc.name for sc in config.reward.scorers if not gc.servers.get(sc.name, "").strip()]
+        need(
+            not missing, f"reward.transport=grpc: reward.grpc.servers has no address for {', '.join(missing)}"
+        )
+        need(
+            gc.max_items_per_request >= 1,
+            f"reward.grpc.max_items_per_request must be >= 1, got {gc.max_items_per_request}",
+        )
+        need(gc.retries >= 0, f"reward.grpc.retries must be >= 0, got {gc.retries}")
     g = config.reward.grounding
     need(g.timeout_s > 0, f"reward.grounding.timeout_s must be > 0, got {g.timeout_s}")
     need(g.batch_size >= 1, f"reward.grounding.batch_size must be >= 1, got {g.batch_size}")

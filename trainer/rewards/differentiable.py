@@ -176,7 +176,9 @@ class ServedGradients:
         return out
 
 
-def grpc_gradients(clients: dict, encoding: str = "raw", timeout_s: float | None = None) -> ServedGradients:
+def grpc_gradients(
+    clients: dict, encoding: str = "raw", timeout_s: float | None = None, close=None, spec=None
+) -> ServedGradients:
     """`ServedGradients` over gRPC: `clients` maps scorer name -> `reward_servers.client.ScorerClient`."""
     higher = {name: bool(c.info().higher_is_better) for name, c in clients.items()}
 
@@ -184,17 +186,23 @@ def grpc_gradients(clients: dict, encoding: str = "raw", timeout_s: float | None
         return list(clients[name].score(items, timeout_s=timeout_s, scorer=name).results)
 
     where = ", ".join(f"{c.target}" for c in clients.values())
-    return ServedGradients(list(clients), ask, higher.__getitem__, where, encoding)
+    return ServedGradients(list(clients), ask, higher.__getitem__, where, encoding, close=close, spec=spec)
+
+
+def refuse_non_differentiable_names(names: list[str]) -> None:
+    """`refuse_non_differentiable` for scorers served elsewhere (their registered classes)."""
+    from reward_servers import base
+
+    base.available_scorers()
+    refuse_non_differentiable({name: base._REGISTRY.get(name) for name in names})
 
 
 def queue_gradients(client, password: str | None = None, owned: bool = False) -> ServedGradients:
     """`ServedGradients` through a `trainer.rewards.queue.RewardClient`; `owned`: closing it closes
     the client. Its `spec` lets a Ray learner open its own client to the same Redis."""
-    from reward_servers import base
     from reward_servers.queue import protocol as P
 
-    base.available_scorers()
-    refuse_non_differentiable({name: base._REGISTRY.get(name) for name in client.scorers})
+    refuse_non_differentiable_names(client.scorers)
 
     def ask(name: str, items: list[pb.Item]) -> list[pb.Result]:
         from trainer.rewards.queue import RewardQueueError
@@ -221,13 +229,19 @@ def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str
     scorers = getattr(rewards, "scorers", None)
     if isinstance(scorers, dict):  # InProcessRewards
         return InProcessGradients(scorers)
+    clients = getattr(rewards, "clients", None)
+    if isinstance(clients, dict):  # GrpcRewards
+        refuse_non_differentiable_names(list(clients))
+        timeout = rewards.config.reward.deadline_s
+        return grpc_gradients(clients, timeout_s=timeout, spec={"transport": "grpc", "token": rewards.token})
     return queue_gradients(rewards.client, getattr(rewards, "password", None))  # QueueRewards
 
 
 def gradient_rewards_from_spec(config, spec: dict):
     """The run's differentiable reward rebuilt in another process (a Ray learner actor) from the
-    config and the driver's `reward.spec` (plain values: the transport, and for the queue the Redis
-    URL, password and run id): its own scorers in process, or its own client of the same servers."""
+    config and the driver's `reward.spec` (plain values: the transport; for the queue the Redis URL,
+    password and run id; for gRPC the token): its own scorers in process, or its own clients of
+    the same servers."""
     if spec["transport"] == "inprocess":
         from trainer.rewards.inprocess import build_scorers
 
@@ -243,4 +257,14 @@ def gradient_rewards_from_spec(config, spec: dict):
         )
         client = RewardClient([sc.name for sc in r.scorers], queue, password=spec["password"])
         return queue_gradients(client, spec["password"], owned=True)
+    if spec["transport"] == "grpc":
+        from trainer.rewards.grpc_servers import open_clients
+
+        clients = open_clients(config, spec["token"])
+
+        def close() -> None:
+            for c in clients.values():
+                c.close()
+
+        return grpc_gradients(clients, timeout_s=config.reward.deadline_s, close=close, spec=spec)
     raise ValueError(f"no differentiable reward for transport {spec['transport']!r}")

@@ -151,7 +151,11 @@ class QueueRewards:
 
 
 def make_rewards(config: Config, run_id: str):
-    """The configured reward transport: `InProcessRewards` or `QueueRewards`."""
+    """The configured reward transport: `InProcessRewards`, `QueueRewards` or `GrpcRewards`."""
     if config.reward.transport == "queue":
         return QueueRewards(config, run_id)
+    if config.reward.transport == "grpc":
+        from trainer.rewards.grpc_servers import GrpcRewards
+
+        return GrpcRewards(config)
     return InProcessRewards(config.reward)
