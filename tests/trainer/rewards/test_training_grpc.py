@@ -109,7 +109,13 @@ def test_training_through_grpc_servers_equals_in_process(servers, tiny_config):
     finally:
         rewards.close()
 
-    common = [scorers, "run.num_epochs=1", "run.image_log_freq=0", "sample.batch_size=4", "train.batch_size=8"]
+    common = [
+        scorers,
+        "run.num_epochs=1",
+        "run.image_log_freq=0",
+        "sample.batch_size=4",
+        "train.batch_size=8",
+    ]
     a = read_metrics(train(tiny_config(*common, "run.name=local")))[0]
     b = read_metrics(train(tiny_config(*common, *grpc, "run.name=grpc")))[0]
     for key in ("brightness.mean", "ssim_structure.mean", "loss"):
