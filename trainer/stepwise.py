@@ -1,6 +1,6 @@
 """SPO's epoch: step pools sampled, every candidate judged through the reward fabric, pairs formed.
 
-For each shard, `engine.sample_pools` runs the pooled chain (`sampler.step_pool`); each step's
+For each shard, `engine.sample_pool_shards` runs the pooled chain (`sampler.step_pool`); each step's
 K x M candidates (their predicted clean images, the step in each item's metadata: `step`,
 `num_steps`, `timestep`) go to `rewards.score` as one batch, like any rollout: in process, or as
 `reward.proto` jobs over the Redis queue to `spie-reward serve` replicas. Any registered scorer
@@ -88,7 +88,8 @@ def sample_spo(
     """Sample `shards` with SPO's pools, judge every candidate and form the step-wise pairs.
 
     Args:
-        engine: has `sample_pools(shard, on_step, progress)` (`trainer.engine.local.LocalEngine`).
+        engine: has `sample_pool_shards(shards, on_step, progress)`, yielding each shard's pools
+            in order (`LocalEngine`; `RayEngine` samples them on its rollout workers at once).
         rewards: `score(rollout) -> Scores` (in process or over the queue); with `sample.pipeline:
             async` it is called from a `Judge` thread while the chains go on.
 
@@ -114,7 +115,7 @@ def sample_spo(
 
     t0 = time.perf_counter()
     try:
-        finals = [engine.sample_pools(shard, on_step, progress).final for shard in shards]
+        finals = [pool.final for pool in engine.sample_pool_shards(shards, on_step, progress)]
         t1 = time.perf_counter()
         wait = 2.5 * config.reward.deadline_s
         pairs, values, gaps = [], [], []

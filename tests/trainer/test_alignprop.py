@@ -108,8 +108,6 @@ def test_a_non_differentiable_scorer_is_refused_naming_it(tiny_config):
     )
     with pytest.raises(UserError, match=r"jpeg_compressibility has no differentiable form"):
         train(config)
-    with pytest.raises(UserError, match="ray.enabled=false"):
-        tiny_config(*ALIGNPROP, "ray.enabled=true")
     with pytest.raises(UserError, match="backprop_min_steps"):
         tiny_config(*ALIGNPROP, "train.backprop_min_steps=5")
 

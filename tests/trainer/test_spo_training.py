@@ -97,7 +97,7 @@ def engine_inputs(config):
     "override,field",
     [
         ("sample.nb_gen=2", "sample.nb_gen"),
-        ("ray.enabled=true", "ray.enabled"),
+        ("ray.num_learners=2", "ray.num_learners"),
         ("train.batch_size=63", "train.batch_size"),
         ("train.gradient_accumulation_steps=2", "train.gradient_accumulation_steps"),
         ("train.spo.pool_size=1", "train.spo.pool_size"),

@@ -242,6 +242,17 @@ def validate(config: Config) -> None:
     need(q.max_in_flight >= 1, f"reward.queue.max_in_flight must be >= 1, got {q.max_in_flight}")
     need(q.blob_ttl_s >= 1, f"reward.queue.blob_ttl_s must be >= 1, got {q.blob_ttl_s}")
     need(q.poll_s > 0, f"reward.queue.poll_s must be > 0, got {q.poll_s}")
+    if config.reward.transport == "grpc":
+        gc = config.reward.grpc
+        missing = [sc.name for sc in config.reward.scorers if not gc.servers.get(sc.name, "").strip()]
+        need(
+            not missing, f"reward.transport=grpc: reward.grpc.servers has no address for {', '.join(missing)}"
+        )
+        need(
+            gc.max_items_per_request >= 1,
+            f"reward.grpc.max_items_per_request must be >= 1, got {gc.max_items_per_request}",
+        )
+        need(gc.retries >= 0, f"reward.grpc.retries must be >= 0, got {gc.retries}")
     g = config.reward.grounding
     need(g.timeout_s > 0, f"reward.grounding.timeout_s must be > 0, got {g.timeout_s}")
     need(g.batch_size >= 1, f"reward.grounding.batch_size must be >= 1, got {g.batch_size}")
@@ -292,7 +303,7 @@ def validate(config: Config) -> None:
 
 def validate_alignprop(config: Config, need) -> None:
     """What train.objective=alignprop needs: a K range within the steps, whole optimizer steps per
-    epoch, this process (no Ray), no fp16 (no loss scaler)."""
+    epoch (per learner with Ray), no fp16 (no loss scaler)."""
     t, s = config.train, config.sample
     hi = s.num_steps if t.backprop_max_steps == 0 else t.backprop_max_steps
     need(
@@ -305,7 +316,6 @@ def validate_alignprop(config: Config, need) -> None:
         f"train.objective=alignprop: sample.num_batches_per_epoch ({s.num_batches_per_epoch}) must be a "
         f"multiple of train.gradient_accumulation_steps ({t.gradient_accumulation_steps})",
     )
-    need(not config.ray.enabled, "train.objective=alignprop runs in this process: set ray.enabled=false")
     need(t.kl_coef == 0, "train.kl_coef: alignprop has no per-step KL penalty (set it to 0)")
     need(
         config.run.mixed_precision != "fp16",
@@ -337,8 +347,9 @@ def validate_spo(config: Config) -> None:
             "train.objective=spo samples one chain per input (its pools replace nb_gen): set sample.nb_gen: 1",
         ),
         (
-            not config.ray.enabled,
-            "train.objective=spo samples in this process: set ray.enabled: false (--no-ray)",
+            config.ray.num_learners == 1,
+            "train.objective=spo trains on one learner (its pairs per epoch vary, so data-parallel "
+            f"shares would differ): set ray.num_learners: 1, got {config.ray.num_learners}",
         ),
     )
     for ok, message in checks:

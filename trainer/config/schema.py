@@ -121,8 +121,8 @@ class TrainConfig:
     # backpropagation: sample with gradients, loss = minus the weighted differentiable reward; each
     # sampling batch is one backward pass, gradient_accumulation_steps of them one optimizer step),
     # "spo" (step-wise win/lose pairs from a pool of candidates per step, judged on their predicted
-    # clean images; settings in `train.spo`; needs ray.enabled: false and gradient_accumulation_steps
-    # 1), or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
+    # clean images; settings in `train.spo`; needs gradient_accumulation_steps 1 and, with Ray, one
+    # learner), or "nft": DiffusionNFT (arXiv 2509.16117), likelihood-free, on the forward process from the
     # final latents and the group-normalised advantages.
     objective: Literal["ppo", "spie_ranking", "alignprop", "spo", "nft"] = "ppo"
     # Edits per training micro-batch, per process (a multiple of nb_gen for spie_ranking).
@@ -242,12 +242,31 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class GrpcRewardsConfig:
+    """The reward servers of `reward.transport: grpc`: one `spie serve <scorer>` per scorer, called
+    directly (no queue). The auth token, if the servers want one, comes from SPIE_REWARD_TOKEN, as
+    for `spie serve` and `spie score`."""
+
+    # Scorer name -> "host:port" of the server that hosts it; every scorer of reward.scorers needs one.
+    servers: dict[str, str] = field(default_factory=dict)
+    # PEM file of the CA that signed the servers' certificates; empty: plaintext (loopback or a
+    # private network only).
+    tls_ca: str = ""
+    # Most items per Score request (a batch goes in chunks of this many, sent together).
+    max_items_per_request: int = 64
+    # Times a request that failed with UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED is sent
+    # again before scoring fails; each try has reward.deadline_s.
+    retries: int = 1
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     # Scorers judging each edit.
     scorers: tuple[ScorerConfig, ...] = (ScorerConfig(),)
-    # How scores are gathered: "inprocess" (scorers run inside the trainer) or "queue" (rollout
-    # batches go to Redis streams and `spie serve` replicas score them).
-    transport: Literal["inprocess", "queue"] = "inprocess"
+    # How scores are gathered: "inprocess" (scorers run inside the trainer), "queue" (rollout
+    # batches go to Redis streams and `spie serve` replicas score them) or "grpc" (Score requests
+    # to the servers of `reward.grpc.servers`, each with reward.deadline_s).
+    transport: Literal["inprocess", "queue", "grpc"] = "inprocess"
     # Redis for the queue; empty: the REDIS_URL environment variable, else an embedded redis-server
     # started for the run. The password comes from the URL or REDIS_PASSWORD.
     redis_url: str = ""
@@ -262,6 +281,8 @@ class RewardConfig:
     deadline_s: float = DEFAULT_DEADLINE_S
     # The queue client's other settings.
     queue: QueueConfig = field(default_factory=QueueConfig)
+    # The servers of the grpc transport.
+    grpc: GrpcRewardsConfig = field(default_factory=GrpcRewardsConfig)
     # Grounded edit masks for data without masks (SPIE's Grounded-SAM step).
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
 

@@ -51,8 +51,21 @@ def record_of(sample: GradSample, shard: Shard, config: Config, policy, version:
     return r
 
 
+def draw_backprop_steps(config: Config, n: int, generator: torch.Generator) -> list[int]:
+    """K for each of `n` shards in turn, from the epoch generator (`backprop_steps`)."""
+    t, s = config.train, config.sample
+    return [
+        backprop_steps(t.backprop_min_steps, t.backprop_max_steps, s.num_steps, generator) for _ in range(n)
+    ]
+
+
 def alignprop_epoch(
-    learner: Learner, shards: list[Shard], reward, generator: torch.Generator, progress: bool = False
+    learner: Learner,
+    shards: list[Shard],
+    reward,
+    generator: torch.Generator | None,
+    progress: bool = False,
+    ks: list[int] | None = None,
 ) -> tuple[Rollout, Scores, dict[str, float]]:
     """Train on every shard of the epoch; returns the edits, their rewards and the update's numbers.
 
@@ -60,7 +73,8 @@ def alignprop_epoch(
         learner: owns the policy, the trained weights and the optimizer.
         shards: the epoch's sampling batches (`plan_epoch`).
         reward: `trainer.rewards.differentiable` reward: (images, rollout) -> {scorer: (N,) tensor}.
-        generator: the epoch generator after `plan_epoch` (draws K per shard).
+        generator: the epoch generator after `plan_epoch` (draws K per shard), unless `ks` gives
+            each shard's K (a Ray learner gets the Ks the driver drew for its shards).
     """
     config, policy = learner.config, learner.policy
     t, s = config.train, config.sample
@@ -72,7 +86,7 @@ def alignprop_epoch(
     unet.train()
     learner.optimizer.zero_grad(set_to_none=True)
     for b, shard in enumerate(tqdm(shards, desc="alignprop", leave=False, disable=not progress)):
-        k = backprop_steps(t.backprop_min_steps, t.backprop_max_steps, s.num_steps, generator)
+        k = ks[b] if ks is not None else draw_backprop_steps(config, 1, generator)[0]
         noise = torch.Generator()
         noise.set_state(shard.noise_state)
         with learner.accelerator.autocast():

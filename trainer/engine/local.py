@@ -41,6 +41,11 @@ class LocalEngine:
         """SPO: one shard sampled with a pool of candidates per step (`trainer.engine.pools`)."""
         return sample_pool_shard(self.policy, shard, self.config, on_step, self.version)
 
+    def sample_pool_shards(self, shards: list[Shard], on_step, progress: bool):
+        """SPO: each shard's pools in turn (yielded as sampled, so `on_step` runs as the chain goes)."""
+        for shard in shards:
+            yield self.sample_pools(shard, on_step, progress)
+
     def learn(self, rollout: Rollout, generator: torch.Generator, progress: bool) -> dict:
         """One epoch of updates on a batch that carries its advantages or ranks."""
         return self.learner.train(rollout, generator, progress=progress)

@@ -80,6 +80,11 @@ class InProcessGradients:
     def __init__(self, scorers: dict) -> None:
         refuse_non_differentiable(scorers)
         self.scorers = scorers
+        # How another process (a Ray learner) builds the same reward: its own scorers from config.
+        self.spec: dict = {"transport": "inprocess"}
+
+    def close(self) -> None:
+        pass
 
     def __call__(self, images: torch.Tensor, rollout: Rollout) -> dict[str, torch.Tensor]:
         batch = score_batch_of(rollout)
@@ -140,9 +145,19 @@ class ServedGradients:
     """Scores and gradients from reward servers: `ask(scorer, items) -> N results` is the transport
     (the queue client's `gather_results`, or gRPC), `higher(scorer)` its orientation."""
 
-    def __init__(self, scorers: list[str], ask, higher, where: str, encoding: str = "raw") -> None:
+    def __init__(
+        self, scorers: list[str], ask, higher, where: str, encoding: str = "raw", close=None, spec=None
+    ) -> None:
         self.scorers, self.ask, self.higher, self.where, self.encoding = scorers, ask, higher, where, encoding
         self.bytes_sent = self.bytes_received = 0
+        self._close = close
+        # How another process (a Ray learner) reaches the same servers (`gradient_rewards_from_spec`).
+        self.spec: dict | None = spec
+
+    def close(self) -> None:
+        """Close the transport this object opened itself (the run's own client stays open)."""
+        if self._close is not None:
+            self._close()
 
     def __call__(self, images: torch.Tensor, rollout: Rollout) -> dict[str, torch.Tensor]:
         out = {}
@@ -161,7 +176,9 @@ class ServedGradients:
         return out
 
 
-def grpc_gradients(clients: dict, encoding: str = "raw", timeout_s: float | None = None) -> ServedGradients:
+def grpc_gradients(
+    clients: dict, encoding: str = "raw", timeout_s: float | None = None, close=None, spec=None
+) -> ServedGradients:
     """`ServedGradients` over gRPC: `clients` maps scorer name -> `reward_servers.client.ScorerClient`."""
     higher = {name: bool(c.info().higher_is_better) for name, c in clients.items()}
 
@@ -169,20 +186,23 @@ def grpc_gradients(clients: dict, encoding: str = "raw", timeout_s: float | None
         return list(clients[name].score(items, timeout_s=timeout_s, scorer=name).results)
 
     where = ", ".join(f"{c.target}" for c in clients.values())
-    return ServedGradients(list(clients), ask, higher.__getitem__, where, encoding)
+    return ServedGradients(list(clients), ask, higher.__getitem__, where, encoding, close=close, spec=spec)
 
 
-def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str, torch.Tensor]]:
-    """The differentiable reward for the run's scoring transport (`trainer.rewards.services.make_rewards`)."""
-    scorers = getattr(rewards, "scorers", None)
-    if isinstance(scorers, dict):  # InProcessRewards
-        return InProcessGradients(scorers)
-    client = rewards.client  # QueueRewards
+def refuse_non_differentiable_names(names: list[str]) -> None:
+    """`refuse_non_differentiable` for scorers served elsewhere (their registered classes)."""
     from reward_servers import base
-    from reward_servers.queue import protocol as P
 
     base.available_scorers()
-    refuse_non_differentiable({name: base._REGISTRY.get(name) for name in client.scorers})
+    refuse_non_differentiable({name: base._REGISTRY.get(name) for name in names})
+
+
+def queue_gradients(client, password: str | None = None, owned: bool = False) -> ServedGradients:
+    """`ServedGradients` through a `trainer.rewards.queue.RewardClient`; `owned`: closing it closes
+    the client. Its `spec` lets a Ray learner open its own client to the same Redis."""
+    from reward_servers.queue import protocol as P
+
+    refuse_non_differentiable_names(client.scorers)
 
     def ask(name: str, items: list[pb.Item]) -> list[pb.Result]:
         from trainer.rewards.queue import RewardQueueError
@@ -192,10 +212,59 @@ def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str
         except RewardQueueError as err:
             raise UserError(f"scoring through {client.url}: {err}") from err
 
+    spec = {"transport": "queue", "url": client.url, "password": password, "run_id": client.run_id}
     return ServedGradients(
         client.scorers,
         ask,
         client._higher_is_better,
         f"the queue at {P.describe(client.url)}",
         client.config.encoding,
+        close=client.close if owned else None,
+        spec=spec,
     )
+
+
+def make_gradient_rewards(rewards) -> Callable[[torch.Tensor, Rollout], dict[str, torch.Tensor]]:
+    """The differentiable reward for the run's scoring transport (`trainer.rewards.services.make_rewards`)."""
+    scorers = getattr(rewards, "scorers", None)
+    if isinstance(scorers, dict):  # InProcessRewards
+        return InProcessGradients(scorers)
+    clients = getattr(rewards, "clients", None)
+    if isinstance(clients, dict):  # GrpcRewards
+        refuse_non_differentiable_names(list(clients))
+        timeout = rewards.config.reward.deadline_s
+        return grpc_gradients(clients, timeout_s=timeout, spec={"transport": "grpc", "token": rewards.token})
+    return queue_gradients(rewards.client, getattr(rewards, "password", None))  # QueueRewards
+
+
+def gradient_rewards_from_spec(config, spec: dict):
+    """The run's differentiable reward rebuilt in another process (a Ray learner actor) from the
+    config and the driver's `reward.spec` (plain values: the transport; for the queue the Redis URL,
+    password and run id; for gRPC the token): its own scorers in process, or its own clients of
+    the same servers."""
+    if spec["transport"] == "inprocess":
+        from trainer.rewards.inprocess import build_scorers
+
+        return InProcessGradients(build_scorers(config.reward))
+    if spec["transport"] == "queue":
+        import dataclasses
+
+        from trainer.rewards.queue import QueueClientConfig, RewardClient
+
+        r = config.reward
+        queue = QueueClientConfig(
+            url=spec["url"], run_id=spec["run_id"], deadline_s=r.deadline_s, **dataclasses.asdict(r.queue)
+        )
+        client = RewardClient([sc.name for sc in r.scorers], queue, password=spec["password"])
+        return queue_gradients(client, spec["password"], owned=True)
+    if spec["transport"] == "grpc":
+        from trainer.rewards.grpc_servers import open_clients
+
+        clients = open_clients(config, spec["token"])
+
+        def close() -> None:
+            for c in clients.values():
+                c.close()
+
+        return grpc_gradients(clients, timeout_s=config.reward.deadline_s, close=close, spec=spec)
+    raise ValueError(f"no differentiable reward for transport {spec['transport']!r}")

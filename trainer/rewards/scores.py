@@ -30,6 +30,16 @@ class Scores:
             {k: v[keep] for k, v in self.details.items()},
         )
 
+    @staticmethod
+    def concat(parts: list[Scores]) -> Scores:
+        """The scores of several batches, one after the other (the same scorers and details in each)."""
+        first = parts[0]
+        return Scores(
+            {k: np.concatenate([p.values[k] for p in parts]) for k in first.values},
+            {k: [e for p in parts for e in p.errors[k]] for k in first.errors},
+            {k: np.concatenate([p.details[k] for p in parts]) for k in first.details},
+        )
+
     def failed(self) -> list[tuple[str, int, str]]:
         return [
             (name, i, e) for name, errs in self.errors.items() for i, e in enumerate(errs) if e is not None

@@ -116,6 +116,7 @@ class QueueRewards:
                 print(
                     f"[spie] started {len(self.replicas)} reward server(s): {', '.join(sc.name for sc in r.scorers)}"
                 )
+            self.password = password  # for the clients a Ray learner opens (AlignProp's gradients)
             run = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)
             self.client = RewardClient(
                 [sc.name for sc in r.scorers],
@@ -150,7 +151,11 @@ class QueueRewards:
 
 
 def make_rewards(config: Config, run_id: str):
-    """The configured reward transport: `InProcessRewards` or `QueueRewards`."""
+    """The configured reward transport: `InProcessRewards`, `QueueRewards` or `GrpcRewards`."""
     if config.reward.transport == "queue":
         return QueueRewards(config, run_id)
+    if config.reward.transport == "grpc":
+        from trainer.rewards.grpc_servers import GrpcRewards
+
+        return GrpcRewards(config)
     return InProcessRewards(config.reward)

@@ -13,6 +13,11 @@ One epoch with `ray.enabled`:
    torch.distributed process group when there are several (`trainer.engine.ray.learners`); rank 0's new
    trainable weights (LoRA only, with LoRA) are put in the object store once and every worker loads
    them from there.
+
+With `train.objective: spo` the workers sample each shard with its pools and return every step's
+candidates for the driver to judge (`sample_pool_shards`); with `alignprop` the learners sample,
+score and train in one pass (`learn_by_reward`), each with its own differentiable reward, and only
+the weight sync of step 4 follows.
 """
 
 from __future__ import annotations
@@ -127,6 +132,42 @@ class RayEngine:
         metrics, self.version = self.learners.train(rollout, generator.get_state())
         self.last_sync_s = self._sync_weights()
         return metrics
+
+    def sample_pools(self, shard: Shard, on_step, progress: bool):
+        """SPO: one shard sampled with its pools on a rollout worker (`sample_pool_shards`)."""
+        return next(iter(self.sample_pool_shards([shard], on_step, progress)))
+
+    def sample_pool_shards(self, shards: list[Shard], on_step, progress: bool):
+        """SPO: the shards sampled with their pools on the rollout workers, all at once; yields each
+        shard's `StepPool` in shard order, after handing `on_step` its steps' candidates in order.
+
+        The workers return every step's candidates and the driver judges them (`trainer.stepwise`):
+        SPO's chain goes on from a uniformly drawn candidate whatever the judge says, so a worker
+        never waits for scores. Judging stays with the run's one reward transport, which batches
+        each step's K x M candidates (and, with `sample.pipeline: async`, the steps of every shard
+        that arrive while a call is in flight) across all workers; no scorer is copied into a
+        worker, and the pairs are the local engine's."""
+        for pool in self.pool.sample_pools(shards):
+            for candidates in pool.candidates:
+                on_step(candidates)
+            yield pool
+
+    def learn_by_reward(self, shards: list[Shard], reward, generator: torch.Generator, progress: bool):
+        """AlignProp on the learners (`LearnerGroup.learn_by_reward`): (edits, scores, numbers).
+
+        `reward` is the driver's differentiable reward; only its `spec` (plain values) travels: each
+        learner builds its own from the config and the spec. K for every shard is drawn here from
+        the epoch generator, in shard order, as the local engine draws it. Then rank 0's new weights
+        go to the rollout workers."""
+        from trainer.engine.alignprop import draw_backprop_steps
+
+        spec = getattr(reward, "spec", None)
+        if spec is None:
+            raise UserError("train.objective=alignprop with ray.enabled: this reward transport has no spec")
+        ks = draw_backprop_steps(self.config, len(shards), generator)
+        rollout, scores, metrics, self.version = self.learners.learn_by_reward(shards, spec, ks)
+        self.last_sync_s = self._sync_weights()
+        return rollout, scores, metrics
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         return self.learners.checkpoint_state()

@@ -6,7 +6,10 @@ With `ray.num_learners` = N > 1, the driver
    join one torch.distributed process group (gloo on CPU, NCCL on GPU);
 3. each epoch, splits the gathered batch, whose advantages or rankings it has computed over all of
    it, into N contiguous shares of whole groups (`split_for_learners`) and has every learner train
-   on its share; their gradients are averaged before each optimizer step (`trainer.engine.ray.distributed`);
+   on its share; their gradients are averaged before each optimizer step (`trainer.engine.ray.distributed`).
+   AlignProp (`learn_by_reward`) splits the epoch's shards instead: each learner samples its own
+   with gradients, scores them with its own differentiable reward and trains on them, its gradients
+   averaged the same way;
 4. publishes rank 0's trainable weights (to the rollout workers and the checkpoint).
 """
 
@@ -23,6 +26,7 @@ from trainer.config import Config
 from trainer.engine.ray.placement import bundle, in_bundle, place_gang
 from trainer.engine.ray.workers import LearnerActor
 from trainer.errors import UserError
+from trainer.rewards.scores import Scores
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -142,6 +146,27 @@ class LearnerGroup:
         refs = [a.train.remote(sh, generator_state) for a, sh in zip(self.actors, shares, strict=True)]
         results = self._wait(refs, self.config.ray.train_timeout_s, "finish the epoch's updates")
         return merge_metrics([m for m, _ in results]), results[0][1]
+
+    def learn_by_reward(self, shards: list, reward_spec: dict, ks: list[int]) -> tuple:
+        """AlignProp: learner r samples, scores and trains on the r-th contiguous 1/N of the epoch's
+        shards (`ray.num_learners` x `sample.num_batches_per_epoch` of them: equal shares, so every
+        rank reaches each gradient all-reduce together). Returns (the edits in shard order, their
+        `Scores`, the merged numbers, rank 0's new policy version)."""
+        n = len(self.actors)
+        per = len(shards) // n
+        if per * n != len(shards):
+            raise RuntimeError(f"{len(shards)} shards cannot be split evenly over {n} learners")
+        refs = [
+            a.learn_by_reward.remote(
+                shards[r * per : (r + 1) * per], reward_spec, ks[r * per : (r + 1) * per]
+            )
+            for r, a in enumerate(self.actors)
+        ]
+        results = self._wait(refs, self.config.ray.train_timeout_s, "finish the epoch's AlignProp updates")
+        rollouts = [r for r, _, _, _ in results]
+        rollout = Rollout.concat(rollouts) if n > 1 else rollouts[0]
+        scores = Scores.concat([s for _, s, _, _ in results])
+        return rollout, scores, merge_metrics([m for _, _, m, _ in results]), results[0][3]
 
     def trainable_state(self) -> tuple[dict[str, torch.Tensor], int]:
         """Rank 0's (name -> CPU tensor of every trained weight, policy version)."""

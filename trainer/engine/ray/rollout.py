@@ -4,6 +4,7 @@ and redoing a dead worker's share."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import ray
 import torch
@@ -11,6 +12,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import remove_placement_group
 
 from sampler.rollout import Rollout
+from sampler.step_pool import StepPool
 from trainer.config import Config
 from trainer.engine.ray.placement import bundle, in_bundle, place_gang
 from trainer.engine.ray.workers import RolloutWorker
@@ -137,6 +139,42 @@ class RolloutPool:
                     "not training on a partial batch"
                 ) from err
         raise RuntimeError(f"rollout worker {k} was not restarted in time; not training on a partial batch")
+
+    def sample_pools(self, shards: list[Shard]) -> Iterator[StepPool]:
+        """SPO: every shard sampled with its pools, one task per shard, round robin over the workers
+        (all submitted at once); yields each `StepPool` in shard order as soon as it is in, so the
+        driver judges a shard's candidates while the workers sample the next. A shard lost with its
+        worker is sampled again once the worker is back, as in `gather`."""
+        r = self.config.ray
+        n = len(self.workers)
+        refs = [self.workers[i % n].sample_pools.remote(sh, self.version) for i, sh in enumerate(shards)]
+        deadline = time.monotonic() + r.rollout_timeout_s
+        for i, shard in enumerate(shards):
+            k, attempts = i % n, 0
+            while True:
+                try:
+                    pool = ray.get(refs[i], timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except GetTimeoutError as err:
+                    raise RuntimeError(
+                        f"rollout worker {k} gave no pools for shard {shard.index} within "
+                        f"ray.rollout_timeout_s={r.rollout_timeout_s:.0f}s; not training on a partial batch"
+                    ) from err
+                except RayActorError as err:
+                    attempts += 1
+                    if r.max_restarts != -1 and attempts > r.max_restarts:
+                        raise RuntimeError(
+                            f"rollout worker {k} died {attempts} times on shard {shard.index} "
+                            f"(ray.max_restarts={r.max_restarts}); not training on a partial batch"
+                        ) from err
+                    self._await_restart(k, deadline)
+                    self.restarts += 1
+                    print(
+                        f"[spie] rollout worker {k} died and was restarted; sampling shard {shard.index} again"
+                    )
+                    refs[i] = self.workers[k].sample_pools.remote(shard, self.version)
+            refs[i] = None  # the pool's tensors are the caller's now
+            yield pool
 
     def sample(self, shards: list[Shard]) -> Rollout:
         """Sample every shard and concatenate the rollouts in shard order."""

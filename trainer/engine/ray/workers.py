@@ -15,6 +15,7 @@ from sampler.rollout import Rollout
 from trainer.config import Config
 from trainer.engine.learner import Learner
 from trainer.engine.policy import build_policy, load_trainable_into_policy
+from trainer.engine.pools import sample_pool_shard
 from trainer.engine.ray.distributed import (
     DistributedLearner,
     backend_for,
@@ -77,6 +78,14 @@ class RolloutWorker:
             raise StaleWeightsError(f"rollout worker {self.rank} holds version {self.version}, not {version}")
         return [sample_shard(self.policy, sh, self.config, False, self.version) for sh in shards]
 
+    def sample_pools(self, shard: Shard, version: int):
+        """SPO: the shard sampled with a pool of candidates per step (`trainer.engine.pools`), as one
+        `sampler.step_pool.StepPool` (the final chains and every step's candidates); the driver
+        judges the candidates. Refuses weights other than `version`, as `rollout` does."""
+        if self.version != version:
+            raise StaleWeightsError(f"rollout worker {self.rank} holds version {self.version}, not {version}")
+        return sample_pool_shard(self.policy, shard, self.config, lambda candidates: None, self.version)
+
 
 class LearnerActor:
     """Wraps `trainer.learner.Learner`: owns the trained weights and the optimizer.
@@ -91,11 +100,12 @@ class LearnerActor:
     """
 
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1) -> None:
-        self.rank, self.world_size = rank, world_size
+        self.config, self.rank, self.world_size = config, rank, world_size
         set_threads(config)
         policy = build_policy(config)
         self.learner = (DistributedLearner if world_size > 1 else Learner)(config, policy)
         self.listener = None
+        self.reward, self.reward_spec = None, None  # AlignProp's differentiable reward, built here
 
     def ready(self) -> dict:
         """Where the learner runs: {"rank", "pid", "node_id", "node_ip", "device"}."""
@@ -141,6 +151,33 @@ class LearnerActor:
         gen.set_state(generator_state)
         metrics = self.learner.train(rollout, gen)
         return metrics, self.learner.version
+
+    def learn_by_reward(self, shards: list[Shard], reward_spec: dict, ks: list[int]) -> tuple:
+        """One epoch of AlignProp on this learner's shards (`trainer.engine.alignprop`), gradients
+        averaged over the learners before each optimizer step. The differentiable reward is built
+        here, once, from the config and `reward_spec` (`trainer.rewards.differentiable.
+        gradient_rewards_from_spec`: its own scorers, or its own client of the run's servers).
+
+        Args:
+            shards: this learner's sampling batches; ks: each one's K (drawn by the driver).
+
+        Returns:
+            (the edits as a detached `Rollout`, their `Scores`, the update's numbers, the new version).
+        """
+        from trainer.engine.alignprop import alignprop_epoch
+        from trainer.rewards.differentiable import gradient_rewards_from_spec
+
+        if self.reward is None or reward_spec != self.reward_spec:
+            self.close_reward()
+            self.reward = gradient_rewards_from_spec(self.config, reward_spec)
+            self.reward_spec = reward_spec
+        rollout, scores, stats = alignprop_epoch(self.learner, shards, self.reward, None, ks=ks)
+        return rollout, scores, stats, self.learner.version
+
+    def close_reward(self) -> None:
+        if self.reward is not None:
+            self.reward.close()
+        self.reward = None
 
     def trainable_state(self) -> tuple[dict[str, torch.Tensor], int]:
         """(name -> CPU tensor of every trained weight, its policy version)."""
