@@ -14,6 +14,10 @@ forms the next batch.
   alone and the rest are still scored.
 - With `cache_items` > 0, an item already scored successfully is answered from the score cache
   (`cache.py`) without queueing: the scorer never sees it again.
+- While the scorer is busy, a full batch (max_batch_size items waiting) is handed to the worker
+  thread at once, so it starts the moment the previous batch ends (no hop through the event loop
+  between two batches when the server is saturated); a partial batch waits for the worker to be
+  free, gathering items meanwhile. Deadlines are checked when a batch is handed over.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -297,35 +302,64 @@ class DynamicBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_ms / 1000.0
+        running: collections.deque[asyncio.Future] = collections.deque()  # batches given to the worker
         while True:
+            while running and running[0].done():
+                running.popleft()
             if not self._queue:
-                if self._closed:
+                if self._closed and not running:
                     return
-                self._arrived.clear()
-                await self._arrived.wait()
+                await self._wait(running)
                 continue
-            # Wait for the batch to fill, at most `delay` after the oldest item arrived.
-            while len(self._queue) < self.config.max_batch_size and not self._flush:
-                remaining = self._queue[0].enqueued + delay - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except (TimeoutError, asyncio.TimeoutError):
-                    break
-                if not self._queue:
-                    break
+            if running:
+                # The scorer is busy. A full batch is handed over now, so the worker thread starts it
+                # the moment it is free, without a hop through this loop; a partial batch keeps
+                # gathering items until the worker is free (it could only grow by waiting).
+                full = len(self._queue) >= self.config.max_batch_size
+                if len(running) >= 2 or not (full or self._flush):
+                    await self._wait(running)
+                    continue
+            else:
+                # Wait for the batch to fill, at most `delay` after the oldest item arrived.
+                while len(self._queue) < self.config.max_batch_size and not self._flush:
+                    remaining = self._queue[0].enqueued + delay - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                    except (TimeoutError, asyncio.TimeoutError):
+                        break
+                    if not self._queue:
+                        break
             entries = self._take()
             if not entries:
                 continue
-            outcomes = await loop.run_in_executor(
-                self._executor, self._score, _assemble([e.fields for e in entries])
-            )
-            for entry, outcome in zip(entries, outcomes, strict=True):
-                if self.cache is not None and entry.key is not None and outcome.kind == "ok":
-                    self.cache.put(entry.key, outcome)
-                entry.request.resolve(entry.index, outcome)
+            future = loop.run_in_executor(self._executor, self._score, _assemble([e.fields for e in entries]))
+            future.add_done_callback(functools.partial(self._finish, entries))
+            running.append(future)
+
+    async def _wait(self, running: collections.deque[asyncio.Future]) -> None:
+        """Until an item arrives or the oldest batch given to the worker is scored."""
+        self._arrived.clear()
+        arrival = asyncio.ensure_future(self._arrived.wait())
+        waits = {arrival, running[0]} if running else {arrival}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        arrival.cancel()
+
+    def _finish(self, entries: list[_Entry], future: asyncio.Future) -> None:
+        """Resolve a scored batch's items (on the event loop, as the worker's future completes)."""
+        if future.cancelled() or future.exception() is not None:
+            err = BatcherClosed("the scorer shut down before scoring the request")
+            if not future.cancelled():
+                err = RuntimeError(f"scorer worker failed: {future.exception()}")
+            for entry in entries:
+                entry.request.fail(err)
+            return
+        for entry, outcome in zip(entries, future.result(), strict=True):
+            if self.cache is not None and entry.key is not None and outcome.kind == "ok":
+                self.cache.put(entry.key, outcome)
+            entry.request.resolve(entry.index, outcome)
 
     def _score(self, batch: ScoreBatch) -> list[ItemOutcome]:
         """Run the scorer on one batch (worker thread); isolate failures item by item."""
