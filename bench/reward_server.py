@@ -180,7 +180,9 @@ def pipelined(call, payload: bytes, in_flight: int, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def bench_transport(folder: str, scorer: str, kwargs: dict, label: str, pairs: int, repeats: int) -> dict:
+def bench_transport(
+    folder: str, scorer: str, kwargs: dict, label: str, pairs: int, repeats: int, size: int = 256
+) -> dict:
     """Interleaved pairs of (in-process, gRPC) timings at batch 32: gRPC one request at a time
     (latency: transfer, parsing and decoding add to every batch) and pipelined, two requests always
     in flight (throughput: the server receives and decodes the next request while the scorer runs,
@@ -189,7 +191,7 @@ def bench_transport(folder: str, scorer: str, kwargs: dict, label: str, pairs: i
     from reward_servers.server import SERVICE_NAME
 
     n = 32
-    pool = images(n)
+    pool = images(n, size)
     local = build_scorer(scorer, **kwargs)
     batch = ScoreBatch(pool, pool[::-1], ["x"] * n)
     request = pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[n - 1 - i], "x") for i in range(n)])
@@ -252,6 +254,12 @@ def main() -> int:
     parser.add_argument(
         "--skip-model", action="store_true", help="part 2 without the CPU model-backed figures"
     )
+    parser.add_argument(
+        "--image-sizes",
+        default="256",
+        help="part 2's image sides, comma-separated (a small one shows the server's own overhead "
+        "without the transfer of 12 MiB requests)",
+    )
     args = parser.parse_args()
     from reward_servers.depth import save_tiny
 
@@ -260,11 +268,12 @@ def main() -> int:
         if args.part in ("1", "all"):
             bench_batching(folder, args.batch_seconds, args.batching_seconds)
         if args.part in ("2", "all"):
-            print(f"\n2. gRPC vs in-process at batch 32, 256x256 raw images, {args.pairs} interleaved pairs")
+            print(f"\n2. gRPC vs in-process at batch 32, raw images, {args.pairs} interleaved pairs")
             ms = args.transport_batch_seconds * 1000
             sleep = {"batch_seconds": args.transport_batch_seconds, "max_batch_size": 32}
-            label = f"sleep, {ms:.0f} ms per batch (GPU stand-in)"
-            bench_transport(folder, "sleep", sleep, label, args.pairs, args.repeats)
+            for size in (int(s) for s in args.image_sizes.split(",")):
+                label = f"sleep, {ms:.0f} ms per batch (GPU stand-in), {size}x{size} images"
+                bench_transport(folder, "sleep", sleep, label, args.pairs, args.repeats, size)
             if not args.skip_model:
                 save_tiny(folder)
                 depth = {"model_id": folder, "input_size": 224, "max_batch_size": 64}

@@ -162,7 +162,9 @@ class DynamicBatcher:
         self.cache_namespace = cache_namespace
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # size -> number of batches
         self._queue: collections.deque[_Entry] = collections.deque()
-        self._arrived = asyncio.Event()
+        self._arrived = asyncio.Event()  # an item arrived (filling a batch while the worker is idle)
+        # Wakes the batching loop: the first item of an empty queue, a full batch, a scored batch, drain.
+        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._task: asyncio.Task | None = None
         self._flush = False  # drain mode: no waiting for batches to fill
@@ -225,6 +227,8 @@ class DynamicBatcher:
                 self._queue.append(_Entry(request, i, _slice(batch, i), now, keys[i]))
         self._set_depth()
         self._arrived.set()
+        if len(self._queue) == misses or len(self._queue) >= self.config.max_batch_size:
+            self._wake.set()
         try:
             if deadline is None:
                 return await request.future
@@ -263,6 +267,7 @@ class DynamicBatcher:
         """Score whatever is queued without waiting for batches to fill (still accepting requests)."""
         self._flush = True
         self._arrived.set()
+        self._wake.set()
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, finish the queued ones within `timeout_s`, then stop."""
@@ -309,7 +314,8 @@ class DynamicBatcher:
             if not self._queue:
                 if self._closed and not running:
                     return
-                await self._wait(running)
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             if running:
                 # The scorer is busy. A full batch is handed over now, so the worker thread starts it
@@ -317,7 +323,8 @@ class DynamicBatcher:
                 # gathering items until the worker is free (it could only grow by waiting).
                 full = len(self._queue) >= self.config.max_batch_size
                 if len(running) >= 2 or not (full or self._flush):
-                    await self._wait(running)
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
             else:
                 # Wait for the batch to fill, at most `delay` after the oldest item arrived.
@@ -339,16 +346,9 @@ class DynamicBatcher:
             future.add_done_callback(functools.partial(self._finish, entries))
             running.append(future)
 
-    async def _wait(self, running: collections.deque[asyncio.Future]) -> None:
-        """Until an item arrives or the oldest batch given to the worker is scored."""
-        self._arrived.clear()
-        arrival = asyncio.ensure_future(self._arrived.wait())
-        waits = {arrival, running[0]} if running else {arrival}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        arrival.cancel()
-
     def _finish(self, entries: list[_Entry], future: asyncio.Future) -> None:
         """Resolve a scored batch's items (on the event loop, as the worker's future completes)."""
+        self._wake.set()  # the worker is free (or gone): the batching loop decides what is next
         if future.cancelled() or future.exception() is not None:
             err = BatcherClosed("the scorer shut down before scoring the request")
             if not future.cancelled():
