@@ -10,10 +10,13 @@ printed beside, labelled as CPU model-backed.
    batching on (max_batch_size 32, 5 ms delay) and off (max_batch_size 1). Throughput, the on/off
    ratio (aim: at least 8x) and the server's batch-size histogram (its Prometheus metrics).
 2. Transport: items/s through gRPC (the subprocess on loopback, raw 256x256 images, requests encoded
-   once beforehand as the trainer's client does) against calling the same scorer in this process, at
-   batch 32. The two are measured in interleaved pairs (alternating which goes first) and the
-   median of the per-pair ratios is reported (aim: gRPC / in-process >= 0.9). The same for the tiny
-   Depth Anything at 224 px (model-backed, CPU).
+   once beforehand as the trainer's client does) against calling the same scorer on the same images
+   in this process, at batch 32. gRPC is measured one request at a time (latency: the transfer adds
+   to every batch) and pipelined, two requests always in flight (throughput: the server receives the
+   next request while the scorer runs). Each is measured in interleaved pairs with in-process
+   (alternating which goes first); the median of the per-pair ratios is reported with their range
+   and the load average (aim: gRPC / in-process throughput >= 0.9). The same for the tiny Depth
+   Anything at 224 px (model-backed, CPU).
 """
 
 from __future__ import annotations
@@ -163,62 +166,74 @@ def bench_batching(folder: str, batch_seconds: float, seconds: float, clients: i
     return ratio
 
 
-def bench_transport(folder: str, scorer: str, kwargs: dict, label: str, pairs: int, repeats: int) -> dict:
-    """Interleaved pairs of (in-process, gRPC) timings at batch 32: gRPC one request at a time
-    (latency) and with two requests in flight (throughput: the server parses and decodes the next
-    request while the scorer runs). Returns the medians of the per-pair ratios."""
-    from concurrent.futures import ThreadPoolExecutor
+def pipelined(call, payload: bytes, in_flight: int, calls: int) -> float:
+    """Seconds per call in steady state with `in_flight` requests always outstanding (a new one is
+    sent as soon as the oldest returns): the time from the first response to the last, over the
+    `calls` responses after the first, so the start-up (the first request's transfer) is not counted."""
+    pending = [call.future(payload, timeout=300) for _ in range(in_flight)]
+    pending.pop(0).result()
+    start = time.perf_counter()
+    for k in range(calls):
+        if k + in_flight - 1 < calls:
+            pending.append(call.future(payload, timeout=300))
+        pending.pop(0).result()
+    return (time.perf_counter() - start) / calls
 
+
+def bench_transport(
+    folder: str, scorer: str, kwargs: dict, label: str, pairs: int, repeats: int, size: int = 256
+) -> dict:
+    """Interleaved pairs of (in-process, gRPC) timings at batch 32: gRPC one request at a time
+    (latency: transfer, parsing and decoding add to every batch) and pipelined, two requests always
+    in flight (throughput: the server receives and decodes the next request while the scorer runs,
+    as a client with `score_future` or the queue's prefetch does). Returns the medians of the
+    per-pair ratios."""
     from reward_servers.server import SERVICE_NAME
 
     n = 32
-    pool = images(n)
+    pool = images(n, size)
     local = build_scorer(scorer, **kwargs)
     batch = ScoreBatch(pool, pool[::-1], ["x"] * n)
     request = pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[n - 1 - i], "x") for i in range(n)])
     payload = request.SerializeToString()  # the client's encoding, done once (it is not the server's work)
     proc, target = start_server(folder, scorer, kwargs, n)
-    ratios: dict[str, list[float]] = {"sequential": [], "two in flight": []}
-    rates: dict[str, list[float]] = {"in-process": [], "sequential": [], "two in flight": []}
+    ratios: dict[str, list[float]] = {"sequential": [], "pipelined": []}
+    rates: dict[str, list[float]] = {"in-process": [], "sequential": [], "pipelined": []}
+    load = [os.getloadavg()[0]]
     try:
-        with ScorerClient(target, timeout_s=300) as client, ThreadPoolExecutor(2) as threads:
+        with ScorerClient(target, timeout_s=300) as client:
             call = client.channel.unary_unary(
                 f"/{SERVICE_NAME}/Score", response_deserializer=pb.ScoreResponse.FromString
             )
-
-            def grpc_one() -> None:
-                call(payload, timeout=300)
-
-            def grpc_two() -> None:  # `repeats` requests, two in flight
-                list(threads.map(lambda _: grpc_one(), range(2)))
-
-            local.score(batch), grpc_one()  # warm-up
+            local.score(batch), call(payload, timeout=300)  # warm-up
             for k in range(pairs):
                 runs = [
-                    ("in-process", lambda: local.score(batch), 1),
-                    ("sequential", grpc_one, 1),
-                    ("two in flight", grpc_two, 2),
+                    ("in-process", lambda: timed(lambda: local.score(batch), repeats)),
+                    ("sequential", lambda: timed(lambda: call(payload, timeout=300), repeats)),
+                    ("pipelined", lambda: pipelined(call, payload, 2, repeats)),
                 ]
                 if k % 2:
                     runs.reverse()  # alternate the order, so a change of load hits every side alike
-                per_item = {name: timed(fn, repeats) / (n * per_call) for name, fn, per_call in runs}
+                per_item = {name: fn() / n for name, fn in runs}
                 for name, t in per_item.items():
                     rates[name].append(1 / t)
                 for name in ratios:
                     ratios[name].append(per_item["in-process"] / per_item[name])
+            load.append(os.getloadavg()[0])
     finally:
         stop_server(proc)
     medians = {name: statistics.median(r) for name, r in ratios.items()}
     local_ms = n / statistics.median(rates["in-process"]) * 1000
-    print(f"  {label}; request {len(payload) / 2**20:.1f} MiB")
+    print(f"  {label}; request {len(payload) / 2**20:.1f} MiB; load average {load[0]:.2f} -> {load[1]:.2f}")
     print(
         f"    in-process            {statistics.median(rates['in-process']):8.1f} items/s ({local_ms:.1f} ms per batch)"
     )
     for name, r in ratios.items():
         added = n / statistics.median(rates[name]) * 1000 - local_ms
         print(
-            f"    gRPC, {name:<15} {statistics.median(rates[name]):8.1f} items/s (+{added:.1f} ms per batch), "
-            f"gRPC/in-process median {medians[name]:.3f} (pairs: {' '.join(f'{x:.3f}' for x in r)})"
+            f"    gRPC, {name:<15} {statistics.median(rates[name]):8.1f} items/s ({added:+.1f} ms per batch), "
+            f"gRPC/in-process median {medians[name]:.3f}, range {min(r):.3f}-{max(r):.3f} "
+            f"(pairs: {' '.join(f'{x:.3f}' for x in r)})"
         )
     return medians
 
@@ -239,6 +254,12 @@ def main() -> int:
     parser.add_argument(
         "--skip-model", action="store_true", help="part 2 without the CPU model-backed figures"
     )
+    parser.add_argument(
+        "--image-sizes",
+        default="256",
+        help="part 2's image sides, comma-separated (a small one shows the server's own overhead "
+        "without the transfer of 12 MiB requests)",
+    )
     args = parser.parse_args()
     from reward_servers.depth import save_tiny
 
@@ -247,11 +268,12 @@ def main() -> int:
         if args.part in ("1", "all"):
             bench_batching(folder, args.batch_seconds, args.batching_seconds)
         if args.part in ("2", "all"):
-            print(f"\n2. gRPC vs in-process at batch 32, 256x256 raw images, {args.pairs} interleaved pairs")
+            print(f"\n2. gRPC vs in-process at batch 32, raw images, {args.pairs} interleaved pairs")
             ms = args.transport_batch_seconds * 1000
             sleep = {"batch_seconds": args.transport_batch_seconds, "max_batch_size": 32}
-            label = f"sleep, {ms:.0f} ms per batch (GPU stand-in)"
-            bench_transport(folder, "sleep", sleep, label, args.pairs, args.repeats)
+            for size in (int(s) for s in args.image_sizes.split(",")):
+                label = f"sleep, {ms:.0f} ms per batch (GPU stand-in), {size}x{size} images"
+                bench_transport(folder, "sleep", sleep, label, args.pairs, args.repeats, size)
             if not args.skip_model:
                 save_tiny(folder)
                 depth = {"model_id": folder, "input_size": 224, "max_batch_size": 64}

@@ -83,12 +83,15 @@ class ScoreResult:
         errors: N entries, None for a scored item or a one-line message for a failed one.
         gradients: N entries, None or the (3, H, W) float32 gradient of the item's score with
             respect to its edit in [0, 1] (only for items that asked for one).
+        texts: N dicts of named strings per item (a generative judge's reasoning). In process only:
+            `reward.proto`'s details are numbers, so the transports do not carry them.
     """
 
     scores: np.ndarray
     details: list[dict[str, float]] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
     gradients: list[np.ndarray | None] = field(default_factory=list)
+    texts: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
@@ -99,8 +102,17 @@ class ScoreResult:
             self.errors = [None] * n
         if not self.gradients:
             self.gradients = [None] * n
-        if len(self.details) != n or len(self.errors) != n or len(self.gradients) != n:
-            raise ValueError("ScoreResult: scores, details, errors and gradients must have the same length")
+        if not self.texts:
+            self.texts = [{} for _ in range(n)]
+        if (
+            len(self.details) != n
+            or len(self.errors) != n
+            or len(self.gradients) != n
+            or len(self.texts) != n
+        ):
+            raise ValueError(
+                "ScoreResult: scores, details, errors, gradients and texts must have the same length"
+            )
 
 
 @runtime_checkable

@@ -66,6 +66,19 @@ def _parse_or_none(message_cls):
     return parse
 
 
+def _all_raw(request: pb.ScoreRequest) -> bool:
+    """True when every image of the request is raw uint8 (decoding it is a copy, not a decompression)."""
+    raw = pb.Image.ENCODING_RAW_UINT8
+    for item in request.items:
+        if item.edited.encoding != raw or item.source.encoding != raw:
+            return False
+        if (item.HasField("mask") and item.mask.encoding != raw) or any(
+            e.encoding != raw for e in item.exemplars
+        ):
+            return False
+    return True
+
+
 class _TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call but health checks without `authorization: Bearer <token>`."""
 
@@ -318,8 +331,12 @@ class RewardServer:
             kind = "invalid_request" if problem[0] == grpc.StatusCode.INVALID_ARGUMENT else "wrong_scorer"
             await self._abort(context, problem[0], kind, problem[1])
         deadline = self._deadline(request, context)
-        loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(self._decode_pool, self._decode_all, request)
+        if _all_raw(request):
+            # Raw pixels decode without decompressing (a view of the bytes): no thread hop for it.
+            decoded = self._decode_all(request)
+        else:
+            loop = asyncio.get_running_loop()
+            decoded = await loop.run_in_executor(self._decode_pool, self._decode_all, request)
         if isinstance(decoded, str):
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "decoded_budget", decoded)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]

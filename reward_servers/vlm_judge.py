@@ -9,6 +9,14 @@ forward pass (no generation, nothing parsed from text). Three modes:
   `evaluate`): semantic consistency sc = min of its 0-10 ratings (edit success, no over-editing,
   both images shown), perceptual quality pq = min of its 0-10 ratings (naturalness, no artifacts,
   the edit alone), score sqrt(sc * pq) in [0, 10]; details `sc`, `pq` and each rating.
+- `editscore`: EditScore's generative scoring (VectorSpaceLab/EditScore, `editscore.py`): the judge
+  reasons first (greedy generation, at most `max_new_tokens`), then each score is the expected label
+  over 0..score_range read from the logits after a fixed score prefix; SC and PQ as in VIEScore,
+  rescaled to 0-10, score sqrt(SC * PQ) in [0, 10]; the reasoning in `ScoreResult.texts`.
+  EditScore's released checkpoints are LoRA adapters: `model_id` is the base and `lora_path` the
+  adapter, merged at load with peft: `Qwen/Qwen2.5-VL-7B-Instruct` + `EditScore/EditScore-7B`,
+  `Qwen/Qwen3-VL-4B-Instruct` + `EditScore/EditScore-Qwen3-VL-4B-Instruct` (and the 8B alike),
+  score_range 25. The larger ones (`EditScore/EditScore-72B`) load the same way.
 
 The questions live in `prompts/vlm_judge.yaml` (or `prompts_path`); its version travels in the
 scorer's version string (Info) and in each result's details (`prompt_version`). Each image's
@@ -46,6 +54,9 @@ class VlmJudgeScorer:
         max_rating: rating mode: the top of the scale (viescore always rates 0-10).
         min_pixels / max_pixels: image size bounds passed to the image processor (None: its own).
         max_batch_size: most items per forward pass (viescore puts 4 rows per item in it).
+        score_range: editscore mode: the top of each score's scale (EditScore's checkpoints: 25).
+        max_new_tokens: editscore mode: most reasoning tokens generated per question.
+        lora_path: a LoRA adapter (hub id or folder) merged into the model at load ("" : none).
     """
 
     name = "vlm_judge"
@@ -66,10 +77,18 @@ class VlmJudgeScorer:
         min_pixels: int | None = None,
         max_pixels: int | None = 448 * 448,
         max_batch_size: int = 8,
+        score_range: int = 25,
+        max_new_tokens: int = 256,
+        lora_path: str = "",
     ) -> None:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        self.prompts: PromptSet = load_prompts(mode, prompts_path or None)
+        if mode == "editscore":
+            from reward_servers.editscore import DigitReader, load_editscore_prompts
+
+            self.prompts = load_editscore_prompts(prompts_path or None)
+        else:
+            self.prompts: PromptSet = load_prompts(mode, prompts_path or None)
         if question:
             if mode != "yes_no" or "{instruction}" not in question:
                 raise ValueError("question is for mode yes_no and must contain '{instruction}'")
@@ -78,6 +97,10 @@ class VlmJudgeScorer:
         self.model = (
             AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype(dtype)).to(device).eval()
         )
+        if lora_path:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, lora_path).merge_and_unload().eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_id, padding_side="left")
         if not self.tokenizer.chat_template:
             from transformers import AutoProcessor
@@ -89,8 +112,14 @@ class VlmJudgeScorer:
             raise ValueError(f"model_id {model_id!r} has no chat template (tokenizer or processor)")
         self.image_processor = AutoImageProcessor.from_pretrained(model_id)
         self.mode = mode
-        self.max_rating = 10 if mode == "viescore" else max_rating
-        self.reader = RatingReader(self.tokenizer, self.max_rating) if mode != "yes_no" else None
+        self.max_rating = {"viescore": 10, "editscore": score_range}.get(mode, max_rating)
+        if mode == "editscore":
+            if max_new_tokens < 1:
+                raise ValueError(f"vlm_judge: max_new_tokens must be >= 1, got {max_new_tokens}")
+            self.reader = DigitReader(self.tokenizer, score_range)
+        else:
+            self.reader = RatingReader(self.tokenizer, self.max_rating) if mode != "yes_no" else None
+        self.max_new_tokens = max_new_tokens
         self.yes_id = self._first_token(yes_token, "yes_token")
         self.no_id = self._first_token(no_token, "no_token")
         self.image_kwargs = {
@@ -100,6 +129,7 @@ class VlmJudgeScorer:
         self.normalize_yes_no = normalize_yes_no
         self.max_batch_size = max_batch_size
         self.version = f"{LOGIC_VERSION}-{mode}-prompts{self.prompts.version}"
+        self.model_id = f"{model_id}+{lora_path}" if lora_path else model_id
 
     def _first_token(self, word: str, field: str) -> int:
         ids = self.tokenizer.encode(word, add_special_tokens=False)
@@ -189,6 +219,9 @@ class VlmJudgeScorer:
         return scores, details
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
+        if self.mode == "editscore":
+            return self._score_editscore(batch)
+
         def run(valid: list[int]):
             inputs = self.build_inputs(
                 [batch.sources[i] for i in valid],
@@ -198,6 +231,23 @@ class VlmJudgeScorer:
             return self._read(*self._forward(inputs), len(valid))
 
         return score_valid(batch, False, run)
+
+    def _score_editscore(self, batch: ScoreBatch) -> ScoreResult:
+        from reward_servers.editscore import score_editscore
+
+        texts: dict[int, dict[str, str]] = {}
+
+        def run(valid: list[int]):
+            pick = lambda seq: [seq[i] for i in valid]  # noqa: E731
+            scores, details, got = score_editscore(
+                self, pick(batch.sources), pick(batch.edited), pick(batch.instructions)
+            )
+            texts.update(zip(valid, got, strict=True))
+            return scores, details
+
+        result = score_valid(batch, False, run)
+        result.texts = [texts.get(i, {}) for i in range(len(batch))]
+        return result
 
 
 def save_tiny(folder: str, seed: int = 0, family: str = "qwen2_vl") -> str:
