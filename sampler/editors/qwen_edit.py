@@ -146,7 +146,7 @@ class QwenEditPolicy(FlowEditPolicy):
             if e.shape[1] > self.max_text_length:
                 raise ValueError(f"prompt of {e.shape[1]} tokens > max_text_length {self.max_text_length}")
             pad = self.max_text_length - e.shape[1]
-            embeds.append(F.pad(e.float(), (0, 0, 0, pad)))
+            embeds.append(F.pad(e, (0, 0, 0, pad)))
             masks.append(F.pad(mask, (0, pad)))
         return torch.stack(embeds, dim=1), torch.stack(masks, dim=1)
 
