@@ -170,17 +170,53 @@ def template_prefix_tokens(tokenizer, template: str) -> int:
     return len(tokenizer(prefix)["input_ids"])
 
 
-def save_tiny_qwen_edit(path: str | Path, seed: int = 0) -> Path:
-    """Build the tiny Qwen-Image-Edit and save it (idempotent per recipe)."""
+class _SingleFrame(torch.nn.Module):
+    """The video VAE seen as an image VAE ((B, 3, H, W) in and out), for `sampler.tiny.fit_vae`."""
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def encode(self, x: torch.Tensor):
+        return self.vae.encode(x.unsqueeze(2))
+
+    def decode(self, z: torch.Tensor):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.vae.decode(z).sample[:, :, 0])
+
+
+def _warm_up_and_normalise(vae, seed: int, steps: int) -> float:
+    """Fit the VAE to seeded scenes (as the tiny InstructPix2Pix's and Kontext's), then set
+    `latents_mean` / `latents_std` to its latents' per-channel statistics, as Qwen-Image's are."""
+    from sampler.scenes import shapes_batch
+    from sampler.tiny import warm_up_vae
+
+    loss = warm_up_vae(_SingleFrame(vae), seed, steps)
+    scenes = torch.from_numpy(shapes_batch(seed + 7, 128, 32)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(scenes.unsqueeze(2)).latent_dist.mode()
+    dims = (0, 2, 3, 4)
+    vae.register_to_config(
+        latents_mean=[float(v) for v in z.mean(dim=dims)], latents_std=[float(v) for v in z.std(dim=dims)]
+    )
+    return loss
+
+
+def save_tiny_qwen_edit(path: str | Path, seed: int = 0, vae_warmup_steps: int = 200) -> Path:
+    """Build the tiny Qwen-Image-Edit, warm up and normalise its VAE, and save it (idempotent per recipe)."""
     from diffusers import QwenImageEditPipeline
 
     path = Path(path)
     marker = path / "spie_tiny.json"
-    recipe = {"family": "qwen_image_edit", "seed": seed}
+    recipe = {"family": "qwen_image_edit", "seed": seed, "vae_warmup_steps": vae_warmup_steps}
     if marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in recipe.items()):
         return path
     path.mkdir(parents=True, exist_ok=True)
-    QwenImageEditPipeline(**build_tiny_qwen_edit(seed)).save_pretrained(path, safe_serialization=True)
+    components = build_tiny_qwen_edit(seed)
+    if vae_warmup_steps > 0:
+        recipe["vae_reconstruction_loss"] = _warm_up_and_normalise(components["vae"], seed, vae_warmup_steps)
+    QwenImageEditPipeline(**components).save_pretrained(path, safe_serialization=True)
     # Name the processor as Qwen/Qwen-Image-Edit's model_index.json does (`load_processor` reads it).
     index = json.loads((path / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]

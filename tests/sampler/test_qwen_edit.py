@@ -21,7 +21,9 @@ RES = 32  # 32 px: 4 x 4 latents, 4 image tokens (the smallest the pipeline's 32
 @pytest.fixture(scope="module")
 def qwen_pipe(tmp_path_factory):
     """The tiny Qwen-Image-Edit saved with `save_pretrained` and loaded back with `from_pretrained`."""
-    return load_qwen_edit(str(save_tiny_qwen_edit(tmp_path_factory.mktemp("qwen-edit"), seed=0)))
+    return load_qwen_edit(
+        str(save_tiny_qwen_edit(tmp_path_factory.mktemp("qwen-edit"), seed=0, vae_warmup_steps=0))
+    )
 
 
 def _inputs(m: int = 2):
