@@ -144,7 +144,10 @@ class QwenEditPolicy(FlowEditPolicy):
             e, mask = self.c.encode_prompt(prompt=texts, image=pil, device=self.device)
             mask = torch.ones(e.shape[:2], device=e.device) if mask is None else mask.float()
             if e.shape[1] > self.max_text_length:
-                raise ValueError(f"prompt of {e.shape[1]} tokens > max_text_length {self.max_text_length}")
+                raise ValueError(
+                    f"a prompt of {e.shape[1]} tokens (with its vision tokens) is longer than "
+                    f"model.text_length={self.max_text_length}"
+                )
             pad = self.max_text_length - e.shape[1]
             embeds.append(F.pad(e, (0, 0, 0, pad)))
             masks.append(F.pad(mask, (0, pad)))

@@ -108,13 +108,17 @@ def test_recomputed_log_probs_equal_the_recorded_ones(qwen_pipe, kind):
 
 def test_the_model_folder_names_its_family(qwen_pipe, tmp_path):
     """`model.editor: auto` reads model_index.json's `_class_name`; the tiny tokenizer splits the
-    pipeline's template so that its dropped prefix (64 tokens) is exactly the system turn."""
+    pipeline's template so that its dropped prefix (64 tokens) is exactly the system turn; a prompt
+    longer than the padded text length is refused, naming the setting."""
     folder = tmp_path / "m"
     qwen_pipe.save_pretrained(folder)
     assert editor_family(str(folder)) == "qwen_image_edit"
     assert editor_family("tiny-qwen-edit") == "qwen_image_edit"
     assert template_prefix_tokens(qwen_pipe.tokenizer, qwen_pipe.prompt_template_encode) == 64
     assert qwen_pipe.prompt_template_encode_start_idx == 64
+    tight = QwenEditPolicy(qwen_pipe, max_text_length=4, condition_area=RES * RES, resolution=RES)
+    with pytest.raises(ValueError, match="longer than model.text_length=4"):
+        tight.rollout(*_inputs())
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
     with pytest.raises(ValueError, match="unknown pipeline 'QwenImageEditPlusPipeline'"):
         editor_family(str(folder))
