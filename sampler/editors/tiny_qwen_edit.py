@@ -5,7 +5,10 @@ The sizes follow diffusers' own test (`tests/pipelines/qwenimage/test_qwenimage_
 `AutoencoderKLQwenImage`, a Qwen2.5-VL of width 16 with a 2-block vision tower), except that the VAE
 has Qwen-Image's three downsamplings (8 px per latent, as the real one) so that the pipeline's
 ~1 Mpx condition image makes 4096 tokens, not 16384, and the scheduler is Qwen-Image's (dynamic,
-exponential shift). The tokenizer is made locally: a byte-level BPE (`Qwen2Tokenizer`, Qwen's
+exponential shift). The VAE is warmed up on synthetic scenes (`sampler.tiny.fit_vae`, one frame of
+the video VAE) and its `latents_mean` / `latents_std` are set per channel from its latents, as
+Qwen-Image's are; without that its decodes barely depend on the latents and nothing learns
+brightness. The tokenizer is made locally: a byte-level BPE (`Qwen2Tokenizer`, Qwen's
 pre-tokenizer) whose merges make every word of the pipeline's prompt template one token, as Qwen's
 151k vocabulary does, so the template's system part is 64 tokens and the pipeline's
 `prompt_template_encode_start_idx` (64) drops exactly it; the special tokens (`<|im_start|>`,
