@@ -1,12 +1,16 @@
-"""Flow sampler overhead: our SDE rollout with log-probs against diffusers' FluxKontextPipeline.
+"""Flow sampler overhead: our SDE rollout with log-probs against diffusers' FluxKontextPipeline or
+QwenImageEditPipeline.
 
 Both run the same model, batch, resolution and steps in this process; the figure is the median over
 `--runs` of (our time / pipeline time). Target: <= 1.10. `--model tiny-kontext` (default) builds the
-seeded tiny Kontext; `--real-size` builds random weights with FLUX.1 Kontext's transformer and VAE
-sizes (diffusers' default `FluxTransformer2DModel` config with guidance embedding; throughput does not
-depend on the weights) and the tiny text encoders (they run once per call on both sides), in bf16.
+seeded tiny Kontext, `--model tiny-qwen-edit` the tiny Qwen-Image-Edit (true CFG 4 on both sides,
+the condition image at the edit's size on both sides: the pipeline's `calculate_dimensions` is
+given that area, as in tests/sampler/test_qwen_edit.py); `--real-size` (Kontext) builds random
+weights with FLUX.1 Kontext's transformer and VAE sizes (diffusers' default `FluxTransformer2DModel`
+config with guidance embedding; throughput does not depend on the weights) and the tiny text
+encoders (they run once per call on both sides), in bf16.
 
-    python bench/flow_sampler.py [--batch 4] [--steps 10] [--resolution 16] [--runs 5]
+    python bench/flow_sampler.py [--model tiny-qwen-edit] [--batch 4] [--steps 10] [--resolution 16] [--runs 5]
     python bench/flow_sampler.py --real-size --resolution 512 --batch 4 --device cuda   # GPU only
 """
 
@@ -60,9 +64,68 @@ def real_size_folder(folder: Path) -> Path:
     return folder
 
 
+def kontext_pair(args, folder: Path):
+    """Our Kontext policy and a function running FluxKontextPipeline on the same inputs."""
+    from sampler.editors.kontext import KontextPolicy, load_kontext
+    from sampler.editors.tiny_kontext import save_tiny_kontext
+
+    if args.real_size:
+        path = str(real_size_folder(folder))
+    elif args.model == "tiny-kontext":
+        path = str(save_tiny_kontext(folder, vae_warmup_steps=0))
+    else:
+        path = args.model
+    dtype = torch.bfloat16 if args.real_size else torch.float32
+    pipe = load_kontext(path, dtype=dtype).to(args.device)
+    policy = KontextPolicy(pipe, args.steps, args.noise_level, resolution=args.resolution, device=args.device)
+    res = args.resolution
+
+    def theirs(sources, prompts):
+        return pipe(
+            image=sources, prompt=prompts, height=res, width=res, max_area=res * res, _auto_resize=False,
+            num_inference_steps=args.steps, guidance_scale=policy.guidance_scale,
+            max_sequence_length=policy.max_text_length, output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    return policy, theirs
+
+
+def qwen_pair(args, folder: Path):
+    """Our Qwen-Image-Edit policy and a function running QwenImageEditPipeline on the same inputs."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+    from PIL import Image
+
+    from sampler.editors.qwen_edit import QwenEditPolicy, load_qwen_edit
+    from sampler.editors.tiny_qwen_edit import save_tiny_qwen_edit
+
+    path = (
+        str(save_tiny_qwen_edit(folder, vae_warmup_steps=0)) if args.model == "tiny-qwen-edit" else args.model
+    )
+    pipe = load_qwen_edit(path).to(args.device)
+    res = args.resolution
+    policy = QwenEditPolicy(
+        pipe, args.steps, args.noise_level, condition_area=res * res, max_text_length=1024, resolution=res,
+        device=args.device,
+    )  # fmt: skip
+    original = module.calculate_dimensions
+    module.calculate_dimensions = lambda area, ratio: original(res * res, ratio)
+
+    def theirs(sources, prompts):
+        pil = [Image.fromarray((s.permute(1, 2, 0) * 255).round().byte().numpy()) for s in sources]
+        return pipe(
+            image=pil, prompt=prompts, negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0, height=res,
+            width=res, num_inference_steps=args.steps, output_type="pt", generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    return policy, theirs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-kontext", help='"tiny-kontext" or a local folder / hub id')
+    parser.add_argument(
+        "--model", default="tiny-kontext", help='"tiny-kontext", "tiny-qwen-edit" or a local folder / hub id'
+    )
     parser.add_argument("--real-size", action="store_true", help="random weights of FLUX.1 Kontext's sizes")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
@@ -72,20 +135,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from sampler.editors.kontext import KontextPolicy, load_kontext
-    from sampler.editors.tiny_kontext import save_tiny_kontext
+    from sampler.editors import editor_family
     from sampler.scenes import shapes_batch
 
     tmp = tempfile.TemporaryDirectory()
-    if args.real_size:
-        path = str(real_size_folder(Path(tmp.name)))
-    elif args.model == "tiny-kontext":
-        path = str(save_tiny_kontext(Path(tmp.name), vae_warmup_steps=0))
-    else:
-        path = args.model
-    dtype = torch.bfloat16 if args.real_size else torch.float32
-    pipe = load_kontext(path, dtype=dtype).to(args.device)
-    policy = KontextPolicy(pipe, args.steps, args.noise_level, resolution=args.resolution, device=args.device)
+    family = "flux_kontext" if args.real_size else editor_family(args.model)
+    pair = qwen_pair if family == "qwen_image_edit" else kontext_pair
+    policy, pipeline_call = pair(args, Path(tmp.name))
     res = args.resolution
     sources = torch.from_numpy(shapes_batch(0, args.batch, res)).permute(0, 3, 1, 2).float() / 255
     prompts = ["make it brighter"] * args.batch
@@ -105,12 +161,7 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         with torch.no_grad():
-            pipe(
-                image=sources, prompt=prompts, height=res, width=res, max_area=res * res, _auto_resize=False,
-                num_inference_steps=args.steps, guidance_scale=policy.guidance_scale,
-                max_sequence_length=policy.max_text_length, output_type="pt",
-                generator=torch.Generator().manual_seed(0),
-            )  # fmt: skip
+            pipeline_call(sources, prompts)
         sync()
         return time.perf_counter() - t
 

@@ -34,6 +34,8 @@ class Rollout:
             trainer after scoring (SPIE ranking). Per-item, so selecting, concatenating and
             splitting the batch keep every signal with its edit.
         pooled_embeds: (N, P) pooled instruction embeddings (FLUX.1 Kontext's CLIP), or None.
+        text_mask: (N, K, L) float, 1 where `text_embeds` (then (N, K, L, D): instruction and
+            negative prompt, padded) holds a token (Qwen-Image-Edit), or None.
     """
 
     latents: torch.Tensor
@@ -54,6 +56,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     ranks: torch.Tensor | None = None
     pooled_embeds: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]

@@ -1,7 +1,8 @@
 """Edit policies behind one contract, and which family a model folder belongs to.
 
 The contract (met by `sampler.policy.EditPolicy`, InstructPix2Pix, and by
-`sampler.editors.kontext.KontextPolicy`, FLUX.1 Kontext):
+`sampler.editors.kontext.KontextPolicy`, FLUX.1 Kontext, and `sampler.editors.qwen_edit.QwenEditPolicy`,
+Qwen-Image-Edit; the flow families share `sampler.editors.flow_base.FlowEditPolicy`):
 
 - `rollout(sources, instructions, nb_gen, generator, shared_noise, exemplars, masks, progress,
   policy_version) -> Rollout`: edits as images, with per-step latents (N, T + 1, C, h, w), step
@@ -30,14 +31,18 @@ PIPELINE_FAMILIES = {
     "FluxKontextPipeline": "flux_kontext",
     "QwenImageEditPipeline": "qwen_image_edit",
 }
-TINY_FAMILIES = {"tiny": "instruct_pix2pix", "tiny-kontext": "flux_kontext"}
+TINY_FAMILIES = {
+    "tiny": "instruct_pix2pix",
+    "tiny-kontext": "flux_kontext",
+    "tiny-qwen-edit": "qwen_image_edit",
+}
 
 
 def editor_family(pretrained: str, editor: str = "auto", revision: str | None = None) -> str:
     """The editor family of a model: `editor` unless "auto", else its `model_index.json` `_class_name`.
 
     Args:
-        pretrained: "tiny", "tiny-kontext", a local folder, or a hub id (its model_index.json is fetched).
+        pretrained: "tiny", "tiny-kontext", "tiny-qwen-edit", a local folder, or a hub id (its model_index.json is fetched).
         editor: "auto" or a family name.
     """
     if editor != "auto":

@@ -41,11 +41,11 @@ class RunConfig:
 class ModelConfig:
     # Base model: a hub id ("timbrooks/instruct-pix2pix"), a local folder saved with
     # `save_pretrained`, "tiny" to build a seeded tiny InstructPix2Pix in `tiny_dir`, or
-    # "tiny-kontext" for a seeded tiny FLUX.1 Kontext.
+    # "tiny-kontext" / "tiny-qwen-edit" for a seeded tiny FLUX.1 Kontext / Qwen-Image-Edit.
     pretrained: str = "tiny"
     # Editor family: "auto" (the model folder's model_index.json `_class_name`), "instruct_pix2pix"
-    # or "flux_kontext" (flow matching: sample.noise_level and sample.sde_kind apply).
-    editor: Literal["auto", "instruct_pix2pix", "flux_kontext"] = "auto"
+    # "flux_kontext" or "qwen_image_edit" (flow matching: sample.noise_level and sample.sde_kind apply).
+    editor: Literal["auto", "instruct_pix2pix", "flux_kontext", "qwen_image_edit"] = "auto"
     # Hub revision of `pretrained` (ignored for local folders).
     revision: str = "main"
     # Where the tiny model is built and cached when `pretrained` is "tiny".
@@ -63,6 +63,12 @@ class ModelConfig:
     exemplar_conditioning: bool = False
     # Image side in pixels; inputs are resized to resolution x resolution.
     resolution: int = 256
+    # Qwen-Image-Edit: pixels of the condition image the source is resized to before Qwen2.5-VL and
+    # the VAE read it (0: the pipeline's 1024 * 1024; Flow-GRPO trains with 512 * 512).
+    condition_area: int = 0
+    # Qwen-Image-Edit: text embeddings (instruction with the condition image's vision tokens) are
+    # padded to this many tokens so that batches concatenate; longer prompts are refused.
+    text_length: int = 512
 
 
 @dataclass(frozen=True)
@@ -71,13 +77,16 @@ class SampleConfig:
     num_steps: int = 20
     # DDIM eta (0: deterministic, 1: DDPM-like variance). Log-probs need eta > 0.
     eta: float = 1.0
-    # Text classifier-free guidance scale (FLUX.1 Kontext: the distilled guidance input, 3.5 in its pipeline).
+    # Text classifier-free guidance scale (FLUX.1 Kontext: the distilled guidance input, 3.5 in its
+    # pipeline; Qwen-Image-Edit: true CFG against sample.negative_prompt, 4.0 in its pipeline).
     guidance_scale: float = 7.5
     # Flow editors: the SDE's noise level a (Flow-GRPO's sigma_t = a sqrt(t / (1 - t)); CPS's
     # sin(a pi / 2)); 0 is the deterministic ODE (evaluation: `--set sample.noise_level=0`).
     noise_level: float = 0.7
     # Flow editors: "sde" (Flow-GRPO's SDE) or "cps" (coefficients-preserving sampling, arXiv 2509.05952).
     sde_kind: Literal["sde", "cps"] = "sde"
+    # Qwen-Image-Edit: the negative prompt of true CFG (" " as its model card and Flow-GRPO use).
+    negative_prompt: str = " "
     # Source-image classifier-free guidance scale.
     image_guidance_scale: float = 1.5
     # Exemplar-image guidance scale (only with model.exemplar_conditioning).

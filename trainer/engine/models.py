@@ -68,7 +68,7 @@ def model_spec(spec: str, label: str, config: Config) -> ModelSpec:
             config, model=own.model, run=dataclasses.replace(config.run, seed=own.run.seed)
         )
         return ModelSpec(label, spec, "checkpoint", folder, cfg)
-    if spec not in ("tiny", "tiny-kontext") and not path.exists():
+    if spec not in ("tiny", "tiny-kontext", "tiny-qwen-edit") and not path.exists():
         parts = path.parts
         if len(parts) != 2 or Path(parts[0]).exists() or spec.startswith((".", "/")):
             raise UserError(
