@@ -47,13 +47,14 @@ OBJECTIVES: dict[str, list[str]] = {
     # SPO: one chain per input (64 per epoch), pools of 4 at every stochastic step (start_step 0: on
     # the toy editor steps 0-3 carry 3/4 of the reward variance, bench/step_sensitivity.py), judged
     # by the oracles scaled to SPO's softmax threshold (a gap of 0.62 makes a pair: weights 10 and
-    # 5), 20 epochs (an SPO epoch costs about 2.5 demo epochs: 4 candidates and a decode per step).
+    # 5), LoRA at lr 1e-4 (SPO's own configs use 1e-5 to 6e-5; the demo's 1e-3 with beta 10 degraded
+    # every seed, docs/learning.md), 40 epochs.
     "spo": [
         "train.objective=spo",
         "train.spo.start_step=0",
+        "train.learning_rate=1e-4",
         "sample.nb_gen=1",
         "sample.batch_size=32",
-        "run.num_epochs=20",
         "reward.scorers=[{name: oracle_edit, role: semantic, weight: 10}, "
         "{name: oracle_structure, role: structural, weight: 5}]",
     ],
