@@ -14,10 +14,6 @@ forms the next batch.
   alone and the rest are still scored.
 - With `cache_items` > 0, an item already scored successfully is answered from the score cache
   (`cache.py`) without queueing: the scorer never sees it again.
-- While the scorer is busy, a full batch (max_batch_size items waiting) is handed to the worker
-  thread at once, so it starts the moment the previous batch ends (no hop through the event loop
-  between two batches when the server is saturated); a partial batch waits for the worker to be
-  free, gathering items meanwhile. Deadlines are checked when a batch is handed over.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -162,9 +157,7 @@ class DynamicBatcher:
         self.cache_namespace = cache_namespace
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # size -> number of batches
         self._queue: collections.deque[_Entry] = collections.deque()
-        self._arrived = asyncio.Event()  # an item arrived (filling a batch while the worker is idle)
-        # Wakes the batching loop: the first item of an empty queue, a full batch, a scored batch, drain.
-        self._wake = asyncio.Event()
+        self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._task: asyncio.Task | None = None
         self._flush = False  # drain mode: no waiting for batches to fill
@@ -227,8 +220,6 @@ class DynamicBatcher:
                 self._queue.append(_Entry(request, i, _slice(batch, i), now, keys[i]))
         self._set_depth()
         self._arrived.set()
-        if len(self._queue) == misses or len(self._queue) >= self.config.max_batch_size:
-            self._wake.set()
         try:
             if deadline is None:
                 return await request.future
@@ -267,7 +258,6 @@ class DynamicBatcher:
         """Score whatever is queued without waiting for batches to fill (still accepting requests)."""
         self._flush = True
         self._arrived.set()
-        self._wake.set()
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, finish the queued ones within `timeout_s`, then stop."""
@@ -307,59 +297,35 @@ class DynamicBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_ms / 1000.0
-        running: collections.deque[asyncio.Future] = collections.deque()  # batches given to the worker
         while True:
-            while running and running[0].done():
-                running.popleft()
             if not self._queue:
-                if self._closed and not running:
+                if self._closed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                self._arrived.clear()
+                await self._arrived.wait()
                 continue
-            if running:
-                # The scorer is busy. A full batch is handed over now, so the worker thread starts it
-                # the moment it is free, without a hop through this loop; a partial batch keeps
-                # gathering items until the worker is free (it could only grow by waiting).
-                full = len(self._queue) >= self.config.max_batch_size
-                if len(running) >= 2 or not (full or self._flush):
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-            else:
-                # Wait for the batch to fill, at most `delay` after the oldest item arrived.
-                while len(self._queue) < self.config.max_batch_size and not self._flush:
-                    remaining = self._queue[0].enqueued + delay - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), remaining)
-                    except (TimeoutError, asyncio.TimeoutError):
-                        break
-                    if not self._queue:
-                        break
+            # Wait for the batch to fill, at most `delay` after the oldest item arrived.
+            while len(self._queue) < self.config.max_batch_size and not self._flush:
+                remaining = self._queue[0].enqueued + delay - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except (TimeoutError, asyncio.TimeoutError):
+                    break
+                if not self._queue:
+                    break
             entries = self._take()
             if not entries:
                 continue
-            future = loop.run_in_executor(self._executor, self._score, _assemble([e.fields for e in entries]))
-            future.add_done_callback(functools.partial(self._finish, entries))
-            running.append(future)
-
-    def _finish(self, entries: list[_Entry], future: asyncio.Future) -> None:
-        """Resolve a scored batch's items (on the event loop, as the worker's future completes)."""
-        self._wake.set()  # the worker is free (or gone): the batching loop decides what is next
-        if future.cancelled() or future.exception() is not None:
-            err = BatcherClosed("the scorer shut down before scoring the request")
-            if not future.cancelled():
-                err = RuntimeError(f"scorer worker failed: {future.exception()}")
-            for entry in entries:
-                entry.request.fail(err)
-            return
-        for entry, outcome in zip(entries, future.result(), strict=True):
-            if self.cache is not None and entry.key is not None and outcome.kind == "ok":
-                self.cache.put(entry.key, outcome)
-            entry.request.resolve(entry.index, outcome)
+            outcomes = await loop.run_in_executor(
+                self._executor, self._score, _assemble([e.fields for e in entries])
+            )
+            for entry, outcome in zip(entries, outcomes, strict=True):
+                if self.cache is not None and entry.key is not None and outcome.kind == "ok":
+                    self.cache.put(entry.key, outcome)
+                entry.request.resolve(entry.index, outcome)
 
     def _score(self, batch: ScoreBatch) -> list[ItemOutcome]:
         """Run the scorer on one batch (worker thread); isolate failures item by item."""
