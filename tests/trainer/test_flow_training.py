@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from trainer.loop import train
 from trainer.run.log import read_metrics
@@ -34,14 +33,9 @@ def kontext_config(tiny_config):
     return make
 
 
-def test_lora_on_the_transformer_attention(kontext_config):
+def test_lora_on_the_transformer_attention(kontext_config, lora_update_moves_only_lora):
     """LoRA adapters sit on both streams' attention projections, start as the identity (recomputed
     log-probs equal the recorded ones), and one update moves only them."""
-    from trainer.algo.objectives import group_advantages
-    from trainer.data.inputs import load_inputs
-    from trainer.engine.learner import Learner
-    from trainer.engine.policy import build_policy
-
     config = kontext_config(
         "model.use_lora=true",
         "model.lora_rank=4",
@@ -49,26 +43,7 @@ def test_lora_on_the_transformer_attention(kontext_config):
         "sample.batch_size=4",
         "train.batch_size=8",
     )
-    policy = build_policy(config)
-    learner = Learner(config, policy)
-    names = list(learner.params)
-    assert names and all(n.startswith("transformer.") and "lora_" in n for n in names)
-    assert any(".add_q_proj." in n for n in names) and any(".to_out.0." in n for n in names)
-    inputs = load_inputs(config.data, config.model.resolution, seed=0)
-    with policy.eval_mode():
-        r = policy.rollout(
-            inputs.sources[:4], inputs.instructions[:4], nb_gen=2, generator=torch.Generator().manual_seed(0)
-        )
-    again = torch.stack([policy.step_log_prob(r, j) for j in range(r.log_probs.shape[1])], dim=1)
-    torch.testing.assert_close(again, r.log_probs, atol=1e-5, rtol=0)
-    frozen = {n: p.detach().clone() for n, p in policy.denoiser.named_parameters() if "lora_" not in n}
-    before = learner.trainable_state()
-    r.item_ids = [f"i{i}" for i in range(len(r))]
-    r.advantages = group_advantages(r.images.mean(dim=(1, 2, 3)), r.group).float()
-    learner.train(r, torch.Generator().manual_seed(0))
-    after = learner.trainable_state()
-    assert any(not torch.equal(before[n], after[n]) for n in names)
-    assert all(torch.equal(p, frozen[n]) for n, p in policy.denoiser.named_parameters() if "lora_" not in n)
+    lora_update_moves_only_lora(config, (".add_q_proj.", ".to_out.0."))
 
 
 @pytest.mark.slow
