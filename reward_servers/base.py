@@ -83,8 +83,8 @@ class ScoreResult:
         errors: N entries, None for a scored item or a one-line message for a failed one.
         gradients: N entries, None or the (3, H, W) float32 gradient of the item's score with
             respect to its edit in [0, 1] (only for items that asked for one).
-        texts: N dicts of named strings per item (a generative judge's reasoning). In process only:
-            `reward.proto`'s details are numbers, so the transports do not carry them.
+        texts: N dicts of named strings per item (a generative judge's reasoning); they travel in
+            `Result.texts` over gRPC and the queue.
     """
 
     scores: np.ndarray

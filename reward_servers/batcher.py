@@ -79,6 +79,7 @@ class ItemOutcome:
     error: str | None = None
     kind: str = "ok"
     gradient: np.ndarray | None = None  # (3, H, W) d score / d edit, for items that asked
+    texts: dict[str, str] = field(default_factory=dict)  # named strings (a judge's reasoning)
 
 
 class _Request:
@@ -359,14 +360,19 @@ class DynamicBatcher:
         if len(result.scores) != len(batch):
             raise RuntimeError(f"scorer returned {len(result.scores)} scores for {len(batch)} items")
         outcomes = []
-        rows = zip(result.scores, result.details, result.errors, result.gradients, strict=True)
-        for score, details, error, gradient in rows:
+        rows = zip(result.scores, result.details, result.errors, result.gradients, result.texts, strict=True)
+        for score, details, error, gradient, texts in rows:
             if error is not None:
                 outcomes.append(ItemOutcome(math.nan, {}, error, "invalid_input"))
             elif not np.isfinite(score):
                 outcomes.append(ItemOutcome(math.nan, {}, f"scorer returned {score}", "scorer_error"))
             else:
                 outcomes.append(
-                    ItemOutcome(float(score), {k: float(v) for k, v in details.items()}, gradient=gradient)
+                    ItemOutcome(
+                        float(score),
+                        {k: float(v) for k, v in details.items()},
+                        gradient=gradient,
+                        texts={k: str(v) for k, v in texts.items()},
+                    )
                 )
         return outcomes

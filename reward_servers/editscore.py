@@ -22,8 +22,8 @@ score (upstream samples at temperature 0.7 and parses numbers out of the text, r
 3. The second score is read the same way after the first score's most likely label and
    `score_separator` (", "): one more batched forward pass.
 
-The reasoning texts go into `ScoreResult.texts` (`sc_reasoning`, `pq_reasoning`). They stay in
-process: `reward.proto`'s details are `map<string, double>`, so the wire carries the numbers only.
+The reasoning texts go into `ScoreResult.texts` (`sc_reasoning`, `pq_reasoning`); served, they travel
+in `Result.texts`, and `spie evaluate` writes them into each item's row of eval.json.
 """
 
 from __future__ import annotations

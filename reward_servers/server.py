@@ -359,6 +359,7 @@ class RewardServer:
                 o = outcomes[index]
                 result.score, result.status = o.score, _STATUS[o.kind]
                 result.details.update(o.details)
+                result.texts.update(o.texts)
                 if o.error:
                     result.error = o.error
                 if o.gradient is not None:

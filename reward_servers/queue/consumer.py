@@ -411,6 +411,7 @@ class StreamConsumer(JobWrites):
             else:
                 result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])
                 result.details.update(outcome.details)
+                result.texts.update(outcome.texts)
                 if outcome.error:
                     result.error = outcome.error
                 if outcome.gradient is not None:

@@ -127,18 +127,19 @@ def sample_edits(
 
 def item_metrics(
     items: EvalItems, edited: torch.Tensor, scorers: dict, clip: ClipMetric | None
-) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-    """(metric name -> (M,) values, M dicts of scorer errors) for M edits of `items`."""
+) -> tuple[dict[str, np.ndarray], list[dict[str, str]], list[dict[str, str]]]:
+    """(metric name -> (M,) values, M dicts of scorer errors, M dicts of scorer texts) for M edits
+    of `items`."""
     values: dict[str, np.ndarray] = {}
     if any(m is not None for m in items.masks):
         values["l2_outside_mask"] = l2_outside_mask(edited, items.sources, items.masks)
     if clip is not None:
         values.update(clip(edited, items.sources, items.instructions, items.metadata))
-    scored, errors = score_with(
+    scored, errors, texts = score_with(
         scorers, edited, items.sources, items.instructions, items.masks, items.metadata
     )
     values.update(scored)
-    return values, errors
+    return values, errors, texts
 
 
 def _clean(x: Any) -> Any:
@@ -171,9 +172,9 @@ def _finish(
     clip_model: str,
 ) -> dict[str, Any]:
     labels = list(edits)
-    per_model, errors = {}, {}
+    per_model, errors, texts = {}, {}, {}
     for label in labels:
-        per_model[label], errors[label] = item_metrics(items, edits[label], scorers, clip)
+        per_model[label], errors[label], texts[label] = item_metrics(items, edits[label], scorers, clip)
     names = list(per_model[labels[0]])
     info = {n: {"higher_is_better": BUILTIN_DIRECTION.get(n)} for n in names}
     for name, scorer in scorers.items():
@@ -199,6 +200,9 @@ def _finish(
         errs = {label: errors[label][i] for label in labels if errors[label][i]}
         if errs:
             row["errors"] = errs
+        said = {label: texts[label][i] for label in labels if texts[label][i]}
+        if said:
+            row["texts"] = said
         rows.append(row)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     grid = out_json.parent / "before_after.png"

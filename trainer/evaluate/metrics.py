@@ -100,24 +100,27 @@ def score_with(
     instructions: list[str],
     masks: list[torch.Tensor | None],
     metadata: list[dict],
-) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+) -> tuple[dict[str, np.ndarray], list[dict[str, str]], list[dict[str, str]]]:
     """Score M edits with every scorer (through training's in-process loop, `call_scorers`).
 
     Returns:
-        metric name -> (M,) float64 (`<name>` and `<name>.<detail>`, NaN where missing), and M dicts
-        scorer name -> error message for the items a scorer refused.
+        metric name -> (M,) float64 (`<name>` and `<name>.<detail>`, NaN where missing); M dicts
+        scorer name -> error message for the items a scorer refused; M dicts `<name>.<text>` -> the
+        scorers' per-item texts (a generative judge's reasoning), empty for scorers without any.
     """
     mask_np = [None if k is None else k.bool().cpu().numpy() for k in masks]
     batch = ScoreBatch(to_uint8(edited), to_uint8(sources), instructions, masks=mask_np, metadata=metadata)
     values: dict[str, np.ndarray] = {}
     errors: list[dict[str, str]] = [{} for _ in range(len(instructions))]
+    texts: list[dict[str, str]] = [{} for _ in range(len(instructions))]
     for name, result in call_scorers(scorers, batch).items():
         values[name] = result.scores
         values.update(details_arrays(name, result.details))
-        for k, err in enumerate(result.errors):
+        for k, (err, text) in enumerate(zip(result.errors, result.texts, strict=True)):
             if err is not None:
                 errors[k][name] = err
-    return values, errors
+            texts[k].update({f"{name}.{key}": value for key, value in text.items()})
+    return values, errors, texts
 
 
 # --------------------------------------------------------------------------- aggregates

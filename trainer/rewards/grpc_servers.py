@@ -11,21 +11,19 @@ The servers batch requests from several trainers themselves (`reward_servers.bat
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.client import ScorerClient
 from reward_servers.images import make_item
 from trainer.config import Config
 from trainer.errors import UserError
-from trainer.rewards.scores import Scores, details_arrays
+from trainer.rewards.scores import Scores
 
 TOKEN_ENV = "SPIE_REWARD_TOKEN"  # as `spie serve` / `spie score` (reward_servers.cli)
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -108,20 +106,8 @@ class GrpcRewards:
         futures = {
             name: [self.pool.submit(self.ask, name, chunk) for chunk in chunks] for name in self.clients
         }
-        values, errors, details = {}, {}, {}
-        for name, parts in futures.items():
-            results = [r for f in parts for r in f.result()]
-            v = np.full(len(results), math.nan)
-            errs: list[str | None] = []
-            for i, r in enumerate(results):
-                ok = r.status == pb.Result.STATUS_OK and math.isfinite(r.score)
-                if ok:
-                    v[i] = r.score
-                errs.append(None if ok else r.error or pb.Result.Status.Name(r.status))
-            values[name] = v if self.higher[name] else -v
-            errors[name] = errs
-            details.update(details_arrays(name, [dict(r.details) for r in results]))
-        return Scores(values, errors, details)
+        results = {name: [r for f in parts for r in f.result()] for name, parts in futures.items()}
+        return Scores.from_results(results, self.higher)
 
     def ask(self, name: str, items: list[pb.Item]) -> list[pb.Result]:
         """One Score request to `name`'s server, retried on the transient codes; N results in order."""

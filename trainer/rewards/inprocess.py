@@ -11,7 +11,7 @@ from reward_servers.base import ScoreBatch, Scorer, ScoreResult, build_scorer
 from sampler.rollout import Rollout
 from trainer.config import RewardConfig
 from trainer.errors import UserError
-from trainer.rewards.scores import Scores, details_arrays
+from trainer.rewards.scores import Scores, details_arrays, texts_lists
 
 
 def build_scorers(config: RewardConfig) -> dict[str, Scorer]:
@@ -29,11 +29,11 @@ def call_scorers(scorers: dict[str, Scorer], batch: ScoreBatch) -> dict[str, Sco
     """Every scorer on all N items of `batch`, in chunks of at most its `max_batch_size`.
 
     The one in-process scoring loop (training and evaluation). Scores keep the scorer's own
-    orientation; N per-item errors and details come back with them.
+    orientation; N per-item errors, details and texts come back with them.
     """
     out = {}
     for name, scorer in scorers.items():
-        parts, errs, dets = [], [], []
+        parts, errs, dets, texts = [], [], [], []
         step = max(1, int(scorer.max_batch_size))
         for start in range(0, len(batch), step):
             sl = slice(start, start + step)
@@ -49,7 +49,8 @@ def call_scorers(scorers: dict[str, Scorer], batch: ScoreBatch) -> dict[str, Sco
             parts.append(result.scores)
             errs.extend(result.errors)
             dets.extend(result.details)
-        out[name] = ScoreResult(np.concatenate(parts), dets, errs)
+            texts.extend(result.texts)
+        out[name] = ScoreResult(np.concatenate(parts), dets, errs, texts=texts)
     return out
 
 
@@ -69,12 +70,13 @@ class InProcessRewards:
             masks=masks,
             metadata=rollout.metadata,
         )
-        values, errors, details = {}, {}, {}
+        values, errors, details, texts = {}, {}, {}, {}
         for name, result in call_scorers(self.scorers, batch).items():
             values[name] = result.scores if self.scorers[name].higher_is_better else -result.scores
             errors[name] = result.errors
             details.update(details_arrays(name, result.details))
-        return Scores(values, errors, details)
+            texts.update(texts_lists(name, result.texts))
+        return Scores(values, errors, details, texts)
 
     def metrics(self) -> dict[str, int]:
         """Nothing is counted in process (the queue transport reports resubmissions and errors)."""

@@ -28,20 +28,18 @@ resubmits every unfinished job at once.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import redis
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.queue import protocol as P
 from trainer.config.schema import DEFAULT_DEADLINE_S, QueueConfig
 from trainer.errors import UserError
-from trainer.rewards.scores import Scores, details_arrays
+from trainer.rewards.scores import Scores
 
 log = logging.getLogger("spie.reward_client")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -379,21 +377,8 @@ class RewardClient:
             self._higher[scorer] = value == b"1"
         return self._higher[scorer]
 
-    def _to_scores(self, results: dict[str, list[pb.Result | None]]) -> Scores:
-        values, errors, details = {}, {}, {}
-        for scorer, rs in results.items():
-            details.update(details_arrays(scorer, [dict(r.details) for r in rs]))
-            v = np.full(len(rs), math.nan)
-            errs: list[str | None] = []
-            for i, r in enumerate(rs):
-                if r.status == pb.Result.STATUS_OK and math.isfinite(r.score):
-                    v[i] = r.score
-                    errs.append(None)
-                else:
-                    errs.append(r.error or pb.Result.Status.Name(r.status))
-            values[scorer] = v if self._higher_is_better(scorer) else -v
-            errors[scorer] = errs
-        return Scores(values, errors, details)
+    def _to_scores(self, results: dict[str, list[pb.Result]]) -> Scores:
+        return Scores.from_results(results, {s: self._higher_is_better(s) for s in results})
 
     def _diagnose(self, missing: dict[str, list[int]]) -> str:
         """'; scorer X: N jobs queued, K live replicas' for the scorers with missing items (within

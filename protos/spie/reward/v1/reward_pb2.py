@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspie/reward/v1/reward.proto\x12\x0espie.reward.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xc8\x01\n\x05Image\x12\x30\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1e.spie.reward.v1.Image.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\"N\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_PNG\x10\x01\x12\x16\n\x12\x45NCODING_RAW_UINT8\x10\x02\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb5\x02\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06\x65\x64ited\x18\x02 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12%\n\x06source\x18\x03 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12(\n\texemplars\x18\x04 \x03(\x0b\x32\x15.spie.reward.v1.Image\x12\x13\n\x0binstruction\x18\x05 \x01(\t\x12#\n\x04mask\x18\x06 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\redited_tensor\x18\x08 \x01(\x0b\x32\x16.spie.reward.v1.Tensor\x12\x15\n\rwant_gradient\x18\t \x01(\x08\"]\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.spie.reward.v1.Item\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\"\xd5\x02\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x34\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32#.spie.reward.v1.Result.DetailsEntry\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.spie.reward.v1.Result.Status\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x08gradient\x18\x06 \x01(\x0b\x32\x16.spie.reward.v1.Tensor\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"b\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x18\n\x14STATUS_INVALID_INPUT\x10\x02\x12\x17\n\x13STATUS_SCORER_ERROR\x10\x03\"Y\n\rScoreResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.spie.reward.v1.Result\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x85\x02\n\x0cInfoResponse\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x18\n\x10higher_is_better\x18\x05 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x07 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x12\n\nmax_pixels\x18\n \x01(\x04\x12\x1d\n\x15max_items_per_request\x18\x0b \x01(\r\"N\n\nGroundItem\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12\x0e\n\x06phrase\x18\x03 \x01(\t\"T\n\rGroundRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.spie.reward.v1.GroundItem\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"\x9d\x01\n\x0cGroundResult\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04mask\x18\x02 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12\x0b\n\x03\x62ox\x18\x03 \x03(\x02\x12\x11\n\tbox_score\x18\x04 \x01(\x01\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x1d.spie.reward.v1.Result.Status\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"b\n\x0eGroundResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.spie.reward.v1.GroundResult\x12\x10\n\x08grounder\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t2\xe1\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.spie.reward.v1.ScoreRequest\x1a\x1d.spie.reward.v1.ScoreResponse\x12\x41\n\x04Info\x12\x1b.spie.reward.v1.InfoRequest\x1a\x1c.spie.reward.v1.InfoResponse\x12G\n\x06Ground\x12\x1d.spie.reward.v1.GroundRequest\x1a\x1e.spie.reward.v1.GroundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspie/reward/v1/reward.proto\x12\x0espie.reward.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xc8\x01\n\x05Image\x12\x30\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1e.spie.reward.v1.Image.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\"N\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_PNG\x10\x01\x12\x16\n\x12\x45NCODING_RAW_UINT8\x10\x02\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb5\x02\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06\x65\x64ited\x18\x02 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12%\n\x06source\x18\x03 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12(\n\texemplars\x18\x04 \x03(\x0b\x32\x15.spie.reward.v1.Image\x12\x13\n\x0binstruction\x18\x05 \x01(\t\x12#\n\x04mask\x18\x06 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12)\n\x08metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\redited_tensor\x18\x08 \x01(\x0b\x32\x16.spie.reward.v1.Tensor\x12\x15\n\rwant_gradient\x18\t \x01(\x08\"]\n\x0cScoreRequest\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.spie.reward.v1.Item\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x03 \x01(\x03\"\xb5\x03\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x34\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32#.spie.reward.v1.Result.DetailsEntry\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.spie.reward.v1.Result.Status\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x08gradient\x18\x06 \x01(\x0b\x32\x16.spie.reward.v1.Tensor\x12\x30\n\x05texts\x18\x07 \x03(\x0b\x32!.spie.reward.v1.Result.TextsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nTextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tSTATUS_OK\x10\x01\x12\x18\n\x14STATUS_INVALID_INPUT\x10\x02\x12\x17\n\x13STATUS_SCORER_ERROR\x10\x03\"Y\n\rScoreResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.spie.reward.v1.Result\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x85\x02\n\x0cInfoResponse\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x18\n\x10higher_is_better\x18\x05 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x07 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x12\n\nmax_pixels\x18\n \x01(\x04\x12\x1d\n\x15max_items_per_request\x18\x0b \x01(\r\"N\n\nGroundItem\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12\x0e\n\x06phrase\x18\x03 \x01(\t\"T\n\rGroundRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.spie.reward.v1.GroundItem\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x02 \x01(\x03\"\x9d\x01\n\x0cGroundResult\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04mask\x18\x02 \x01(\x0b\x32\x15.spie.reward.v1.Image\x12\x0b\n\x03\x62ox\x18\x03 \x03(\x02\x12\x11\n\tbox_score\x18\x04 \x01(\x01\x12-\n\x06status\x18\x05 \x01(\x0e\x32\x1d.spie.reward.v1.Result.Status\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"b\n\x0eGroundResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.spie.reward.v1.GroundResult\x12\x10\n\x08grounder\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t2\xe1\x01\n\rRewardService\x12\x44\n\x05Score\x12\x1c.spie.reward.v1.ScoreRequest\x1a\x1d.spie.reward.v1.ScoreResponse\x12\x41\n\x04Info\x12\x1b.spie.reward.v1.InfoRequest\x1a\x1c.spie.reward.v1.InfoResponse\x12G\n\x06Ground\x12\x1d.spie.reward.v1.GroundRequest\x1a\x1e.spie.reward.v1.GroundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESULT_DETAILSENTRY']._loaded_options = None
   _globals['_RESULT_DETAILSENTRY']._serialized_options = b'8\001'
+  _globals['_RESULT_TEXTSENTRY']._loaded_options = None
+  _globals['_RESULT_TEXTSENTRY']._serialized_options = b'8\001'
   _globals['_IMAGE']._serialized_start=78
   _globals['_IMAGE']._serialized_end=278
   _globals['_IMAGE_ENCODING']._serialized_start=200
@@ -45,25 +47,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=646
   _globals['_SCOREREQUEST']._serialized_end=739
   _globals['_RESULT']._serialized_start=742
-  _globals['_RESULT']._serialized_end=1083
-  _globals['_RESULT_DETAILSENTRY']._serialized_start=937
-  _globals['_RESULT_DETAILSENTRY']._serialized_end=983
-  _globals['_RESULT_STATUS']._serialized_start=985
-  _globals['_RESULT_STATUS']._serialized_end=1083
-  _globals['_SCORERESPONSE']._serialized_start=1085
-  _globals['_SCORERESPONSE']._serialized_end=1174
-  _globals['_INFOREQUEST']._serialized_start=1176
-  _globals['_INFOREQUEST']._serialized_end=1189
-  _globals['_INFORESPONSE']._serialized_start=1192
-  _globals['_INFORESPONSE']._serialized_end=1453
-  _globals['_GROUNDITEM']._serialized_start=1455
-  _globals['_GROUNDITEM']._serialized_end=1533
-  _globals['_GROUNDREQUEST']._serialized_start=1535
-  _globals['_GROUNDREQUEST']._serialized_end=1619
-  _globals['_GROUNDRESULT']._serialized_start=1622
-  _globals['_GROUNDRESULT']._serialized_end=1779
-  _globals['_GROUNDRESPONSE']._serialized_start=1781
-  _globals['_GROUNDRESPONSE']._serialized_end=1879
-  _globals['_REWARDSERVICE']._serialized_start=1882
-  _globals['_REWARDSERVICE']._serialized_end=2107
+  _globals['_RESULT']._serialized_end=1179
+  _globals['_RESULT_DETAILSENTRY']._serialized_start=987
+  _globals['_RESULT_DETAILSENTRY']._serialized_end=1033
+  _globals['_RESULT_TEXTSENTRY']._serialized_start=1035
+  _globals['_RESULT_TEXTSENTRY']._serialized_end=1079
+  _globals['_RESULT_STATUS']._serialized_start=1081
+  _globals['_RESULT_STATUS']._serialized_end=1179
+  _globals['_SCORERESPONSE']._serialized_start=1181
+  _globals['_SCORERESPONSE']._serialized_end=1270
+  _globals['_INFOREQUEST']._serialized_start=1272
+  _globals['_INFOREQUEST']._serialized_end=1285
+  _globals['_INFORESPONSE']._serialized_start=1288
+  _globals['_INFORESPONSE']._serialized_end=1549
+  _globals['_GROUNDITEM']._serialized_start=1551
+  _globals['_GROUNDITEM']._serialized_end=1629
+  _globals['_GROUNDREQUEST']._serialized_start=1631
+  _globals['_GROUNDREQUEST']._serialized_end=1715
+  _globals['_GROUNDRESULT']._serialized_start=1718
+  _globals['_GROUNDRESULT']._serialized_end=1875
+  _globals['_GROUNDRESPONSE']._serialized_start=1877
+  _globals['_GROUNDRESPONSE']._serialized_end=1975
+  _globals['_REWARDSERVICE']._serialized_start=1978
+  _globals['_REWARDSERVICE']._serialized_end=2203
 # @@protoc_insertion_point(module_scope)

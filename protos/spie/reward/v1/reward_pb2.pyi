@@ -73,7 +73,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., scorer: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "score", "details", "status", "error", "gradient")
+    __slots__ = ("id", "score", "details", "status", "error", "gradient", "texts")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[Result.Status]
@@ -91,19 +91,28 @@ class Result(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     details: _containers.ScalarMap[str, float]
     status: Result.Status
     error: str
     gradient: Tensor
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., details: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[Result.Status, str]] = ..., error: _Optional[str] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    texts: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., details: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[Result.Status, str]] = ..., error: _Optional[str] = ..., gradient: _Optional[_Union[Tensor, _Mapping]] = ..., texts: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "scorer", "version")
