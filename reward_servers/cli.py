@@ -67,7 +67,11 @@ def register(subparsers) -> None:
     score.add_argument("--encoding", choices=("png", "raw"), default="png", help="wire encoding")
     score.add_argument("--timeout", type=float, default=60.0, help="deadline of the call, seconds")
     score.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS")
-    score.add_argument("--json", action="store_true", help="print one JSON object per image")
+    score.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per image (with `texts`, a generative judge's reasoning, when given)",
+    )
     score.set_defaults(func=run_score)
 
 
@@ -256,6 +260,8 @@ def run_score(args: argparse.Namespace) -> int:
         if args.json:
             row = {"id": result.id, "score": None if math.isnan(result.score) else result.score}
             row.update(details=dict(result.details), error=result.error or None)
+            if result.texts:
+                row["texts"] = dict(result.texts)
             print(json.dumps(row))
         elif ok:
             extra = " ".join(f"{k}={v:.6g}" for k, v in sorted(result.details.items()))

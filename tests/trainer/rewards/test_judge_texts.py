@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from reward_servers.__main__ import main as reward_main
 from reward_servers.base import ScoreBatch, build_scorer
 from reward_servers.client import ScorerClient
 from reward_servers.images import make_item
@@ -48,7 +49,9 @@ def _pairs(n: int) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     return edits, sources, ["add a red hat", "make it snowy", "remove the cup"][:n]
 
 
-def test_reasoning_travels_over_grpc_and_the_queue(judge_kwargs, one_thread, redis_server, replicas):
+def test_reasoning_travels_over_grpc_and_the_queue(
+    judge_kwargs, one_thread, redis_server, replicas, tmp_path, capsys
+):
     edits, sources, instructions = _pairs(3)
     local = build_scorer("vlm_judge", **judge_kwargs).score(ScoreBatch(edits, sources, instructions))
     assert all(set(t) == {"sc_reasoning", "pq_reasoning"} for t in local.texts)
@@ -60,6 +63,15 @@ def test_reasoning_travels_over_grpc_and_the_queue(judge_kwargs, one_thread, red
         response = client.score(items)
     assert [dict(r.texts) for r in response.results] == local.texts
     assert [r.score for r in response.results] == pytest.approx(local.scores.tolist(), abs=1e-5)
+    # `spie-reward score --json` prints them too.
+    paths = []
+    for k in range(3):
+        paths += [tmp_path / f"e{k}.png", tmp_path / f"s{k}.png"]
+        Image.fromarray(edits[k]).save(paths[-2])
+        Image.fromarray(sources[k]).save(paths[-1])
+    argv = ["score", "--server", f"127.0.0.1:{port}", "--json", "--instruction", instructions[0]]
+    assert reward_main([*argv, "--images", str(paths[0]), "--sources", str(paths[1])]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == local.texts[0]
 
     config = QueueClientConfig(url=redis_server.url, poll_s=0.2, deadline_s=120)
     with RewardClient(["vlm_judge"], config, password=redis_server.password) as client:
