@@ -18,9 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
+
+from bench.interleaved import time_interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -59,20 +60,10 @@ def main() -> None:
     sources = torch.from_numpy(shapes_batch(0, args.batch, res)).permute(0, 3, 1, 2).float() / 255
     prompts = ["make it brighter"] * args.batch
 
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def ours() -> float:
-        sync()
-        t = time.perf_counter()
+    def ours() -> None:
         policy.rollout(sources, prompts, generator=torch.Generator().manual_seed(0))
-        sync()
-        return time.perf_counter() - t
 
-    def theirs() -> float:
-        sync()
-        t = time.perf_counter()
+    def theirs() -> None:
         with torch.no_grad():
             pipe(
                 prompts,
@@ -82,17 +73,8 @@ def main() -> None:
                 generator=torch.Generator().manual_seed(0),
                 output_type="pt",
             )
-        sync()
-        return time.perf_counter() - t
 
-    ours(), theirs()  # warm-up
-    ratios, t_ours, t_theirs = [], [], []
-    for i in range(args.runs):
-        # Alternate the order so drift on a noisy machine hits both sides alike.
-        a, b = (ours(), theirs()) if i % 2 == 0 else tuple(reversed((theirs(), ours())))
-        t_ours.append(a)
-        t_theirs.append(b)
-        ratios.append(a / b)
+    t_ours, t_theirs, ratios = time_interleaved(ours, theirs, args.runs, args.device)
     print(
         f"device={args.device} model={args.model} batch={args.batch} steps={args.steps} scheduler={args.scheduler}"
     )
