@@ -30,7 +30,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.interleaved import time_interleaved  # noqa: E402
+from bench.interleaved import ratio_line, time_against_pipeline  # noqa: E402
 
 
 def real_size_folder(folder: Path) -> Path:
@@ -147,14 +147,9 @@ def main() -> None:
     sources = torch.from_numpy(shapes_batch(0, args.batch, res)).permute(0, 3, 1, 2).float() / 255
     prompts = ["make it brighter"] * args.batch
 
-    def ours() -> None:
-        policy.rollout(sources, prompts, generator=torch.Generator().manual_seed(0))
-
-    def theirs() -> None:
-        with torch.no_grad():
-            pipeline_call(sources, prompts)
-
-    t_ours, t_theirs, ratios = time_interleaved(ours, theirs, args.runs, args.device)
+    t_ours, t_theirs, ratios = time_against_pipeline(
+        policy, sources, prompts, lambda: pipeline_call(sources, prompts), args.runs, args.device
+    )
     name = "real-size random" if args.real_size else args.model
     print(f"device={args.device} model={name} batch={args.batch} steps={args.steps} resolution={res}")
     print(
@@ -163,9 +158,7 @@ def main() -> None:
     print(
         f"diffusers pipeline:    median {statistics.median(t_theirs) * 1e3:.1f} ms, {args.batch / statistics.median(t_theirs):.2f} images/s"
     )
-    print(
-        f"ratio ours/pipeline: median {statistics.median(ratios):.3f} (target <= 1.10)  runs {[round(r, 3) for r in ratios]}"
-    )
+    print(ratio_line(ratios))
 
 
 if __name__ == "__main__":
