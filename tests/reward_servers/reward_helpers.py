@@ -85,6 +85,20 @@ def judge_batch(n: int, seed: int = 0) -> ScoreBatch:
     return ScoreBatch(edits, sources, (JUDGE_INSTRUCTIONS * n)[:n])
 
 
+def score_served_judge(serve, scorer):
+    """Serve `scorer` as "vlm_judge" (the `serve` fixture) and score `judge_batch(2)` through a client,
+    instruction "add a hat", after checking that Info gives the scorer's version; returns the response."""
+    from reward_servers.images import make_item
+
+    st = serve(lambda: scorer, name="vlm_judge")
+    batch = judge_batch(2)
+    with st.client() as client:
+        assert client.info().version == scorer.version
+        return client.score(
+            [make_item(str(i), batch.edited[i], batch.sources[i], "add a hat") for i in range(2)]
+        )
+
+
 def random_image(rng, h: int = 32, w: int = 32) -> np.ndarray:
     """(h, w, 3) uint8 noise."""
     return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reward_helpers import DigitTokenizer, judge_batch
+from reward_helpers import DigitTokenizer, judge_batch, score_served_judge
 
 from reward_servers.base import ScoreBatch, build_scorer
 from reward_servers.editscore import EDITSCORE_PROMPTS, DigitReader, editscore_overall, load_editscore_prompts
@@ -94,19 +94,11 @@ def test_editscore_is_batch_invariant_and_deterministic(vlm_folders, family):
 
 
 def test_editscore_version_in_info_and_details(vlm_folders, serve, tmp_path):
-    from reward_servers.images import make_item
-
     prompts = tmp_path / "p.yaml"
     prompts.write_text(EDITSCORE_PROMPTS.read_text().replace("version: 1", "version: 4"))
     scorer = judge(vlm_folders["qwen2_vl"], prompts_path=str(prompts), score_range=10)
     assert scorer.version.endswith("editscore-prompts4")
-    st = serve(lambda: scorer, name="vlm_judge")
-    batch = judge_batch(2)
-    with st.client() as client:
-        assert client.info().version == scorer.version
-        response = client.score(
-            [make_item(str(i), batch.edited[i], batch.sources[i], "add a hat") for i in range(2)]
-        )
+    response = score_served_judge(serve, scorer)
     assert [r.details["prompt_version"] for r in response.results] == [4.0, 4.0]
     assert all(0 <= r.score <= 10 for r in response.results)
 

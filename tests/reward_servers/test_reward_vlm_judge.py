@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reward_helpers import DigitTokenizer, judge_batch
+from reward_helpers import DigitTokenizer, judge_batch, score_served_judge
 
 from reward_servers.base import ScoreBatch, build_scorer
 from reward_servers.errors import UserError
@@ -96,8 +96,6 @@ def test_viescore_is_the_geometric_mean_of_the_minima(vlm_folders):
 
 
 def test_prompt_version_travels_in_info_and_details(vlm_folders, serve, tmp_path):
-    from reward_servers.images import make_item
-
     prompts = tmp_path / "p.yaml"
     text = DEFAULT_PROMPTS.read_text().replace("version: 1", "version: 7")
     prompts.write_text(text)
@@ -109,13 +107,7 @@ def test_prompt_version_travels_in_info_and_details(vlm_folders, serve, tmp_path
         max_pixels=None,
     )
     assert scorer.version.endswith("prompts7")
-    st = serve(lambda: scorer, name="vlm_judge")
-    batch = judge_batch(2)
-    with st.client() as client:
-        assert client.info().version == scorer.version
-        response = client.score(
-            [make_item(str(i), batch.edited[i], batch.sources[i], "add a hat") for i in range(2)]
-        )
+    response = score_served_judge(serve, scorer)
     assert response.version == scorer.version
     assert [r.details["prompt_version"] for r in response.results] == [7.0, 7.0]
 
