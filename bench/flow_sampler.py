@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
+
+from bench.interleaved import ratio_line, time_against_pipeline  # noqa: E402
 
 
 def real_size_folder(folder: Path) -> Path:
@@ -146,33 +147,9 @@ def main() -> None:
     sources = torch.from_numpy(shapes_batch(0, args.batch, res)).permute(0, 3, 1, 2).float() / 255
     prompts = ["make it brighter"] * args.batch
 
-    def sync() -> None:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def ours() -> float:
-        sync()
-        t = time.perf_counter()
-        policy.rollout(sources, prompts, generator=torch.Generator().manual_seed(0))
-        sync()
-        return time.perf_counter() - t
-
-    def theirs() -> float:
-        sync()
-        t = time.perf_counter()
-        with torch.no_grad():
-            pipeline_call(sources, prompts)
-        sync()
-        return time.perf_counter() - t
-
-    ours(), theirs()  # warm-up
-    ratios, t_ours, t_theirs = [], [], []
-    for i in range(args.runs):
-        # Alternate the order so drift on a noisy machine hits both sides alike.
-        a, b = (ours(), theirs()) if i % 2 == 0 else tuple(reversed((theirs(), ours())))
-        t_ours.append(a)
-        t_theirs.append(b)
-        ratios.append(a / b)
+    t_ours, t_theirs, ratios = time_against_pipeline(
+        policy, sources, prompts, lambda: pipeline_call(sources, prompts), args.runs, args.device
+    )
     name = "real-size random" if args.real_size else args.model
     print(f"device={args.device} model={name} batch={args.batch} steps={args.steps} resolution={res}")
     print(
@@ -181,9 +158,7 @@ def main() -> None:
     print(
         f"diffusers pipeline:    median {statistics.median(t_theirs) * 1e3:.1f} ms, {args.batch / statistics.median(t_theirs):.2f} images/s"
     )
-    print(
-        f"ratio ours/pipeline: median {statistics.median(ratios):.3f} (target <= 1.10)  runs {[round(r, 3) for r in ratios]}"
-    )
+    print(ratio_line(ratios))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # configs/ and the tiny model cache are relative to the checkout
 
-from bench.reward_server import stop_server  # noqa: E402
+from bench.reward_server import launch_server, stop_server  # noqa: E402
 
 SETTINGS = [  # the tests' earlier tiny preset (tests/conftest.py PREVIOUS_TINY), as AlignProp
     "model.use_lora=true",
@@ -47,32 +47,13 @@ SETTINGS = [  # the tests' earlier tiny preset (tests/conftest.py PREVIOUS_TINY)
 
 def start_grpc(scorer: str, kwargs: dict, folder: Path):
     """A `spie serve` subprocess on loopback; returns (process, target)."""
-    import subprocess
-    import threading
-
     import yaml
-
-    from reward_servers.client import ScorerClient
 
     config = folder / "serve.yaml"
     config.write_text(
         yaml.safe_dump({"scorer": kwargs, "batching": {"max_batch_size": 64, "max_queue_delay_ms": 0}})
     )
-    cmd = [sys.executable, "-m", "reward_servers", "serve", scorer, "--port", "0", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "listening on" in line:
-            target = line.split("listening on ")[1].split()[0]
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            with ScorerClient(target) as client:
-                client.wait_ready(120)
-            return proc, target
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"spie serve {scorer} did not start")
+    return launch_server(scorer, config, module="reward_servers")
 
 
 def main() -> None:

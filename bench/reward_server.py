@@ -67,7 +67,14 @@ def start_server(folder: str, scorer: str, kwargs: dict, max_batch_size: int, me
         f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: 5, max_queue_size: 4096}}\n"
         f"server: {{metrics_port: {metrics_port}}}\nscorer: {{{args}}}\n"
     )
-    cmd = [sys.executable, "-m", "trainer.cli", "serve", scorer, "--port", "0", "--config", str(config)]
+    return launch_server(scorer, config)
+
+
+def launch_server(scorer: str, config: Path, module: str = "trainer.cli"):
+    """`python -m <module> serve <scorer> --port 0 --config <config>` in the checkout; returns
+    (process, "host:port") once it is SERVING (its output is kept drained), or kills it and raises
+    RuntimeError if it does not start within 120 s."""
+    cmd = [sys.executable, "-m", module, "serve", scorer, "--port", "0", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -10,16 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
-from reward_servers.vision import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    load_pretrained,
-    resize,
-    resize_mask,
-    save_tiny_model,
-    score_valid,
-    to_tensor,
-)
+from reward_servers.vision import SquareInputModel, save_tiny_model, score_against_source
 
 
 def normalise_depth(depth: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
@@ -31,7 +22,7 @@ def normalise_depth(depth: np.ndarray, keep: np.ndarray | None = None) -> np.nda
 
 
 @register_scorer("depth_structure")
-class DepthStructureScorer:
+class DepthStructureScorer(SquareInputModel):
     """Negative L1 between normalised Depth Anything depth maps of source and edit.
 
     Args:
@@ -56,17 +47,7 @@ class DepthStructureScorer:
     ) -> None:
         from transformers import DepthAnythingForDepthEstimation
 
-        self.model = load_pretrained(DepthAnythingForDepthEstimation, model_id, device, dtype)
-        patch = self.model.config.patch_size
-        if input_size % patch:
-            raise ValueError(f"input_size {input_size} must be a multiple of the patch size {patch}")
-        self.model_id, self.device, self.input_size = model_id, device, input_size
-        self.max_batch_size = max_batch_size
-
-    def preprocess(self, images: list[np.ndarray]):
-        """N (H, W, 3) uint8 -> (N, 3, S, S) float, bicubic resize and ImageNet normalisation."""
-        size = (self.input_size, self.input_size)
-        return to_tensor([resize(im, size) for im in images], IMAGENET_MEAN, IMAGENET_STD, self.device)
+        self.load_model(DepthAnythingForDepthEstimation, model_id, device, dtype, input_size, max_batch_size)
 
     def depth(self, images: list[np.ndarray]) -> np.ndarray:
         """N images -> (N, S, S) float64 relative depth (larger: nearer)."""
@@ -77,20 +58,13 @@ class DepthStructureScorer:
             return self.model(pixel_values=pixels).predicted_depth.float().cpu().numpy().astype(np.float64)
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
-        def run(valid: list[int]):
-            depths = self.depth([batch.edited[i] for i in valid] + [batch.sources[i] for i in valid])
-            n, scores, details = len(valid), [], []
-            for k, i in enumerate(valid):
-                mask = batch.mask(i)
-                keep = None if mask is None else ~resize_mask(mask, depths.shape[1:])
-                edit, source = normalise_depth(depths[k], keep), normalise_depth(depths[n + k], keep)
-                diff = np.abs(edit - source)
-                l1 = float(diff[keep].mean()) if keep is not None and keep.any() else float(diff.mean())
-                scores.append(-l1)
-                details.append({"depth_l1": l1})
-            return scores, details
+        def compare(edit: np.ndarray, source: np.ndarray, keep: np.ndarray | None):
+            edit, source = normalise_depth(edit, keep), normalise_depth(source, keep)
+            diff = np.abs(edit - source)
+            l1 = float(diff[keep].mean()) if keep is not None and keep.any() else float(diff.mean())
+            return -l1, {"depth_l1": l1}
 
-        return score_valid(batch, True, run)
+        return score_against_source(batch, self.depth, compare)
 
 
 def save_tiny(folder: str, seed: int = 0) -> str:

@@ -16,20 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
-from reward_servers.vision import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    load_pretrained,
-    resize,
-    resize_mask,
-    save_tiny_model,
-    score_valid,
-    to_tensor,
-)
+from reward_servers.vision import SquareInputModel, resize_mask, save_tiny_model, score_valid
 
 
 @register_scorer("exemplar_semantic")
-class ExemplarSemanticScorer:
+class ExemplarSemanticScorer(SquareInputModel):
     """Nearest-exemplar-patch cosine similarity inside the mask, minus rec_lambda x MSE outside.
 
     Args:
@@ -56,22 +47,13 @@ class ExemplarSemanticScorer:
     ) -> None:
         from transformers import Dinov2Model
 
-        self.model = load_pretrained(Dinov2Model, model_id, device, dtype)
+        self.load_model(Dinov2Model, model_id, device, dtype, input_size, max_batch_size)
         self.patch = int(self.model.config.patch_size)
-        if input_size % self.patch:
-            raise ValueError(f"input_size {input_size} must be a multiple of the patch size {self.patch}")
-        self.model_id, self.device, self.input_size = model_id, device, input_size
         self.rec_lambda = rec_lambda
-        self.max_batch_size = max_batch_size
 
     @property
     def grid(self) -> int:
         return self.input_size // self.patch
-
-    def preprocess(self, images: list[np.ndarray]):
-        """N (H, W, 3) uint8 -> (N, 3, S, S) float, bicubic resize and ImageNet normalisation."""
-        size = (self.input_size, self.input_size)
-        return to_tensor([resize(im, size) for im in images], IMAGENET_MEAN, IMAGENET_STD, self.device)
 
     def patch_features(self, images: list[np.ndarray]):
         """N images -> (N, G*G, D) L2-normalised patch features (CLS token dropped), G = S / 14."""

@@ -10,16 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
-from reward_servers.vision import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    load_pretrained,
-    resize,
-    resize_mask,
-    save_tiny_model,
-    score_valid,
-    to_tensor,
-)
+from reward_servers.vision import SquareInputModel, save_tiny_model, score_against_source
 
 
 def mean_iou(a: np.ndarray, b: np.ndarray, keep: np.ndarray | None = None) -> float:
@@ -37,7 +28,7 @@ def mean_iou(a: np.ndarray, b: np.ndarray, keep: np.ndarray | None = None) -> fl
 
 
 @register_scorer("segmentation_structure")
-class SegmentationStructureScorer:
+class SegmentationStructureScorer(SquareInputModel):
     """mIoU of SegFormer label maps of source and edit, outside the edit mask.
 
     Args:
@@ -51,6 +42,8 @@ class SegmentationStructureScorer:
     name = "segmentation_structure"
     version = "1"
     higher_is_better = True
+    resample = "bilinear"
+    patch_multiple = False  # SegFormer's overlapping patch embeddings take any input size
 
     def __init__(
         self,
@@ -62,16 +55,7 @@ class SegmentationStructureScorer:
     ) -> None:
         from transformers import SegformerForSemanticSegmentation
 
-        self.model = load_pretrained(SegformerForSemanticSegmentation, model_id, device, dtype)
-        self.model_id, self.device, self.input_size = model_id, device, input_size
-        self.max_batch_size = max_batch_size
-
-    def preprocess(self, images: list[np.ndarray]):
-        """N (H, W, 3) uint8 -> (N, 3, S, S) float, bilinear resize and ImageNet normalisation."""
-        size = (self.input_size, self.input_size)
-        return to_tensor(
-            [resize(im, size, "bilinear") for im in images], IMAGENET_MEAN, IMAGENET_STD, self.device
-        )
+        self.load_model(SegformerForSemanticSegmentation, model_id, device, dtype, input_size, max_batch_size)
 
     def labels(self, images: list[np.ndarray]) -> np.ndarray:
         """N images -> (N, S/4, S/4) int64 label maps (argmax of the logits)."""
@@ -82,18 +66,11 @@ class SegmentationStructureScorer:
             return logits.argmax(1).cpu().numpy()
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
-        def run(valid: list[int]):
-            maps = self.labels([batch.edited[i] for i in valid] + [batch.sources[i] for i in valid])
-            n, scores, details = len(valid), [], []
-            for k, i in enumerate(valid):
-                mask = batch.mask(i)
-                keep = None if mask is None else ~resize_mask(mask, maps.shape[1:])
-                miou = mean_iou(maps[k], maps[n + k], keep)
-                scores.append(miou)
-                details.append({"miou": miou, "pixel_agreement": float((maps[k] == maps[n + k]).mean())})
-            return scores, details
+        def compare(edit: np.ndarray, source: np.ndarray, keep: np.ndarray | None):
+            miou = mean_iou(edit, source, keep)
+            return miou, {"miou": miou, "pixel_agreement": float((edit == source).mean())}
 
-        return score_valid(batch, True, run)
+        return score_against_source(batch, self.labels, compare)
 
 
 def save_tiny(folder: str, seed: int = 0, num_labels: int = 6) -> str:

@@ -63,6 +63,30 @@ def resize(image: np.ndarray, size: tuple[int, int], resample: str = "bicubic") 
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), method))
 
 
+def score_against_source(
+    batch: ScoreBatch,
+    maps: Callable[[list[np.ndarray]], np.ndarray],
+    compare: Callable[[np.ndarray, np.ndarray, np.ndarray | None], tuple[float, dict[str, float]]],
+) -> ScoreResult:
+    """Score each item by comparing a per-pixel map of its edit with that of its source, outside the
+    edit mask (`score_valid` with equal sizes): `maps(images)` turns the N valid edits followed by
+    their N sources into (2N, H', W') maps in one call; `compare(edit_map, source_map, keep)` returns
+    (score, details), `keep` being the (H', W') pixels outside the mask, or None without one."""
+
+    def run(valid: list[int]):
+        out = maps([batch.edited[i] for i in valid] + [batch.sources[i] for i in valid])
+        n, scores, details = len(valid), [], []
+        for k, i in enumerate(valid):
+            mask = batch.mask(i)
+            keep = None if mask is None else ~resize_mask(mask, out.shape[1:])
+            score, detail = compare(out[k], out[n + k], keep)
+            scores.append(score)
+            details.append(detail)
+        return scores, details
+
+    return score_valid(batch, True, run)
+
+
 def resize_short_center_crop(image: np.ndarray, side: int) -> np.ndarray:
     """CLIP-style: resize the short side to `side` (bicubic), then crop the central side x side."""
     h, w = image.shape[:2]
@@ -120,6 +144,34 @@ def load_pretrained(cls: Any, model_id: str, device: str, dtype: str, **kwargs: 
     """`cls.from_pretrained(model_id)` (hub id or local folder) in eval mode on `device`."""
     model = cls.from_pretrained(model_id, dtype=torch_dtype(dtype), **kwargs)
     return model.to(device).eval()
+
+
+class SquareInputModel:
+    """What the scorers that run one transformers vision model on square, ImageNet-normalised inputs
+    share (depth, segmentation, exemplar): loading with the patch-size check, and preprocessing."""
+
+    resample = "bicubic"  # how `preprocess` resizes
+    patch_multiple = True  # `input_size` must be a multiple of the model's patch size
+
+    def load_model(
+        self, model_cls: Any, model_id: str, device: str, dtype: str, input_size: int, max_batch_size: int
+    ) -> None:
+        """`self.model` from `model_id`, and the settings kept; ValueError if `patch_multiple` and
+        `input_size` is not a multiple of the model's patch size."""
+        self.model = load_pretrained(model_cls, model_id, device, dtype)
+        if self.patch_multiple:
+            patch = int(self.model.config.patch_size)
+            if input_size % patch:
+                raise ValueError(f"input_size {input_size} must be a multiple of the patch size {patch}")
+        self.model_id, self.device, self.input_size = model_id, device, input_size
+        self.max_batch_size = max_batch_size
+
+    def preprocess(self, images: list[np.ndarray]):
+        """N (H, W, 3) uint8 -> (N, 3, S, S) float, `resample` resize and ImageNet normalisation."""
+        size = (self.input_size, self.input_size)
+        return to_tensor(
+            [resize(im, size, self.resample) for im in images], IMAGENET_MEAN, IMAGENET_STD, self.device
+        )
 
 
 def save_tiny_model(model_cls: Any, config: Any, folder: str, seed: int = 0) -> str:

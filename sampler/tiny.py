@@ -23,6 +23,7 @@ import torch
 
 TINY_RESOLUTION = 32  # pixels; the VAE downsamples by 2, so latents are 16 x 16
 _TEXT_LENGTH = 32
+TINY_MARKER = "spie_tiny.json"  # the recipe a saved tiny model was built from (`built_with`)
 
 
 def _byte_alphabet() -> list[str]:
@@ -52,10 +53,47 @@ def tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TEXT_LENGTH)
 
 
+def tiny_vae(**overrides):
+    """The tiny 4-channel `AutoencoderKL` (16 and 32 channels, one layer per block) that halves the
+    resolution; `overrides` replace or add constructor arguments. Seed torch before calling."""
+    from diffusers import AutoencoderKL
+
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        "sample_size": TINY_RESOLUTION,
+    }
+    return AutoencoderKL(**{**config, **overrides})
+
+
+def tiny_clip_text_encoder(**overrides):
+    """A tiny `CLIPTextModel` (hidden 32, 4 heads) over `tiny_tokenizer`'s 514 tokens and 32
+    positions; `overrides` replace or add `CLIPTextConfig` arguments. Seed torch before calling."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = {
+        "vocab_size": 514,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": _TEXT_LENGTH,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    return CLIPTextModel(CLIPTextConfig(**{**config, **overrides}))
+
+
 def build_tiny_components(seed: int = 0) -> dict:
     """Seeded tiny components: unet, vae, text_encoder, tokenizer, scheduler."""
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -71,31 +109,9 @@ def build_tiny_components(seed: int = 0) -> dict:
         norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
-    )
+    vae = tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=_TEXT_LENGTH,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text_encoder = tiny_clip_text_encoder()
     # The noise schedule of Stable Diffusion 1.5 / InstructPix2Pix.
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,
@@ -171,6 +187,12 @@ def warm_up_vae(vae, seed: int = 0, steps: int = 200, batch_size: int = 32, lr: 
         torch.set_num_threads(threads)
 
 
+def built_with(path: Path, recipe: dict) -> bool:
+    """Whether the tiny model at `path` was saved from `recipe`: its `TINY_MARKER` holds every entry."""
+    marker = path / TINY_MARKER
+    return marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in recipe.items())
+
+
 def save_tiny_model(path: str | Path, seed: int = 0, vae_warmup_steps: int = 200) -> Path:
     """Build the tiny model, warm up its VAE and save it in the diffusers pipeline layout.
 
@@ -179,14 +201,13 @@ def save_tiny_model(path: str | Path, seed: int = 0, vae_warmup_steps: int = 200
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     path = Path(path)
-    marker = path / "spie_tiny.json"
     recipe = {
         "seed": seed,
         "resolution": TINY_RESOLUTION,
         "vae_warmup_steps": vae_warmup_steps,
         "vae_threads": 1,
     }
-    if marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in recipe.items()):
+    if built_with(path, recipe):
         return path
     components = build_tiny_components(seed)
     vae_loss = warm_up_vae(components["vae"], seed, vae_warmup_steps)
@@ -195,5 +216,5 @@ def save_tiny_model(path: str | Path, seed: int = 0, vae_warmup_steps: int = 200
     )
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path, safe_serialization=True)
-    marker.write_text(json.dumps({**recipe, "vae_reconstruction_loss": vae_loss}))
+    (path / TINY_MARKER).write_text(json.dumps({**recipe, "vae_reconstruction_loss": vae_loss}))
     return path

@@ -33,10 +33,10 @@ def tiny_t5_tokenizer():
 
 def build_tiny_kontext(seed: int = 0) -> dict:
     """Seeded tiny Kontext components (the `FluxKontextPipeline` constructor's arguments)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
 
-    from sampler.tiny import tiny_tokenizer
+    from sampler.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_vae
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -52,34 +52,9 @@ def build_tiny_kontext(seed: int = 0) -> dict:
         axes_dims_rope=[4, 4, 8],
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=514,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            max_position_embeddings=_TEXT_LENGTH,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=32,
-        )
-    )
+    text_encoder = tiny_clip_text_encoder(intermediate_size=37, num_hidden_layers=5, projection_dim=32)
     torch.manual_seed(seed + 3)
     text_encoder_2 = T5EncoderModel(
         T5Config(vocab_size=192, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0)
@@ -120,17 +95,16 @@ def save_tiny_kontext(path: str | Path, seed: int = 0, vae_warmup_steps: int = 2
     """Build the tiny Kontext, warm up and normalise its VAE, and save it (idempotent per recipe)."""
     from diffusers import FluxKontextPipeline
 
-    from sampler.tiny import warm_up_vae
+    from sampler.tiny import TINY_MARKER, built_with, warm_up_vae
 
     path = Path(path)
-    marker = path / "spie_tiny.json"
     recipe = {"family": "flux_kontext", "seed": seed, "vae_warmup_steps": vae_warmup_steps}
-    if marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in recipe.items()):
+    if built_with(path, recipe):
         return path
     components = build_tiny_kontext(seed)
     vae_loss = warm_up_vae(components["vae"], seed, vae_warmup_steps)
     _normalise_vae(components["vae"], seed)
     path.mkdir(parents=True, exist_ok=True)
     FluxKontextPipeline(**components).save_pretrained(path, safe_serialization=True)
-    marker.write_text(json.dumps({**recipe, "vae_reconstruction_loss": vae_loss}))
+    (path / TINY_MARKER).write_text(json.dumps({**recipe, "vae_reconstruction_loss": vae_loss}))
     return path

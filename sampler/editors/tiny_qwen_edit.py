@@ -210,12 +210,13 @@ def save_tiny_qwen_edit(path: str | Path, seed: int = 0, vae_warmup_steps: int =
     """Build the tiny Qwen-Image-Edit, warm up and normalise its VAE, and save it (idempotent per recipe)."""
     from diffusers import QwenImageEditPipeline
 
+    from sampler.tiny import TINY_MARKER, built_with
+
     path = Path(path)
-    marker = path / "spie_tiny.json"
     # 200 steps of 32 scenes, as the other tiny VAEs (100 of 16 gave a seed-0 paired gain of +0.0097
     # in the learning test instead of +0.0376).
     recipe = {"family": "qwen_image_edit", "seed": seed, "vae_warmup_steps": vae_warmup_steps}
-    if marker.is_file() and all(json.loads(marker.read_text()).get(k) == v for k, v in recipe.items()):
+    if built_with(path, recipe):
         return path
     path.mkdir(parents=True, exist_ok=True)
     components = build_tiny_qwen_edit(seed)
@@ -226,5 +227,5 @@ def save_tiny_qwen_edit(path: str | Path, seed: int = 0, vae_warmup_steps: int =
     index = json.loads((path / "model_index.json").read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
-    marker.write_text(json.dumps(recipe))
+    (path / TINY_MARKER).write_text(json.dumps(recipe))
     return path

@@ -65,6 +65,40 @@ class GatedScorer:
         return self.inner.score(batch)
 
 
+class DigitTokenizer:
+    """Stands in for a tokenizer's `encode` on fixed numbers: "k" -> [100 + k] per digit."""
+
+    unk_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [100 + int(ch) for ch in text]
+
+
+JUDGE_INSTRUCTIONS = ["make it snowy", "add a red hat", "keep the sky blue", "add a hat"]
+
+
+def judge_batch(n: int, seed: int = 0) -> ScoreBatch:
+    """n seeded noise items for the VLM judges, sources and edits of sizes that differ per item."""
+    rng = np.random.default_rng(seed)
+    sources = [rng.integers(0, 256, (40 + 4 * k, 48, 3), dtype=np.uint8) for k in range(n)]
+    edits = [rng.integers(0, 256, (48, 36 + 4 * k, 3), dtype=np.uint8) for k in range(n)]
+    return ScoreBatch(edits, sources, (JUDGE_INSTRUCTIONS * n)[:n])
+
+
+def score_served_judge(serve, scorer):
+    """Serve `scorer` as "vlm_judge" (the `serve` fixture) and score `judge_batch(2)` through a client,
+    instruction "add a hat", after checking that Info gives the scorer's version; returns the response."""
+    from reward_servers.images import make_item
+
+    st = serve(lambda: scorer, name="vlm_judge")
+    batch = judge_batch(2)
+    with st.client() as client:
+        assert client.info().version == scorer.version
+        return client.score(
+            [make_item(str(i), batch.edited[i], batch.sources[i], "add a hat") for i in range(2)]
+        )
+
+
 def random_image(rng, h: int = 32, w: int = 32) -> np.ndarray:
     """(h, w, 3) uint8 noise."""
     return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)

@@ -10,43 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from reward_helpers import DigitTokenizer, judge_batch, score_served_judge
 
 from reward_servers.base import ScoreBatch, build_scorer
 from reward_servers.editscore import EDITSCORE_PROMPTS, DigitReader, editscore_overall, load_editscore_prompts
 from reward_servers.errors import UserError
-from reward_servers.vlm_judge import save_tiny
 from reward_servers.vlm_prompts import RatingReader
 
-INSTRUCTIONS = ["make it snowy", "add a red hat", "keep the sky blue", "add a hat"]
-
-
-class _DigitTokenizer:
-    """Stands in for a tokenizer's `encode` on fixed numbers: "k" -> [100 + k] per digit."""
-
-    unk_token_id = 0
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [100 + int(ch) for ch in text]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {f: save_tiny(str(tmp_path_factory.mktemp(f)), family=f) for f in ("qwen2_vl", "qwen3_vl")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def batch_of(n: int, seed: int = 0) -> ScoreBatch:
-    rng = np.random.default_rng(seed)
-    sources = [rng.integers(0, 256, (40 + 4 * k, 48, 3), dtype=np.uint8) for k in range(n)]
-    edits = [rng.integers(0, 256, (48, 36 + 4 * k, 3), dtype=np.uint8) for k in range(n)]
-    return ScoreBatch(edits, sources, (INSTRUCTIONS * n)[:n])
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread, restored after
 
 
 def judge(folder: str, **kwargs):
@@ -58,16 +29,16 @@ def judge(folder: str, **kwargs):
 def test_digit_reader_matches_the_rating_reader_on_0_to_10():
     torch.manual_seed(0)
     answer, after = torch.randn(3, 128) * 3, torch.randn(3, 128) * 3
-    ours = DigitReader(_DigitTokenizer(), 10)
+    ours = DigitReader(DigitTokenizer(), 10)
     assert ours.branches == [101]
     probs, mass = ours.distribution(answer, {101: after})
-    theirs, their_mass = RatingReader(_DigitTokenizer(), 10).expected(answer, after)
+    theirs, their_mass = RatingReader(DigitTokenizer(), 10).expected(answer, after)
     torch.testing.assert_close(ours.expected(probs), theirs, atol=1e-5, rtol=0)
     torch.testing.assert_close(mass, their_mass, atol=1e-6, rtol=0)
 
 
 def test_digit_reader_reads_two_digit_labels_up_to_25():
-    reader = DigitReader(_DigitTokenizer(), 25)
+    reader = DigitReader(DigitTokenizer(), 25)
     assert reader.branches == [101, 102]  # "1x" and "2x" labels
     answer = torch.full((2, 128), -30.0)
     answer[0, 101] = 0.0  # row 0: "1", then "7": the label 17
@@ -100,9 +71,9 @@ def test_overall_matches_editscore_formula_on_fixed_numbers():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-def test_editscore_is_batch_invariant_and_deterministic(folders, family):
-    scorer = judge(folders[family])
-    batch = batch_of(3)
+def test_editscore_is_batch_invariant_and_deterministic(vlm_folders, family):
+    scorer = judge(vlm_folders[family])
+    batch = judge_batch(3)
     result = scorer.score(batch)
     assert np.isfinite(result.scores).all(), result.errors
     for i in range(3):
@@ -122,20 +93,12 @@ def test_editscore_is_batch_invariant_and_deterministic(folders, family):
         assert 0 < d["label_mass"] <= 1 and d["prompt_version"] == 1.0
 
 
-def test_editscore_version_in_info_and_details(folders, serve, tmp_path):
-    from reward_servers.images import make_item
-
+def test_editscore_version_in_info_and_details(vlm_folders, serve, tmp_path):
     prompts = tmp_path / "p.yaml"
     prompts.write_text(EDITSCORE_PROMPTS.read_text().replace("version: 1", "version: 4"))
-    scorer = judge(folders["qwen2_vl"], prompts_path=str(prompts), score_range=10)
+    scorer = judge(vlm_folders["qwen2_vl"], prompts_path=str(prompts), score_range=10)
     assert scorer.version.endswith("editscore-prompts4")
-    st = serve(lambda: scorer, name="vlm_judge")
-    batch = batch_of(2)
-    with st.client() as client:
-        assert client.info().version == scorer.version
-        response = client.score(
-            [make_item(str(i), batch.edited[i], batch.sources[i], "add a hat") for i in range(2)]
-        )
+    response = score_served_judge(serve, scorer)
     assert [r.details["prompt_version"] for r in response.results] == [4.0, 4.0]
     assert all(0 <= r.score <= 10 for r in response.results)
 
@@ -153,7 +116,7 @@ def test_bad_editscore_prompt_files_fail_in_one_line(tmp_path):
             load_editscore_prompts(bad)
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="score_range"):
-        DigitReader(_DigitTokenizer(), 100)
+        DigitReader(DigitTokenizer(), 100)
 
 
 @pytest.mark.weights
@@ -170,7 +133,7 @@ def test_editscore_real_checkpoints(base, adapter):
     scorer = build_scorer(
         "vlm_judge", model_id=base, lora_path=adapter, mode="editscore", device=device, dtype="bfloat16"
     )
-    result = scorer.score(batch_of(2))
+    result = scorer.score(judge_batch(2))
     assert np.isfinite(result.scores).all() and ((result.scores >= 0) & (result.scores <= 10)).all()
     assert all(d["label_mass"] > 0.5 for d in result.details)  # a trained judge writes a number there
     assert all(t["sc_reasoning"] for t in result.texts)

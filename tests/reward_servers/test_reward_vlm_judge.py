@@ -9,48 +9,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from reward_helpers import DigitTokenizer, judge_batch, score_served_judge
 
 from reward_servers.base import ScoreBatch, build_scorer
 from reward_servers.errors import UserError
-from reward_servers.vlm_judge import save_tiny
 from reward_servers.vlm_prompts import DEFAULT_PROMPTS, RatingReader, load_prompts
 
-INSTRUCTIONS = ["make it snowy", "add a red hat", "keep the sky blue", "add a hat"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {f: save_tiny(str(tmp_path_factory.mktemp(f)), family=f) for f in ("qwen2_vl", "qwen3_vl")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def batch_of(n: int, seed: int = 0) -> ScoreBatch:
-    rng = np.random.default_rng(seed)
-    sources = [rng.integers(0, 256, (40 + 4 * k, 48, 3), dtype=np.uint8) for k in range(n)]
-    edits = [rng.integers(0, 256, (48, 36 + 4 * k, 3), dtype=np.uint8) for k in range(n)]
-    return ScoreBatch(edits, sources, (INSTRUCTIONS * n)[:n])
-
-
-class _DigitTokenizer:
-    """Stands in for a tokenizer's `encode` on fixed numbers: "k" -> [100 + k] per digit."""
-
-    unk_token_id = 0
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [100 + int(ch) for ch in text]
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread, restored after
 
 
 def test_rating_matches_edit_r1_formula_on_fixed_logits():
     logits = torch.linspace(-3, 3, 128).repeat(2, 1)
     logits[1, 100:106] = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.5])
-    reader = RatingReader(_DigitTokenizer(), max_rating=5)
+    reader = RatingReader(DigitTokenizer(), max_rating=5)
     assert reader.prefix is None
     ours, _ = reader.expected(logits)
     # PKU-YuanGroup/Edit-R1, reward_server/reward_server_transformers.py, `_transformers_evaluate`
@@ -66,7 +37,7 @@ def test_rating_matches_edit_r1_formula_on_fixed_logits():
 
 
 def test_two_token_rating_splits_the_shared_first_token():
-    reader = RatingReader(_DigitTokenizer(), max_rating=10)
+    reader = RatingReader(DigitTokenizer(), max_rating=10)
     assert reader.prefix == 101  # "10" -> "1", "0"
     answer, after = torch.full((1, 128), -30.0), torch.full((1, 128), -30.0)
     answer[0, 101], answer[0, 107] = 0.0, 0.0  # p("1") = p("7") = 1/2
@@ -78,10 +49,10 @@ def test_two_token_rating_splits_the_shared_first_token():
     assert mass.item() == pytest.approx(1.0, abs=1e-4)
 
 
-def test_appended_token_leaves_the_answer_slot_unchanged(folders):
+def test_appended_token_leaves_the_answer_slot_unchanged(vlm_folders):
     """Causality: the answer slot's logits with "1" appended equal a pass without it."""
-    scorer = build_scorer("vlm_judge", model_id=folders["qwen2_vl"], mode="viescore", max_pixels=None)
-    batch = batch_of(2)
+    scorer = build_scorer("vlm_judge", model_id=vlm_folders["qwen2_vl"], mode="viescore", max_pixels=None)
+    batch = judge_batch(2)
     inputs = scorer.build_inputs(batch.sources, batch.edited, batch.instructions)
     assert (inputs["input_ids"][:, -1] == scorer.reader.prefix).all()
     answer, _ = scorer._forward(inputs)
@@ -96,9 +67,9 @@ def test_appended_token_leaves_the_answer_slot_unchanged(folders):
     ("family", "mode"),
     [("qwen2_vl", "yes_no"), ("qwen3_vl", "rating"), ("qwen2_vl", "viescore"), ("qwen3_vl", "viescore")],
 )
-def test_modes_are_batch_invariant(folders, family, mode):
-    scorer = build_scorer("vlm_judge", model_id=folders[family], mode=mode, max_pixels=None)
-    batch = batch_of(4)
+def test_modes_are_batch_invariant(vlm_folders, family, mode):
+    scorer = build_scorer("vlm_judge", model_id=vlm_folders[family], mode=mode, max_pixels=None)
+    batch = judge_batch(4)
     result = scorer.score(batch)
     assert np.isfinite(result.scores).all(), result.errors
     for i in range(4):
@@ -109,9 +80,9 @@ def test_modes_are_batch_invariant(folders, family, mode):
     assert ((result.scores >= 0) & (result.scores <= top)).all()
 
 
-def test_viescore_is_the_geometric_mean_of_the_minima(folders):
-    scorer = build_scorer("vlm_judge", model_id=folders["qwen3_vl"], mode="viescore", max_pixels=None)
-    result = scorer.score(batch_of(3, seed=1))
+def test_viescore_is_the_geometric_mean_of_the_minima(vlm_folders):
+    scorer = build_scorer("vlm_judge", model_id=vlm_folders["qwen3_vl"], mode="viescore", max_pixels=None)
+    result = scorer.score(judge_batch(3, seed=1))
     for score, d in zip(result.scores, result.details, strict=True):
         # TIGER-AI-Lab/VIEScore, viescore/__init__.py, `VIEScore.evaluate`:
         #     SC_score = min(results_dict['SC']['score'])
@@ -124,23 +95,19 @@ def test_viescore_is_the_geometric_mean_of_the_minima(folders):
         assert all(0 <= d[k] <= 10 for k in ("sc", "pq"))
 
 
-def test_prompt_version_travels_in_info_and_details(folders, serve, tmp_path):
-    from reward_servers.images import make_item
-
+def test_prompt_version_travels_in_info_and_details(vlm_folders, serve, tmp_path):
     prompts = tmp_path / "p.yaml"
     text = DEFAULT_PROMPTS.read_text().replace("version: 1", "version: 7")
     prompts.write_text(text)
     scorer = build_scorer(
-        "vlm_judge", model_id=folders["qwen2_vl"], mode="rating", prompts_path=str(prompts), max_pixels=None
+        "vlm_judge",
+        model_id=vlm_folders["qwen2_vl"],
+        mode="rating",
+        prompts_path=str(prompts),
+        max_pixels=None,
     )
     assert scorer.version.endswith("prompts7")
-    st = serve(lambda: scorer, name="vlm_judge")
-    batch = batch_of(2)
-    with st.client() as client:
-        assert client.info().version == scorer.version
-        response = client.score(
-            [make_item(str(i), batch.edited[i], batch.sources[i], "add a hat") for i in range(2)]
-        )
+    response = score_served_judge(serve, scorer)
     assert response.version == scorer.version
     assert [r.details["prompt_version"] for r in response.results] == [7.0, 7.0]
 

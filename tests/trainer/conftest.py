@@ -1,6 +1,8 @@
-"""Checks shared by the trainer tests of more than one editor family."""
+"""Checks and fixtures shared by the trainer tests of more than one editor family or objective."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -43,3 +45,52 @@ def _lora_update_moves_only_lora(config, targets: tuple[str, ...]):
 def lora_update_moves_only_lora():
     """The check above, for the flow editors' LoRA tests."""
     return _lora_update_moves_only_lora
+
+
+@pytest.fixture
+def editor_config(tiny_config):
+    """`editor_config(preset, *overrides)`: an editor family's tiny preset (configs/tiny-kontext.yaml,
+    configs/tiny-qwen-edit.yaml) with the tiny preset's run folder and model cache, quiet."""
+    from trainer.config import load_config
+
+    def make(preset: str, *overrides: str):
+        base = tiny_config()
+        return load_config(
+            preset,
+            [
+                f"run.output_dir={base.run.output_dir}",
+                "run.quiet=true",
+                f"model.tiny_dir={base.model.tiny_dir}",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def _brightness_gain_over_base(
+    base, run_dir, folder, seed: int, label, *, num_items=64, floor=0.01, overrides=()
+):
+    """The learning tests' paired check: `evaluate_models` on the base model and the trained run, on the
+    same `num_items` inputs and noise (seed 100 + `seed`, under `overrides`); prints the paired
+    brightness gain, which must exceed `floor` and 4 standard errors."""
+    from trainer.evaluate.compare import evaluate_models
+    from trainer.run.log import read_metrics
+
+    summary = evaluate_models(
+        [base, str(run_dir)], None, folder / "eval", num_items=num_items, seed=100 + seed,
+        labels=["base", "trained"], resamples=200, grid_items=0, overrides=overrides,
+    )  # fmt: skip
+    diff = summary["differences"]["brightness"]
+    se = diff["std"] / math.sqrt(diff["n"])
+    print(label, seed, f"paired gain {diff['mean']:+.4f} = {diff['mean'] / se:.1f} SE")
+    assert diff["mean"] > max(floor, 4 * se), (
+        diff,
+        [round(m.get("brightness.mean", math.nan), 4) for m in read_metrics(run_dir)],
+    )
+
+
+@pytest.fixture
+def brightness_gain_over_base():
+    """The check above, for the learning tests."""
+    return _brightness_gain_over_base

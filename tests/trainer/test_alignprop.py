@@ -126,20 +126,11 @@ LEARNING = [
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_brightness_is_learned(tiny_config, tmp_path, seed):
-    from trainer.evaluate.compare import evaluate_models
-
+def test_brightness_is_learned(tiny_config, tmp_path, seed, brightness_gain_over_base):
     run_dir = train(tiny_config(*LEARNING, f"run.seed={seed}", f"run.name=alignprop-{seed}"))
     metrics = read_metrics(run_dir)
     assert all(m["nonfinite_skipped"] == 0 for m in metrics)
-    summary = evaluate_models(
-        ["tiny", str(run_dir)], None, tmp_path / "eval", num_items=32, seed=100 + seed,
-        labels=["base", "trained"], resamples=200, grid_items=0,
-    )  # fmt: skip
-    diff = summary["differences"]["brightness"]
-    se = diff["std"] / math.sqrt(diff["n"])
-    print("alignprop", seed, f"paired gain {diff['mean']:+.4f} = {diff['mean'] / se:.1f} SE")
-    assert diff["mean"] > max(0.02, 4 * se), (diff, [round(m["brightness.mean"], 4) for m in metrics])
+    brightness_gain_over_base("tiny", run_dir, tmp_path, seed, "alignprop", num_items=32, floor=0.02)
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tiny_config):

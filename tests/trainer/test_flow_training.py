@@ -3,7 +3,7 @@ learning brightness on seeds 0-2, checked on held-out noise with the paired comp
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 
@@ -14,23 +14,9 @@ KONTEXT = ["model.pretrained=tiny-kontext", "model.editor=flux_kontext", "model.
 
 
 @pytest.fixture
-def kontext_config(tiny_config):
+def kontext_config(editor_config):
     """configs/tiny-kontext.yaml's settings over the tiny preset, writing runs under tmp_path."""
-    from trainer.config import load_config
-
-    def make(*overrides: str):
-        base = tiny_config()
-        return load_config(
-            "configs/tiny-kontext.yaml",
-            [
-                f"run.output_dir={base.run.output_dir}",
-                "run.quiet=true",
-                f"model.tiny_dir={base.model.tiny_dir}",
-                *overrides,
-            ],
-        )
-
-    return make
+    return functools.partial(editor_config, "configs/tiny-kontext.yaml")
 
 
 def test_lora_on_the_transformer_attention(kontext_config, lora_update_moves_only_lora):
@@ -49,23 +35,16 @@ def test_lora_on_the_transformer_attention(kontext_config, lora_update_moves_onl
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("objective", ["ppo", "nft"])
-def test_flow_editor_learns_brightness(kontext_config, tmp_path, objective, seed):
+def test_flow_editor_learns_brightness(kontext_config, tmp_path, objective, seed, brightness_gain_over_base):
     """GRPO (PPO-clip on SDE log-probs) and DiffusionNFT each make the tiny Kontext's edits brighter than
     the base model's on 64 inputs under the same noise, sampled with the ODE (noise level 0): a paired
     gain above 0.01 and 4 standard errors."""
-    from trainer.evaluate.compare import evaluate_models
-
     config = kontext_config(
         f"train.objective={objective}", f"run.seed={seed}", f"run.name=flow-{objective}",
         "run.num_epochs=4", "sample.num_batches_per_epoch=4", "run.image_log_freq=0", "run.save_freq=100",
     )  # fmt: skip
     run_dir = train(config)
     assert all(m["nonfinite_skipped"] == 0 for m in read_metrics(run_dir))
-    summary = evaluate_models(
-        ["tiny-kontext", str(run_dir)], None, tmp_path / "eval", num_items=64, seed=100 + seed,
-        labels=["base", "trained"], resamples=200, grid_items=0, overrides=["sample.noise_level=0"],
-    )  # fmt: skip
-    diff = summary["differences"]["brightness"]
-    se = diff["std"] / math.sqrt(diff["n"])
-    print(objective, seed, f"paired gain {diff['mean']:+.4f} = {diff['mean'] / se:.1f} SE")
-    assert diff["mean"] > max(0.01, 4 * se), diff
+    brightness_gain_over_base(
+        "tiny-kontext", run_dir, tmp_path, seed, objective, overrides=["sample.noise_level=0"]
+    )

@@ -3,7 +3,7 @@ an update moves only the adapters), and GRPO learning brightness on seeds 0-2 (s
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 
@@ -12,23 +12,9 @@ from trainer.run.log import read_metrics
 
 
 @pytest.fixture
-def qwen_config(tiny_config):
+def qwen_config(editor_config):
     """configs/tiny-qwen-edit.yaml's settings over the tiny preset, writing runs under tmp_path."""
-    from trainer.config import load_config
-
-    def make(*overrides: str):
-        base = tiny_config()
-        return load_config(
-            "configs/tiny-qwen-edit.yaml",
-            [
-                f"run.output_dir={base.run.output_dir}",
-                "run.quiet=true",
-                f"model.tiny_dir={base.model.tiny_dir}",
-                *overrides,
-            ],
-        )
-
-    return make
+    return functools.partial(editor_config, "configs/tiny-qwen-edit.yaml")
 
 
 def test_lora_on_the_transformer_attention(qwen_config, lora_update_moves_only_lora):
@@ -49,23 +35,16 @@ def test_lora_on_the_transformer_attention(qwen_config, lora_update_moves_only_l
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_qwen_edit_learns_brightness(qwen_config, tmp_path, seed):
+def test_qwen_edit_learns_brightness(qwen_config, tmp_path, seed, brightness_gain_over_base):
     """GRPO (PPO-clip on SDE log-probs, true CFG) makes the tiny Qwen-Image-Edit's edits brighter than
     the base model's on 64 inputs under the same noise, sampled with the ODE: a paired gain above
     0.01 and 4 standard errors."""
-    from trainer.evaluate.compare import evaluate_models
-
     config = qwen_config(
         f"run.seed={seed}", "run.name=qwen-ppo", "run.num_epochs=4", "sample.num_batches_per_epoch=4",
         "run.image_log_freq=0", "run.save_freq=100",
     )  # fmt: skip
     run_dir = train(config)
     assert all(m["nonfinite_skipped"] == 0 for m in read_metrics(run_dir))
-    summary = evaluate_models(
-        ["tiny-qwen-edit", str(run_dir)], None, tmp_path / "eval", num_items=64, seed=100 + seed,
-        labels=["base", "trained"], resamples=200, grid_items=0, overrides=["sample.noise_level=0"],
-    )  # fmt: skip
-    diff = summary["differences"]["brightness"]
-    se = diff["std"] / math.sqrt(diff["n"])
-    print(seed, f"paired gain {diff['mean']:+.4f} = {diff['mean'] / se:.1f} SE")
-    assert diff["mean"] > max(0.01, 4 * se), diff
+    brightness_gain_over_base(
+        "tiny-qwen-edit", run_dir, tmp_path, seed, "qwen", overrides=["sample.noise_level=0"]
+    )

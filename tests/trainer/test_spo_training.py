@@ -3,8 +3,6 @@ replica exactly as in process (the step index travelling in the metadata), its s
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -33,22 +31,13 @@ SPO = [
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spo_learns_brightness(tiny_config, tmp_path, seed):
+def test_spo_learns_brightness(tiny_config, tmp_path, seed, brightness_gain_over_base):
     """4 SPO epochs of 32 inputs: on 64 held-out draws (same inputs and noise for both models) the
     trained editor's edits are brighter than the base model's by more than 0.01 and 4 standard errors."""
-    from trainer.evaluate.compare import evaluate_models
-
     run_dir = train(tiny_config(*SPO, "run.num_epochs=2", f"run.seed={seed}", "run.name=spo"))
     metrics = read_metrics(run_dir)
     assert all(m["nonfinite_skipped"] == 0 and m["spo.pairs"] > 0 for m in metrics)
-    summary = evaluate_models(
-        ["tiny", str(run_dir)], None, tmp_path / "eval", num_items=64, seed=100 + seed,
-        labels=["base", "trained"], resamples=200, grid_items=0,
-    )  # fmt: skip
-    diff = summary["differences"]["brightness"]
-    se = diff["std"] / math.sqrt(diff["n"])
-    print("spo", seed, f"paired gain {diff['mean']:+.4f} = {diff['mean'] / se:.1f} SE")
-    assert diff["mean"] > max(0.01, 4 * se), (diff, [round(m["brightness.mean"], 4) for m in metrics])
+    brightness_gain_over_base("tiny", run_dir, tmp_path, seed, "spo")
 
 
 def test_the_queue_judge_gives_the_in_process_pairs(tiny_config, redis_server, replicas):

@@ -30,25 +30,16 @@ LEARNING = [
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("objective", ["ppo", "spie_ranking"])
-def test_brightness_is_learned(tiny_config, tmp_path, objective, seed):
+def test_brightness_is_learned(tiny_config, tmp_path, objective, seed, brightness_gain_over_base):
     """The trained policy beats the base model on the same 64 inputs and the same noise: the mean
     paired brightness difference exceeds 0.01 and 4 standard errors."""
-    from trainer.evaluate.compare import evaluate_models
-
     config = tiny_config(
         *LEARNING, f"train.objective={objective}", f"run.seed={seed}", f"run.name=learn-{objective}"
     )
     run_dir = train(config)
     metrics = read_metrics(run_dir)
     assert all(m["nonfinite_skipped"] == 0 for m in metrics)
-    summary = evaluate_models(
-        ["tiny", str(run_dir)], None, tmp_path / "eval", num_items=64, seed=100 + seed,
-        labels=["base", "trained"], resamples=200, grid_items=0,
-    )  # fmt: skip
-    diff = summary["differences"]["brightness"]
-    se = diff["std"] / math.sqrt(diff["n"])
-    print(objective, seed, f"paired gain {diff['mean']:+.4f} = {diff['mean'] / se:.1f} SE")
-    assert diff["mean"] > max(0.01, 4 * se), (diff, [round(m["brightness.mean"], 4) for m in metrics])
+    brightness_gain_over_base("tiny", run_dir, tmp_path, seed, objective)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -238,42 +238,13 @@ def test_a_checkpoint_that_does_not_fit_the_model(tiny_run, tmp_path, capsys):
 # --------------------------------------------------------------------------- CLIP and plots
 
 
-def _tiny_clip(folder) -> str:
-    from transformers import CLIPConfig, CLIPModel
-
-    from sampler.tiny import tiny_tokenizer
-
-    text = {
-        "vocab_size": 514,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 32,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
-    }
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
 def test_clip_metrics_with_a_tiny_clip(tmp_path):
     from transformers import CLIPModel
 
+    from reward_servers.clip_score import save_tiny
     from trainer.evaluate.metrics import ClipMetric
 
-    clip_dir = _tiny_clip(tmp_path / "clip")
+    clip_dir = save_tiny(str(tmp_path / "clip"))  # seeded tiny CLIP with the byte-level tokenizer
     edits = _edits_jsonl(tmp_path)
     summary = evaluate_edits(
         edits, "configs/tiny.yaml", tmp_path / "out", overrides=EDIT_SET, clip_model=clip_dir

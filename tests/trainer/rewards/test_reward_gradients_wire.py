@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from rollout_helpers import image_rollout
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import build_scorer
@@ -30,26 +31,6 @@ from trainer.rewards.services import make_rewards
 from trainer.run.log import read_metrics
 
 WEIGHTS = {"ssim_structure": 1.0, "brightness": 0.5}
-
-
-def _rollout(n: int = 4, size: int = 16) -> Rollout:
-    g = torch.Generator().manual_seed(0)
-    masks = torch.zeros((n, size, size), dtype=torch.bool)
-    masks[:, 3:10, 5:12] = True
-    return Rollout(
-        latents=torch.zeros((n, 2, 4, 2, 2)),
-        step_index=torch.zeros((n, 0), dtype=torch.long),
-        log_probs=torch.zeros((n, 0)),
-        stochastic=torch.zeros(0, dtype=torch.bool),
-        text_embeds=torch.zeros((n, 1, 1)),
-        image_latents=torch.zeros((n, 4, 2, 2)),
-        images=torch.rand((n, 3, size, size), generator=g),
-        sources=torch.rand((n, 3, size, size), generator=g),
-        group=torch.arange(n),
-        instructions=["keep the rest"] * n,
-        masks=masks,
-        item_ids=[f"i{i}" for i in range(n)],
-    )
 
 
 def _gradient(reward, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +53,7 @@ def test_queue_gradient_equals_the_in_process_gradient(tiny_config, redis_server
     config = tiny_config("reward.transport=queue", f"reward.redis_url={redis_server.url}", scorers)
     rewards = make_rewards(config, run_id="gradients")
     try:
-        rollout = _rollout()
+        rollout = image_rollout(4, masked=True)
         grad, total = _gradient(make_gradient_rewards(rewards), rollout)
     finally:
         rewards.close()
@@ -102,7 +83,7 @@ def test_grpc_gradient_equals_the_in_process_gradient():
             port = loop.run(server.start())
             loop.run(server.load())
             clients[name] = ScorerClient(f"127.0.0.1:{port}")
-        rollout = _rollout()
+        rollout = image_rollout(4, masked=True)
         reward = grpc_gradients(clients)
         grad, total = _gradient(reward, rollout)
         assert reward.bytes_sent > 4 * 3 * 16 * 16 * 4  # each item carries its float32 tensor
@@ -180,9 +161,9 @@ def test_an_old_server_that_ignores_the_flag_is_named():
     try:
         with ScorerClient(f"127.0.0.1:{port}") as client:
             reward = grpc_gradients({"brightness": client})
-            images = _rollout(2).images.clone().requires_grad_(True)
+            images = image_rollout(2, masked=True).images.clone().requires_grad_(True)
             with pytest.raises(RewardGradientError, match=r"scorer 'brightness' at 127\.0\.0\.1:\d+ returned no gradient for item 'i0': the server predates reward gradients"):  # fmt: skip
-                reward(images, _rollout(2))
+                reward(images, image_rollout(2, masked=True))
         assert seen == [[8, 9], [8, 9]]  # it received the tensor and the flag, and did not know them
     finally:
         server.stop(0)

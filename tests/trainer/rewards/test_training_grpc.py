@@ -8,11 +8,11 @@ import threading
 
 import pytest
 import torch
+from rollout_helpers import image_rollout
 
 from reward_servers.base import build_scorer
 from reward_servers.config import ServerConfig
 from reward_servers.server import RewardServer
-from sampler.rollout import Rollout
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.loop import train
@@ -57,23 +57,6 @@ def servers(monkeypatch):
     s.close()
 
 
-def _rollout(n: int = 6, size: int = 16) -> Rollout:
-    g = torch.Generator().manual_seed(0)
-    return Rollout(
-        latents=torch.zeros((n, 2, 4, 2, 2)),
-        step_index=torch.zeros((n, 0), dtype=torch.long),
-        log_probs=torch.zeros((n, 0)),
-        stochastic=torch.zeros(0, dtype=torch.bool),
-        text_embeds=torch.zeros((n, 1, 1)),
-        image_latents=torch.zeros((n, 4, 2, 2)),
-        images=torch.rand((n, 3, size, size), generator=g),
-        sources=torch.rand((n, 3, size, size), generator=g),
-        group=torch.arange(n),
-        instructions=["keep the rest"] * n,
-        item_ids=[f"i{i}" for i in range(n)],
-    )
-
-
 def test_training_through_grpc_servers_equals_in_process(servers, tiny_config):
     """Two scorers, each on its own server, in requests of at most 4 items: the same scores as in
     process; one PPO epoch gives the in-process run's scores and loss; AlignProp's gradients come
@@ -92,7 +75,7 @@ def test_training_through_grpc_servers_equals_in_process(servers, tiny_config):
     config = tiny_config(scorers, *grpc)
     rewards, local = make_rewards(config, run_id="grpc"), InProcessRewards(config.reward)
     try:
-        rollout = _rollout()
+        rollout = image_rollout(6)
         got, want = rewards.score(rollout), local.score(rollout)
         assert rewards.metrics() == {"grpc.requests": 4, "grpc.retries": 0}  # 2 scorers x 2 chunks
         for name in ("brightness", "ssim_structure"):
@@ -130,7 +113,7 @@ def test_deadlines_tokens_and_addresses_fail_with_one_line(servers, tiny_config)
     rewards = make_rewards(config, run_id="deadline")
     try:
         with pytest.raises(UserError, match=r"scorer 'sleep' at .*: DEADLINE_EXCEEDED: .*\(2 tries of reward.deadline_s=0.5s\)") as err:  # fmt: skip
-            rewards.score(_rollout(2))
+            rewards.score(image_rollout(2))
         assert "\n" not in str(err.value)
         assert rewards.metrics()["grpc.retries"] == 1
     finally:
