@@ -249,6 +249,12 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     rollout.sources[:: config.sample.nb_gen][:m],
                     rollout.images[: m * config.sample.nb_gen],
                     config.sample.nb_gen,
+                    notes=[
+                        {"instruction": text, **row}
+                        for text, row in zip(
+                            rollout.instructions, scores.rows(m * config.sample.nb_gen), strict=False
+                        )
+                    ],
                 )
             last = epoch == config.run.num_epochs - 1
             if probe_set and (last or (epoch + 1) % config.eval.probe_every == 0):

@@ -28,6 +28,10 @@ class Scores:
     details: dict[str, np.ndarray] = field(default_factory=dict)
     texts: dict[str, list[str]] = field(default_factory=dict)
 
+    def __len__(self) -> int:
+        """N, the number of items (0 without scorers)."""
+        return len(next(iter(self.values.values()), ()))
+
     def select(self, keep: list[int]) -> Scores:
         """The scores of items `keep`."""
         return Scores(
@@ -66,6 +70,25 @@ class Scores:
             {k: np.concatenate([p.details[k] for p in parts]) for k in first.details},
             {k: [s for p in parts for s in p.texts[k]] for k in first.texts},
         )
+
+    def rows(self, n: int) -> list[dict]:
+        """The first n items as JSON-ready dicts: {"scores": {scorer: value or None}, "details":
+        {"<scorer>.<detail>": value}, "texts": {"<scorer>.<name>": text}} (texts only where given)."""
+
+        def number(v: float) -> float | None:
+            return float(v) if math.isfinite(v) else None
+
+        out = []
+        for i in range(min(n, len(self))):
+            row: dict = {
+                "scores": {k: number(v[i]) for k, v in self.values.items()},
+                "details": {k: number(v[i]) for k, v in self.details.items()},
+            }
+            texts = {k: s[i] for k, s in self.texts.items() if s[i]}
+            if texts:
+                row["texts"] = texts
+            out.append(row)
+        return out
 
     def failed(self) -> list[tuple[str, int, str]]:
         return [

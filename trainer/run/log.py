@@ -72,10 +72,27 @@ class RunLog:
             tracker.log(numbers, step=record["epoch"])
 
     def save_grid(
-        self, epoch: int, sources: torch.Tensor, edits: torch.Tensor, nb_gen: int, max_rows: int = 8
+        self,
+        epoch: int,
+        sources: torch.Tensor,
+        edits: torch.Tensor,
+        nb_gen: int,
+        notes: list[dict[str, Any]] | None = None,
+        max_rows: int = 8,
     ) -> Path:
-        """Rows of [source, edit 1 .. edit nb_gen]. sources: (M, 3, H, W), edits: (M * nb_gen, 3, H, W), in [0, 1]."""
+        """`samples/epoch_<epoch>.png`: rows of [source, edit 1 .. edit nb_gen]; with `notes` (one
+        JSON-ready dict per edit: instruction, scores, a judge's texts), `samples/epoch_<epoch>.jsonl`
+        holds those of the edits drawn, one line each in the grid's order.
+
+        Args:
+            sources: (M, 3, H, W) in [0, 1]; edits: (M * nb_gen, 3, H, W) in [0, 1].
+        """
         rows = min(max_rows, sources.shape[0])
+        if notes is not None:
+            lines = notes[: rows * nb_gen]
+            (self.run_dir / "samples" / f"epoch_{epoch:04d}.jsonl").write_text(
+                "".join(json.dumps(note) + "\n" for note in lines)
+            )
         tiles = []
         for r in range(rows):
             tiles.append(torch.cat([sources[r], *edits[r * nb_gen : (r + 1) * nb_gen]], dim=2))

@@ -109,3 +109,29 @@ def test_evaluate_writes_each_items_reasoning(judge_kwargs, one_thread, tmp_path
         assert row["texts"] == {"A": {f"vlm_judge.{k}": v for k, v in texts.items()}}
     on_disk = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [row["texts"] for row in on_disk["items"]] == [row["texts"] for row in summary["items"]]
+
+
+def test_training_writes_the_judged_samples(judge_kwargs, one_thread, tiny_config):
+    """A run's samples/epoch_N.jsonl holds, for each edit in that epoch's grid, its instruction,
+    every scorer's value and details, and the judge's reasoning."""
+    from trainer.loop import train
+
+    scorers = json.dumps([{"name": "vlm_judge", "kwargs": judge_kwargs}, {"name": "brightness"}])
+    run = train(
+        tiny_config(
+            f"reward.scorers={scorers}",
+            "run.num_epochs=1",
+            "sample.batch_size=4",
+            "sample.nb_gen=2",
+            "train.batch_size=8",
+            "reward.transport=inprocess",
+        )
+    )
+    lines = [json.loads(x) for x in (run / "samples" / "epoch_0000.jsonl").read_text().splitlines()]
+    assert len(lines) == 8  # 4 rows of the grid x 2 edits
+    for row in lines:
+        assert row["instruction"]
+        assert set(row["scores"]) == {"vlm_judge", "brightness"} and 0 <= row["scores"]["vlm_judge"] <= 10
+        assert row["details"]["vlm_judge.prompt_version"] == 1.0
+        assert set(row["texts"]) == {"vlm_judge.sc_reasoning", "vlm_judge.pq_reasoning"}
+    assert (run / "samples" / "epoch_0000.png").is_file()
