@@ -125,9 +125,12 @@ def test_run_outputs_and_generate(tiny_config, tmp_path, capsys):
     ):
         assert key in metrics[0], key
     assert [p.name for p in list_checkpoints(run_dir)] == ["epoch_0001"]  # checkpoint_limit=1
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
+    samples = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert samples == ["epoch_0000.jsonl", "epoch_0000.png", "epoch_0001.jsonl", "epoch_0001.png"]
     # A row per input (at most 8 of the 32), a column for the source and each of its 2 edits, 8 px each.
     assert Image.open(run_dir / "samples" / "epoch_0000.png").size == (3 * 8, 8 * 8)
+    notes = [json.loads(x) for x in (run_dir / "samples" / "epoch_0000.jsonl").read_text().splitlines()]
+    assert len(notes) == 8 * 2 and all(set(n["scores"]) == {"brightness"} for n in notes)
     assert any((run_dir / "tensorboard").iterdir())
 
     images = tmp_path / "in"
