@@ -37,6 +37,7 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sampler.step_pool import lookahead_x0  # noqa: E402
 from trainer.algo.spo import judge_values  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data.inputs import load_inputs  # noqa: E402
@@ -60,6 +61,7 @@ def main() -> None:
     over += [f"sample.batch_size={args.items}", "sample.num_batches_per_epoch=1", *args.set]
     config = load_config(str(ROOT / args.config), over)
     k, threshold = config.train.spo.pool_size, config.train.spo.threshold
+    judge_steps = config.train.spo.judge_steps
     engine = LocalEngine(config)
     rewards = InProcessRewards(config.reward)
     inputs = load_inputs(config.data, config.model.resolution, seed=config.run.seed)
@@ -84,7 +86,10 @@ def main() -> None:
         scores = rewards.score(dataclasses.replace(pooled, images=policy.decode(latents)))
         return judge_values(config.reward, scores).numpy().reshape(n, k)
 
-    print(f"{n} inputs, pools of {k}, threshold {threshold}; agree = P(final of winner > final of loser)")
+    print(
+        f"{n} inputs, pools of {k}, threshold {threshold}, judge_steps {judge_steps}; "
+        "agree = P(final of winner > final of loser)"
+    )
     print("step  pairs  agree  " + "  ".join(f"{kd:>16}" for kd in sorted(set(kinds))))
     stochastic = sched.step_is_stochastic().tolist()
     x = r0.latents[:, 0].clone()
@@ -95,7 +100,7 @@ def main() -> None:
                 z = torch.randn((n * k, *x.shape[1:]), generator=gen)
                 cand = sched.step(pool(eps), at(t, n * k), pool(x), noise=z).prev_sample
                 e1 = policy.guided_noise(cand, at(t + 1, n * k), text, image, ex)
-                step_value = judge(sched.pred_x0(e1, at(t + 1, n * k), cand))
+                step_value = judge(lookahead_x0(policy, cand, e1, t + 1, judge_steps, (text, image, ex)))
                 y = cand
                 for s in range(t + 1, steps):
                     e = policy.guided_noise(y, at(s, n * k), text, image, ex)

@@ -128,6 +128,23 @@ class LogProbScheduler:
             return x0.clamp(-self.clip_range, self.clip_range) if self.clip_sample else x0
         return sample - self._bcast(self.sigmas[index], sample) * model_output
 
+    def jump(
+        self, model_output: torch.Tensor, index: torch.Tensor, sample: torch.Tensor, to_index: int
+    ) -> torch.Tensor:
+        """A deterministic move from x at step indices `index` (B,) to the timestep at position
+        `to_index` (> index; `num_steps` is the clean end), along the same noise prediction.
+
+        DDIM: x_s = sqrt(a_s) x0 + sqrt(1 - a_s) eps, the eta-0 update of Song et al. 2021, eq. 12,
+        over several steps at once; Euler: x_s = x0 + sigma_s eps. At `num_steps` it is `pred_x0`.
+        """
+        x0 = self.pred_x0(model_output, index, sample)
+        if to_index >= self.num_steps:
+            return x0
+        if self.kind == "ddim":
+            a_s = self.alpha_t[to_index].to(sample.dtype)
+            return a_s**0.5 * x0 + (1 - a_s) ** 0.5 * model_output
+        return x0 + self.sigmas[to_index].to(sample.dtype) * model_output
+
     def step(
         self,
         model_output: torch.Tensor,

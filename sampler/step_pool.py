@@ -7,6 +7,8 @@ Step-by-step preference optimisation (Liang et al. 2024, arXiv 2406.04314, sec. 
    noise draws);
 2. each candidate's clean image is predicted as the judge sees it: the next step's guided prediction
    at x_{t-1}^k gives x0^k, decoded by the VAE (at the last step the candidate is x_0 itself);
+   with `judge_steps` n > 1 (not in SPO) the candidate is instead carried to x_0 by n deterministic
+   moves over the remaining steps (`lookahead_x0`), n - 1 more guided predictions per candidate;
 3. the chain continues from one candidate drawn uniformly, reusing its prediction from 2.
 
 What changed from SPO: the candidates of a step are returned as a `Rollout` of one-step trajectories
@@ -42,6 +44,33 @@ class StepPool:
     candidates: list[Rollout]
 
 
+def lookahead_stops(index: int, num_steps: int, judge_steps: int) -> list[int]:
+    """The step positions a lookahead from `index` stops at: at most `judge_steps` moves, evenly
+    spaced over the remaining steps, ending at `num_steps` (the clean end)."""
+    n = max(1, min(judge_steps, num_steps - index))
+    return sorted({index + round((num_steps - index) * j / n) for j in range(n + 1)})
+
+
+@torch.no_grad()
+def lookahead_x0(
+    policy: EditPolicy, x: torch.Tensor, eps: torch.Tensor, index: int, judge_steps: int, cond: tuple
+) -> torch.Tensor:
+    """Clean latents for the judge from latents x (B, C, h, w) at step `index` and their guided
+    prediction eps: `judge_steps` 1 is the x0 prediction (SPO's); n > 1 moves deterministically
+    (`LogProbScheduler.jump`) through the stops of `lookahead_stops`, one guided prediction at each.
+
+    Args:
+        cond: (text embeddings, image latents, exemplar latents or None), B rows each.
+    """
+    sched = policy.sched
+    stops = lookahead_stops(index, sched.num_steps, judge_steps)
+    for a, b in zip(stops[:-1], stops[1:], strict=True):
+        x = sched.jump(eps, torch.full((len(x),), a, dtype=torch.long, device=x.device), x, b)
+        if b < sched.num_steps:
+            eps = policy.guided_noise(x, torch.full((len(x),), b, dtype=torch.long, device=x.device), *cond)
+    return x
+
+
 @torch.no_grad()
 def step_pool_rollout(
     policy: EditPolicy,
@@ -55,6 +84,7 @@ def step_pool_rollout(
     metadata: list[dict] | None = None,
     on_step: Callable[[Rollout], None] | None = None,
     policy_version: int = 0,
+    judge_steps: int = 1,
 ) -> StepPool:
     """Sample M inputs with a pool of `pool_size` candidates at every stochastic step from `start_step`.
 
@@ -65,6 +95,7 @@ def step_pool_rollout(
         start_step: steps before it are sampled plainly (SPO's `divert_start_step`).
         exemplars: (M, 3, H, W) or None; masks: (M, H, W) bool or None; metadata: M dicts or None.
         on_step: called with each step's candidates as soon as they are decoded.
+        judge_steps: how the judged clean image is made (`lookahead_x0`): 1 is SPO's x0 prediction.
     """
     m, k = sources.shape[0], pool_size
     if k < 2:
@@ -97,10 +128,9 @@ def step_pool_rollout(
         cand = out.prev_sample
         # 2. Each candidate's clean image: its own x0 prediction at the next step (x_0 at the last).
         if i + 1 < steps:
-            next_eps = policy.guided_noise(
-                cand, at(i + 1, m * k), pool(text), pool(image_latents), pool(ex_latents)
-            )
-            x0 = sched.pred_x0(next_eps, at(i + 1, m * k), cand)
+            cond = (pool(text), pool(image_latents), pool(ex_latents))
+            next_eps = policy.guided_noise(cand, at(i + 1, m * k), *cond)
+            x0 = lookahead_x0(policy, cand, next_eps, i + 1, judge_steps, cond)
             timestep = int(sched.timesteps[i + 1])
         else:
             next_eps, x0, timestep = None, cand, 0

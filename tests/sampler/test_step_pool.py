@@ -9,7 +9,8 @@ import torch
 from sampler.models import load_components
 from sampler.policy import EditPolicy
 from sampler.scenes import shapes_batch
-from sampler.step_pool import step_pool_rollout
+from sampler.schedulers import LogProbScheduler
+from sampler.step_pool import lookahead_stops, step_pool_rollout
 
 
 def _policy(path: str, kind: str, steps: int = 4) -> EditPolicy:
@@ -88,3 +89,44 @@ def test_pair_log_probs_recompute_to_the_recorded_ones(tiny_model_dir, kind):
             lp = policy.step_log_prob(pair, 0)
         # float32 round-off of batches of other sizes (3e-7 here), as for the plain rollout
         assert torch.allclose(lp, pair.log_probs[:, 0], atol=1e-6), (lp - pair.log_probs[:, 0]).abs().max()
+
+
+def test_lookahead_stops_spread_the_moves_over_the_remaining_steps():
+    assert lookahead_stops(1, 10, 1) == [1, 10]  # SPO's: the x0 prediction
+    assert lookahead_stops(1, 10, 3) == [1, 4, 7, 10]
+    assert lookahead_stops(8, 10, 5) == [8, 9, 10]  # never more moves than steps left
+
+
+def test_a_full_lookahead_is_the_eta_0_ddim_chain_from_the_candidate(tiny_model_dir):
+    """judge_steps >= the steps left: a candidate is judged on the clean prediction at the end of the
+    deterministic DDIM chain (eta 0, Song et al. 2021 eq. 12: x_{t-1} = sqrt(a_prev) x0 + sqrt(1 -
+    a_prev) eps) run from it, a guided prediction at every step; with 2 moves over 3 steps left, on
+    the chain that jumps from step 1 to 3 (rounded middle) and finishes from there."""
+    policy = _policy(tiny_model_dir, "ddim", steps=4)
+    sources = _sources(2)
+    full, two = (
+        step_pool_rollout(policy, sources, ["a", "b"], 2, torch.Generator().manual_seed(1), judge_steps=j)
+        for j in (9, 2)
+    )
+    first = full.candidates[0]
+    assert int(first.step_index[0, 0]) == 0 and torch.equal(first.latents, two.candidates[0].latents)
+    cond = (first.text_embeds, first.image_latents)
+    eta0 = LogProbScheduler(policy.sched.scheduler, "ddim", 4, eta=0.0)
+
+    def eps_at(x, i):
+        return policy.guided_noise(x, torch.full((len(x),), i, dtype=torch.long), *cond)
+
+    with torch.no_grad():
+        x = first.latents[:, 1]
+        for i in (1, 2):
+            x = eta0.step(eps_at(x, i), torch.full((4,), i), x).prev_sample
+        want = policy.decode(eta0.pred_x0(eps_at(x, 3), torch.full((4,), 3), x))
+        assert torch.allclose(full.candidates[0].images, want, atol=1e-5)
+        # Two moves: from step 1 straight to step 3 (a_s = alpha_t[3]), then the x0 prediction there.
+        x, e = first.latents[:, 1], eps_at(first.latents[:, 1], 1)
+        x0 = eta0.pred_x0(e, torch.full((4,), 1), x)
+        a_s = policy.sched.alpha_t[3]
+        x = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * e
+        want = policy.decode(eta0.pred_x0(eps_at(x, 3), torch.full((4,), 3), x))
+        assert torch.allclose(two.candidates[0].images, want, atol=1e-5)
+        assert not torch.allclose(two.candidates[0].images, full.candidates[0].images, atol=1e-3)

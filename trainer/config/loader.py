@@ -330,6 +330,7 @@ def validate_spo(config: Config) -> None:
         (o.pool_size >= 2, f"train.spo.pool_size must be >= 2, got {o.pool_size}"),
         (0 <= o.threshold < 1, f"train.spo.threshold must be in [0, 1), got {o.threshold}"),
         (o.beta > 0, f"train.spo.beta must be > 0, got {o.beta}"),
+        (o.judge_steps >= 1, f"train.spo.judge_steps must be >= 1, got {o.judge_steps}"),
         (
             0 <= o.start_step < config.sample.num_steps,
             f"train.spo.start_step must be in [0, sample.num_steps), got {o.start_step}",

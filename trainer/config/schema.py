@@ -121,6 +121,12 @@ class SPOConfig:
     beta: float = 10.0
     # Denoising steps sampled plainly before the pools start (SPO's divert_start_step: 4 of 20).
     start_step: int = 4
+    # What the judge sees of a candidate x_{t-1}: 1, its x0 prediction at the next step (SPO's input
+    # to its step-aware preference model). Not in SPO: n > 1 carries each candidate to x_0 by n
+    # deterministic DDIM moves spread over the remaining steps (n - 1 more UNet calls per
+    # candidate), a lookahead for judges that read only clean images, whose verdict on an early,
+    # blurred x0 prediction may not predict the final edit (bench/spo_judge.py measures it).
+    judge_steps: int = 1
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ def sample_pool_shard(
             metadata=[dict(m) for m in meta] if meta is not None else None,
             on_step=named,
             policy_version=policy_version,
+            judge_steps=o.judge_steps,
         )
     pool.final.item_ids = [f"e{shard.epoch}-b{shard.index}-i{i}" for i in range(len(pool.final))]
     return pool
