@@ -62,13 +62,16 @@ class Scores:
 
     @staticmethod
     def concat(parts: list[Scores]) -> Scores:
-        """The scores of several batches, one after the other (the same scorers and details in each)."""
+        """The scores of several batches, one after the other (the same scorers in each; a detail or
+        text that a batch lacks, e.g. one whose items all failed, is NaN or "" for its items)."""
         first = parts[0]
+        details = sorted({k for p in parts for k in p.details})
+        texts = sorted({k for p in parts for k in p.texts})
         return Scores(
             {k: np.concatenate([p.values[k] for p in parts]) for k in first.values},
             {k: [e for p in parts for e in p.errors[k]] for k in first.errors},
-            {k: np.concatenate([p.details[k] for p in parts]) for k in first.details},
-            {k: [s for p in parts for s in p.texts[k]] for k in first.texts},
+            {k: np.concatenate([p.details.get(k, np.full(len(p), np.nan)) for p in parts]) for k in details},
+            {k: [s for p in parts for s in p.texts.get(k, [""] * len(p))] for k in texts},
         )
 
     def rows(self, n: int) -> list[dict]:

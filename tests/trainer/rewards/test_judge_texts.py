@@ -135,3 +135,22 @@ def test_training_writes_the_judged_samples(judge_kwargs, one_thread, tiny_confi
         assert row["details"]["vlm_judge.prompt_version"] == 1.0
         assert set(row["texts"]) == {"vlm_judge.sc_reasoning", "vlm_judge.pq_reasoning"}
     assert (run / "samples" / "epoch_0000.png").is_file()
+
+
+def test_joining_batches_where_one_lacks_a_detail_or_text():
+    """A batch whose items all failed has no details or texts: joined with one that has them, its
+    items read NaN and ""."""
+    from trainer.rewards.scores import Scores
+
+    said = Scores(
+        {"j": np.array([1.0, 2.0])},
+        {"j": [None, None]},
+        {"j.sc": np.array([3.0, 4.0])},
+        {"j.sc_reasoning": ["a", "b"]},
+    )
+    failed = Scores({"j": np.array([np.nan])}, {"j": ["scorer returned nan"]})
+    joined = Scores.concat([failed, said])
+    assert len(joined) == 3 and joined.errors["j"] == ["scorer returned nan", None, None]
+    assert np.isnan(joined.details["j.sc"][0]) and joined.details["j.sc"][1:].tolist() == [3.0, 4.0]
+    assert joined.texts == {"j.sc_reasoning": ["", "a", "b"]}
+    assert joined.rows(1) == [{"scores": {"j": None}, "details": {"j.sc": None}}]
