@@ -48,10 +48,13 @@ OBJECTIVES: dict[str, list[str]] = {
     # the toy editor steps 0-3 carry 3/4 of the reward variance, bench/step_sensitivity.py), judged
     # by the oracles scaled to SPO's softmax threshold (a gap of 0.62 makes a pair: weights 10 and
     # 5), LoRA at lr 1e-4 (SPO's own configs use 1e-5 to 6e-5; the demo's 1e-3 with beta 10 degraded
-    # every seed, docs/learning.md), 40 epochs.
+    # every seed, docs/learning.md), 40 epochs. The judge sees each candidate carried to x_0 by 3
+    # deterministic DDIM moves (judge_steps 3, not SPO's: with its x0 prediction, judge_steps 1, the
+    # oracles' pairs on brighten inputs were at chance and SPO lost -0.040 / -0.100 / -0.045).
     "spo": [
         "train.objective=spo",
         "train.spo.start_step=0",
+        "train.spo.judge_steps=3",
         "train.learning_rate=1e-4",
         "sample.nb_gen=1",
         "sample.batch_size=32",
