@@ -126,7 +126,8 @@ def step_pool_rollout(
         x_t = pool(x)
         out = sched.step(pool(eps), at(i, m * k), x_t, noise=randn((m * k, *shape[1:]), generator).to(dev))
         cand = out.prev_sample
-        # 2. Each candidate's clean image: its own x0 prediction at the next step (x_0 at the last).
+        # 2. Each candidate's clean image: its own x0 prediction at the next step, or with
+        # judge_steps > 1 where the lookahead takes it (x_0 itself at the last step).
         if i + 1 < steps:
             cond = (pool(text), pool(image_latents), pool(ex_latents))
             next_eps = policy.guided_noise(cand, at(i + 1, m * k), *cond)
