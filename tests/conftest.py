@@ -23,6 +23,21 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module (`pytestmark = pytest.mark.usefixtures("one_thread")`),
+    and OMP_NUM_THREADS=1 for the processes it starts (a replica), restored after: greedy decoding
+    on a random tiny model breaks near-ties alike only with the same float sums."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- the tiny model
 
 TINY_CACHE = "runs/.tiny-ip2p"  # the presets' default `model.tiny_dir`, shared with `make demo`

@@ -45,18 +45,6 @@ def image(rng):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """torch on one thread for the module (`pytestmark = pytest.mark.usefixtures("one_thread")`),
-    restored after it."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def vlm_folders(tmp_path_factory):
     """{family: folder} of the tiny seeded Qwen2-VL and Qwen3-VL judges, saved once per module."""
     from reward_servers.vlm_judge import save_tiny

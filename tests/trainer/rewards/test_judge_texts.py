@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from reward_servers.__main__ import main as reward_main
@@ -29,17 +28,6 @@ R = 32  # image side
 def judge_kwargs(tmp_path_factory) -> dict:
     folder = save_tiny(str(tmp_path_factory.mktemp("judge")), family="qwen2_vl")
     return {"model_id": folder, "mode": "editscore", "max_pixels": None, "max_new_tokens": 6}
-
-
-@pytest.fixture
-def one_thread(monkeypatch):
-    """Greedy decoding on a random tiny model: the same thread count here and in the replica, so
-    near-ties break alike."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pairs(n: int) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
