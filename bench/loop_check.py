@@ -49,10 +49,11 @@ def step_log_probs(engine, rollout, reference: bool = False) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def signal(config, rollout, scores) -> torch.Tensor:
-    """Attach the objective's signal to the batch; returns each group's edits, best first."""
+def signal(config, rollout, scores, grouped: bool) -> torch.Tensor:
+    """Attach the signal to the batch (advantages, or the ranking of a `grouped` objective); returns
+    each group's edits, best first."""
     t = config.train
-    if t.objective == "ppo":
+    if not grouped:
         adv = group_advantages(ppo_rewards(config.reward, scores), rollout.group, t.min_group_size).float()
         # order within each group by advantage, best first, for the report
         rows = []
@@ -85,7 +86,7 @@ def main() -> None:
     shards0 = plan_epoch(inputs, config, 0, gen, engine.latent_shape)
     r0 = engine.sample(shards0, False)
     s0 = rewards.score(r0)
-    order = signal(config, r0, s0)
+    order = signal(config, r0, s0, engine.learner.objective.grouped)
     before = step_log_probs(engine, r0)
     metrics = engine.learn(r0, gen, False)
     after = step_log_probs(engine, r0)

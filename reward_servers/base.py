@@ -183,11 +183,35 @@ def register_scorer(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
     return wrap
 
 
+# Scorers of other packages: a distribution declares `[project.entry-points."spie.scorers"]` with
+# `<name> = "<module>"` (the module registers itself with `@register_scorer`) or
+# `<name> = "<module>:<factory>"` (registered here under `<name>`). Every transport (in process,
+# `spie-reward serve <name>` over gRPC and the queue) looks names up here, so a plugin needs no change
+# to this package, the protos or the servers.
+ENTRY_POINT_GROUP = "spie.scorers"
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import inspect
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        if not inspect.ismodule(obj) and ep.name not in _REGISTRY:
+            register_scorer(ep.name)(obj)
+
+
 def _load_builtins() -> None:
     import importlib
 
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    _load_plugins()
 
 
 def available_scorers() -> list[str]:

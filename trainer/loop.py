@@ -1,9 +1,11 @@
 """The single-controller training loop: sample, score, turn scores into signals, update, log, save.
 
-One epoch (DDPO's outer loop):
+One epoch (DDPO's outer loop), as the objective (`trainer.registry`, `trainer.objectives.base`)
+gathers it; by default:
 1. draw `sample.num_batches_per_epoch` batches of inputs and sample `nb_gen` edits of each;
 2. score every edit with every configured scorer;
-3. PPO: per-group advantages of the reward; SPIE ranking: the best-to-worst order of each group;
+3. the objective's signal (PPO: per-group advantages of the reward; SPIE ranking: the best-to-worst
+   order of each group);
 4. `train.num_inner_epochs` passes of the objective;
 5. write metrics, a sample grid and a checkpoint.
 """
@@ -20,22 +22,20 @@ import numpy as np
 import torch
 
 from sampler.rollout import Rollout
-from trainer.algo.objectives import group_advantages, ranking_from_scores, ranks_of
-from trainer.algo.signals import ppo_rewards, spie_signals
+from trainer.algo.signals import ppo_rewards
 from trainer.algo.stats import RewardStats
 from trainer.config import Config, dump_config, to_dict, with_overrides
 from trainer.data.inputs import load_inputs
 from trainer.engine.local import LocalEngine
 from trainer.engine.shards import epoch_generator, plan_epoch, probe_shards
 from trainer.errors import UserError
-from trainer.pipeline import ScoringThread, probe, sample_and_score
-from trainer.rewards.differentiable import make_gradient_rewards
+from trainer.pipeline import ScoringThread, probe
+from trainer.registry import make_objective
 from trainer.rewards.grounding import ground_missing_masks
 from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
 from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from trainer.run.log import RunLog
-from trainer.stepwise import sample_spo
 
 
 def with_local_paths(config: Config) -> Config:
@@ -69,23 +69,6 @@ def filter_groups(config: Config, rollout: Rollout, scores: Scores) -> tuple[Rol
     return rollout.select(keep), scores.select(keep.tolist()), info
 
 
-def attach_signal(config: Config, rollout: Rollout, scores: Scores, stats: RewardStats) -> None:
-    """Attach the objective's per-item signal to the batch: PPO's (and DiffusionNFT's)
-    group-normalised advantages, or each edit's place in SPIE's ranking of its group."""
-    t = config.train
-    if t.objective in ("ppo", "nft"):
-        reward = ppo_rewards(config.reward, scores)
-        single = len(config.reward.scorers) == 1
-        fallback = stats.mean_std(config.reward.scorers[0].name) if single else None
-        rollout.advantages = group_advantages(
-            reward, rollout.group, t.min_group_size, fallback, scale=t.advantage_scale
-        ).float()
-    else:
-        structural, semantic = spie_signals(config.reward, t, scores, rollout)
-        ranking = ranking_from_scores(structural, semantic, rollout.group, t.score_alpha)
-        rollout.ranks = ranks_of(ranking, len(rollout))
-
-
 def make_probe(config: Config) -> list:
     """The held-out probe set (`eval.probe_items` inputs of `eval.data_overrides`' data), as shards
     with fixed per-item noise (`eval.seed`)."""
@@ -96,25 +79,12 @@ def make_probe(config: Config) -> list:
     return probe_shards(inputs, config.sample.batch_size, e.seed)
 
 
-def epoch_line(config: Config, record: dict[str, Any], seconds: float) -> str:
-    """One readable line per epoch: the scores, what the update did, and the probe when measured."""
+def epoch_line(objective, record: dict[str, Any], seconds: float) -> str:
+    """One readable line per epoch: the scores, what the update did (the objective's fields), and
+    the probe when measured."""
     parts = [f"{k[:-5]}={v:.4f}" for k, v in record.items() if k.endswith(".mean") and "probe" not in k]
     parts += [f"{k}={v:.3f}" for k, v in record.items() if k.endswith(".success") and "probe" not in k]
-    if "spo.pairs" in record:
-        parts.append(
-            f"pairs={record['spo.pairs']:.0f}/{record['spo.pools']:.0f} gap={record['spo.gap_mean']:.3g}"
-        )
-    if config.train.objective != "ppo" and "pref_agreement" in record:
-        parts.append(
-            f"clamped={record['clamped_frac']:.0%} |log r|={record['abs_log_ratio']:.2g} "
-            f"agree={record['pref_agreement']:.2f}"
-        )
-    elif "approx_kl" in record:
-        parts.append(f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}")
-    if "backprop_steps" in record:
-        parts.append(f"loss={record['loss']:.4g} K={record['backprop_steps']:.1f}")
-    if "groups_zero_var" in record and "spo.pairs" not in record:  # SPO's groups are single chains
-        parts.append(f"zero-var groups={record['groups_zero_var']:.0%}")
+    parts += objective.epoch_fields(record)
     probe_parts = [
         f"{k[6:]}={v:.4f}"
         for k, v in record.items()
@@ -163,10 +133,11 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     )
     rewards = make_rewards(config, run_id=run_dir.name)
     log = engine = scorer = None
-    alignprop = config.train.objective == "alignprop"
+    objective = make_objective(config)
     try:
-        # AlignProp: the scorers' differentiable forms (refused, naming them, when one has none).
-        grad_reward = make_gradient_rewards(rewards) if alignprop else None
+        # What the objective needs of the scorers (AlignProp: their differentiable forms, refused,
+        # naming them, when one has none).
+        objective.start(rewards)
         print(f"[spie] run folder: {run_dir}")
         print(f"[spie] {config.summary()}")
         engine = make_engine(config)
@@ -184,23 +155,16 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
             print(f"[spie] resumed from {folder} at epoch {start}")
         dump_config(config, run_dir / "config.yaml")
         # sample.pipeline=async: shards are scored on a background thread while the next are sampled.
-        scorer = ScoringThread(rewards) if config.sample.pipeline == "async" and not alignprop else None
+        background = config.sample.pipeline == "async" and objective.background_scoring
+        scorer = ScoringThread(rewards) if background else None
         probe_set = make_probe(config) if config.eval.probe_every else None
         initial = probe(engine, rewards, probe_set) if probe_set and start == 0 else {}
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
             shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
-            pairs = None  # SPO: its step-wise win/lose pairs, judged while sampling
-            if alignprop:  # sampling, differentiable scoring and learning in one pass
-                rollout, _, learned = engine.learn_by_reward(shards, grad_reward, gen, progress)
-                ts = time.perf_counter()
-                scores = rewards.score(rollout)  # the scorers' own scores and details, for the metrics
-                times = {"time_sampling_s": ts - t0, "time_scoring_s": time.perf_counter() - ts}
-            elif config.train.objective == "spo":
-                rollout, scores, pairs, times = sample_spo(engine, rewards, shards, config, progress)
-            else:
-                rollout, scores, times = sample_and_score(engine, rewards, shards, config, progress, scorer)
+            gathered = objective.gather(engine, rewards, shards, gen, progress, scorer)
+            rollout, scores, times = gathered.rollout, gathered.scores, gathered.times
             t2 = time.perf_counter()
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -218,17 +182,14 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 if finite.size:
                     record[key] = float(finite.mean())
             rollout_ok, scores_ok, dropped = drop_failed(rollout, scores)
-            if alignprop:
-                record.update(learned)
+            if gathered.learned is not None:  # the objective learned while gathering
+                record.update(gathered.learned)
             else:
                 rollout_ok, scores_ok, group_info = filter_groups(config, rollout_ok, scores_ok)
                 record.update(group_info)
-            if pairs is not None:  # SPO trains on its pairs, which carry their ranks
-                rollout_ok = pairs
-            elif len(rollout_ok) and not alignprop:
-                attach_signal(config, rollout_ok, scores_ok, stats)
-            if len(rollout_ok) and not alignprop:
-                record.update(engine.learn(rollout_ok, gen, progress))
+                batch = objective.training_batch(gathered, rollout_ok, scores_ok, stats)
+                if len(batch):
+                    record.update(engine.learn(batch, gen, progress))
             t3 = time.perf_counter()
             record.update(engine.metrics())
             record.update(rewards.metrics())
@@ -263,7 +224,7 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                 record.update({f"initial_{k}": v for k, v in initial.items()})
                 initial = {}
             log.log(record)
-            print(epoch_line(config, record, t3 - t0))
+            print(epoch_line(objective, record, t3 - t0))
             if last or (epoch + 1) % config.run.save_freq == 0:
                 trainable, optimizer = engine.checkpoint_state()
                 save_checkpoint(

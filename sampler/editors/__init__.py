@@ -1,6 +1,22 @@
-"""Edit policies behind one contract, and which family a model folder belongs to.
+"""Edit policies behind one contract, the registry of editor families, and which family a model
+folder belongs to.
 
-The contract (met by `sampler.policy.EditPolicy`, InstructPix2Pix, and by
+The registry maps a family name (`model.editor`) to its editor module: the built-ins of `EDITORS`, and
+other packages' through the entry point group `spie.editors` (`<family> = "<module>"`). An editor
+module provides:
+
+- `FAMILY` (its name), `PIPELINE_CLASS` (its model_index.json `_class_name`), `TINY_NAME` (the
+  `model.pretrained` value of its seeded tiny model) and `FLOW_MATCHING` (True: a flow-matching
+  editor built by `trainer.engine.flow_policy` through `load` and `make_policy`);
+- `LORA_TARGETS`: the module names of the denoiser that LoRA adapts;
+- `load(path, revision, dtype_or_scheduler)`: the frozen pipeline (or components);
+- `tiny_model(tiny_dir, seed) -> path`: the seeded tiny model, built once;
+- flow editors: `make_policy(pipe, model, sample, **common)`: the policy (`model`, `sample`: the
+  run's config sections; a bad setting raises ValueError naming it);
+- the policy itself meets the contract below: it encodes the condition (`encode`), takes one step
+  with its log-prob (`rollout`, `step_log_prob`) and decodes (`decode`).
+
+The policy contract (met by `sampler.policy.EditPolicy`, InstructPix2Pix, and by
 `sampler.editors.kontext.KontextPolicy`, FLUX.1 Kontext, and `sampler.editors.qwen_edit.QwenEditPolicy`,
 Qwen-Image-Edit; the flow families share `sampler.editors.flow_base.FlowEditPolicy`):
 
@@ -20,10 +36,20 @@ Qwen-Image-Edit; the flow families share `sampler.editors.flow_base.FlowEditPoli
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from types import ModuleType
 
 from sampler.models import looks_local
+
+ENTRY_POINT_GROUP = "spie.editors"
+# Family -> the module that implements the editor contract.
+EDITORS = {
+    "instruct_pix2pix": "sampler.editors.instruct_pix2pix",
+    "flux_kontext": "sampler.editors.kontext",
+    "qwen_image_edit": "sampler.editors.qwen_edit",
+}
 
 # model_index.json `_class_name` -> editor family.
 PIPELINE_FAMILIES = {
@@ -66,3 +92,27 @@ def editor_family(pretrained: str, editor: str = "auto", revision: str | None = 
     if name not in PIPELINE_FAMILIES:
         raise ValueError(f"{index}: unknown pipeline {name!r} (known: {sorted(PIPELINE_FAMILIES)})")
     return PIPELINE_FAMILIES[name]
+
+
+def _plugins() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in EDITORS}
+
+
+def editor_names() -> list[str]:
+    """Every family `model.editor` may name: the built-ins and the plugins."""
+    return sorted(set(EDITORS) | set(_plugins()))
+
+
+def load_editor(family: str) -> ModuleType:
+    """The editor module of `family` (ValueError if no editor is registered under it)."""
+    if family in EDITORS:
+        return importlib.import_module(EDITORS[family])
+    ep = _plugins().get(family)
+    if ep is None:
+        raise ValueError(f"model.editor={family}: not supported ({', '.join(editor_names())})")
+    module = ep.load()
+    if getattr(module, "FAMILY", family) != family:
+        raise ValueError(f"editor entry point {family!r} names a module of family {module.FAMILY!r}")
+    return module

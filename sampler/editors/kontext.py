@@ -11,6 +11,8 @@ unpacked (N, C, h, w) in the `Rollout`, as InstructPix2Pix's are, so everything 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sampler.editors.flow_base import FlowEditPolicy
@@ -18,8 +20,6 @@ from sampler.editors.flow_base import FlowEditPolicy
 
 def load_kontext(pretrained: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
     """A `FluxKontextPipeline` from a hub id or a local folder (`from_pretrained`), frozen, in eval mode."""
-    from pathlib import Path
-
     from diffusers import FluxKontextPipeline
 
     local = Path(pretrained).expanduser().is_dir()
@@ -157,3 +157,27 @@ class KontextPolicy(FlowEditPolicy):
             return_dict=False,
         )[0][:, : noisy.shape[1]]
         return pipe._unpack_latents(out.float(), h * self.vae_factor, w * self.vae_factor, self.vae_factor)
+
+
+# ---- the editor contract (`sampler.editors`): what the registry's "flux_kontext" provides ----
+
+FAMILY = "flux_kontext"
+FLOW_MATCHING = True  # sample.noise_level and sample.sde_kind apply
+PIPELINE_CLASS = "FluxKontextPipeline"
+TINY_NAME = "tiny-kontext"
+# The transformer's attention projections: the image stream's q/k/v/out and the text stream's
+# (`add_*_proj`, `to_add_out`), as Flow-GRPO's FLUX LoRA targets them.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+load = load_kontext
+
+
+def tiny_model(tiny_dir: str, seed: int) -> str:
+    """The seeded tiny FLUX.1 Kontext, built once under `tiny_dir`."""
+    from sampler.editors.tiny_kontext import save_tiny_kontext
+
+    return str(save_tiny_kontext(Path(tiny_dir) / f"kontext-seed{seed}", seed=seed))
+
+
+def make_policy(pipe, model, sample, **common) -> KontextPolicy:
+    """The policy of a loaded pipeline; `model` / `sample` are the run's config sections."""
+    return KontextPolicy(pipe, guidance_scale=sample.guidance_scale, **common)

@@ -217,3 +217,40 @@ class QwenEditPolicy(FlowEditPolicy):
             comb = neg + self.true_cfg_scale * (v - neg)
             v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
         return pipe._unpack_latents(v, h * self.vae_factor, w * self.vae_factor, self.vae_factor)[:, :, 0]
+
+
+# ---- the editor contract (`sampler.editors`): what the registry's "qwen_image_edit" provides ----
+
+FAMILY = "qwen_image_edit"
+FLOW_MATCHING = True  # sample.noise_level and sample.sde_kind apply
+PIPELINE_CLASS = "QwenImageEditPipeline"
+TINY_NAME = "tiny-qwen-edit"
+# Qwen-Image's MMDiT blocks name their attention projections as FLUX's do (diffusers'
+# `QwenImageTransformer2DModel._tp_plan`, DiffSynth's Qwen-Image LoRA).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+load = load_qwen_edit
+
+
+def tiny_model(tiny_dir: str, seed: int) -> str:
+    """The seeded tiny Qwen-Image-Edit, built once under `tiny_dir`."""
+    from sampler.editors.tiny_qwen_edit import save_tiny_qwen_edit
+
+    return str(save_tiny_qwen_edit(Path(tiny_dir) / f"qwen-edit-seed{seed}", seed=seed))
+
+
+def make_policy(pipe, model, sample, **common) -> QwenEditPolicy:
+    """The policy of a loaded pipeline; `model` / `sample` are the run's config sections. A bad
+    `model.condition_area` raises ValueError naming it."""
+    area = model.condition_area or PIPELINE_CONDITION_AREA
+    try:
+        condition_size(area, model.resolution, model.resolution)
+    except ValueError as err:
+        raise ValueError(f"model.condition_area: {err}") from err
+    return QwenEditPolicy(
+        pipe,
+        true_cfg_scale=sample.guidance_scale,
+        negative_prompt=sample.negative_prompt,
+        condition_area=area,
+        max_text_length=model.text_length,
+        **common,
+    )

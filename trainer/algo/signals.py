@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from sampler.rollout import Rollout
-from trainer.algo.objectives import standardize
-from trainer.config import RewardConfig, TrainConfig
+from trainer.algo.objectives import group_advantages, standardize
+from trainer.config import Config, RewardConfig, TrainConfig
 from trainer.rewards.scores import Scores
 
 
@@ -55,6 +55,19 @@ def ppo_rewards(config: RewardConfig, scores: Scores) -> torch.Tensor:
     if len(config.scorers) == 1:
         return torch.from_numpy(scores.values[config.scorers[0].name]).double()
     return sum(sc.weight * standardize(torch.from_numpy(scores.values[sc.name])) for sc in config.scorers)
+
+
+def attach_group_advantages(config: Config, rollout: Rollout, scores: Scores, stats) -> None:
+    """`rollout.advantages` (N,): `ppo_rewards` normalised within each group (GRPO; PPO's and
+    DiffusionNFT's signal); groups under `train.min_group_size` use the one scorer's running
+    statistics (`stats`, a `RewardStats`), else the batch's."""
+    t = config.train
+    reward = ppo_rewards(config.reward, scores)
+    single = len(config.reward.scorers) == 1
+    fallback = stats.mean_std(config.reward.scorers[0].name) if single else None
+    rollout.advantages = group_advantages(
+        reward, rollout.group, t.min_group_size, fallback, scale=t.advantage_scale
+    ).float()
 
 
 def spie_signals(

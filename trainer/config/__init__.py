@@ -1,5 +1,6 @@
-"""The run configuration: `schema` holds the dataclasses (one per YAML section), `loader` reads
-presets, applies `--set` overrides and validates."""
+"""The run configuration: one module per YAML section (`run`, `model`, `sample`, `train`, `reward`,
+`data`, `ray`, `eval`, `sft`), gathered into `Config` by `schema`; `loader` reads presets, applies
+`--set` overrides and validates (each objective's own checks through `trainer.registry`)."""
 
 from trainer.config.loader import dump_config, load_config, to_dict, validate, with_overrides
 from trainer.config.schema import (

@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 import yaml
 
+from sampler.editors import editor_names
 from trainer.config.schema import Config
 from trainer.errors import UserError
+from trainer.registry import make_objective
 
 # --------------------------------------------------------------------------- parsing
 
@@ -203,35 +205,25 @@ def validate(config: Config) -> None:
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     need(0 < t.eps < 1, f"train.eps must be in (0, 1), got {t.eps}")
     need(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")
+    editors = ["auto", *editor_names()]
+    need(m.editor in editors, f"model.editor: {m.editor!r} is not one of {', '.join(map(repr, editors))}")
     need(m.resolution % 8 == 0, f"model.resolution must be a multiple of 8, got {m.resolution}")
     need(s.noise_level >= 0, f"sample.noise_level must be >= 0, got {s.noise_level}")
-    need(t.nft_beta > 0, f"train.nft_beta must be > 0, got {t.nft_beta}")
     need(
         m.scheduler != "ddim" or s.eta > 0,
         "sample.eta must be > 0 with model.scheduler=ddim: a deterministic step has no log-probability",
     )
     per_process = s.batch_size * s.nb_gen * s.num_batches_per_epoch
     step = t.batch_size * t.gradient_accumulation_steps
-    if t.objective == "alignprop":
-        validate_alignprop(config, need)
-    if t.objective == "spo":
-        validate_spo(config)
+    # The objective's own checks (`Objective.check`); an unknown name is refused here.
+    objective = make_objective(config)
+    objective.check(need)
     need(
-        t.objective in ("alignprop", "spo") or per_process % step == 0,
+        not objective.divisible_batches or per_process % step == 0,
         f"edits per epoch per process (sample.batch_size x sample.nb_gen x sample.num_batches_per_epoch "
         f"= {per_process}) must be divisible by train.batch_size x train.gradient_accumulation_steps "
         f"= {step}",
     )
-    if t.objective == "spie_ranking":
-        need(
-            s.nb_gen >= 2,
-            f"train.objective=spie_ranking ranks edits: sample.nb_gen must be >= 2, got {s.nb_gen}",
-        )
-        need(
-            t.batch_size % s.nb_gen == 0,
-            f"train.objective=spie_ranking trains on whole groups: train.batch_size ({t.batch_size}) "
-            f"must be a multiple of sample.nb_gen ({s.nb_gen})",
-        )
     need(len(config.reward.scorers) >= 1, "reward.scorers must list at least one scorer")
     need(config.reward.replicas >= 1, f"reward.replicas must be >= 1, got {config.reward.replicas}")
     need(config.reward.deadline_s > 0, f"reward.deadline_s must be > 0, got {config.reward.deadline_s}")
@@ -299,63 +291,6 @@ def validate(config: Config) -> None:
     if d.source in ("shapes", "folder") or (d.source == "spie" and not d.input_name):
         need(len(config.data.instructions) >= 1, "data.instructions must list at least one instruction")
         need(all(i.strip() for i in config.data.instructions), "data.instructions: an instruction is empty")
-
-
-def validate_alignprop(config: Config, need) -> None:
-    """What train.objective=alignprop needs: a K range within the steps, whole optimizer steps per
-    epoch (per learner with Ray), no fp16 (no loss scaler)."""
-    t, s = config.train, config.sample
-    hi = s.num_steps if t.backprop_max_steps == 0 else t.backprop_max_steps
-    need(
-        1 <= t.backprop_min_steps <= hi <= s.num_steps,
-        f"train.backprop_min_steps ({t.backprop_min_steps}) and train.backprop_max_steps "
-        f"({t.backprop_max_steps}) must satisfy 1 <= min <= max <= sample.num_steps ({s.num_steps}); max 0: all",
-    )
-    need(
-        s.num_batches_per_epoch % t.gradient_accumulation_steps == 0,
-        f"train.objective=alignprop: sample.num_batches_per_epoch ({s.num_batches_per_epoch}) must be a "
-        f"multiple of train.gradient_accumulation_steps ({t.gradient_accumulation_steps})",
-    )
-    need(t.kl_coef == 0, "train.kl_coef: alignprop has no per-step KL penalty (set it to 0)")
-    need(
-        config.run.mixed_precision != "fp16",
-        "train.objective=alignprop: run.mixed_precision=fp16 has no loss scaler here; use bf16 or no",
-    )
-
-
-def validate_spo(config: Config) -> None:
-    """`train.objective: spo`: its pools, and what its variable number of pairs per epoch allows."""
-    t, o = config.train, config.train.spo
-    checks = (
-        (o.pool_size >= 2, f"train.spo.pool_size must be >= 2, got {o.pool_size}"),
-        (0 <= o.threshold < 1, f"train.spo.threshold must be in [0, 1), got {o.threshold}"),
-        (o.beta > 0, f"train.spo.beta must be > 0, got {o.beta}"),
-        (o.judge_steps >= 1, f"train.spo.judge_steps must be >= 1, got {o.judge_steps}"),
-        (
-            0 <= o.start_step < config.sample.num_steps,
-            f"train.spo.start_step must be in [0, sample.num_steps), got {o.start_step}",
-        ),
-        (
-            t.batch_size % 2 == 0,
-            f"train.objective=spo trains on pairs: train.batch_size must be even, got {t.batch_size}",
-        ),
-        (
-            t.gradient_accumulation_steps == 1,
-            "train.objective=spo: the pairs per epoch vary, so train.gradient_accumulation_steps must be 1",
-        ),
-        (
-            config.sample.nb_gen == 1,
-            "train.objective=spo samples one chain per input (its pools replace nb_gen): set sample.nb_gen: 1",
-        ),
-        (
-            config.ray.num_learners == 1,
-            "train.objective=spo trains on one learner (its pairs per epoch vary, so data-parallel "
-            f"shares would differ): set ray.num_learners: 1, got {config.ray.num_learners}",
-        ),
-    )
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

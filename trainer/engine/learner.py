@@ -17,13 +17,11 @@ from tqdm.auto import tqdm
 
 from sampler.policy import EditPolicy
 from sampler.rollout import Rollout
-from trainer.algo.diagnostics import ranking_diagnostics
-from trainer.algo.objectives import kl_penalty, plackett_luce_loss, ppo_clip_loss, ranking_of
-from trainer.algo.spo import spo_loss
+from trainer.algo.objectives import kl_penalty, ranking_of
 from trainer.config import Config
-from trainer.engine.nft import train_nft
 from trainer.engine.policy import trainable_parameters
 from trainer.errors import UserError
+from trainer.registry import make_objective
 
 
 class Learner:
@@ -48,16 +46,11 @@ class Learner:
             weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
-        # Steps trained per trajectory: only stochastic steps have a log-prob (DDIM's last step with
+        # The objective (`trainer.objectives.base.Objective`) gives the loss and how many steps of
+        # each trajectory are trained: only stochastic steps have a log-prob (DDIM's last step with
         # alpha_prev = 1 and Euler-ancestral's last step are deterministic).
-        # DiffusionNFT trains on the forward process: every step's noise level serves.
-        if t.objective == "nft":
-            n_stochastic = config.sample.num_steps - t.skip_final_steps
-        else:
-            n_stochastic = int(policy.sched.step_is_stochastic().sum()) - t.skip_final_steps
-        self.steps_per_trajectory = min(config.train_timesteps, n_stochastic)
-        if t.objective == "spo":  # SPO's batch: one-step trajectories (a pair at one denoising step)
-            self.steps_per_trajectory = 1
+        self.objective = make_objective(config)
+        self.steps_per_trajectory = 1 if self.objective.one_step else self.objective.trained_steps(policy)
         if self.steps_per_trajectory < 1:
             raise UserError(
                 "no denoising step draws noise: raise sample.eta, sample.noise_level or num_steps"
@@ -70,7 +63,7 @@ class Learner:
             cpu=policy.device.type == "cpu",
         )
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        self.needs_reference = t.objective in ("spie_ranking", "spo") or t.kl_coef > 0
+        self.needs_reference = self.objective.uses_reference()
         self._reference_unet = None
         if self.needs_reference and not config.model.use_lora:
             self._reference_unet = copy.deepcopy(policy.denoiser).requires_grad_(False).eval()
@@ -120,14 +113,20 @@ class Learner:
                 trajectories (`trainer.algo.spo.pair_batch`: `group` the pair, `ranks` 0 / 1).
             generator: drives the shuffles (seeded per epoch, so a resumed run repeats them).
         """
-        t = self.config.train
-        if t.objective == "nft":
-            return train_nft(self, rollout, generator, progress)
-        ranked = t.objective in ("spie_ranking", "spo")
+        return self.objective.learn(self, rollout, generator, progress)
+
+    def passes(
+        self, rollout: Rollout, generator: torch.Generator, progress: bool = False
+    ) -> dict[str, float]:
+        """The passes of an objective with per-step log-probs: shuffled micro-batches (whole groups
+        for a `grouped` objective, single edits otherwise) and, for each, the trained steps of the
+        timestep plan, each step's loss from `objective.loss`."""
+        t, objective = self.config.train, self.objective
+        ranked = objective.grouped
         if ranked and rollout.ranks is None:
-            raise ValueError(f"{t.objective} needs the batch's ranks")
+            raise ValueError(f"{objective.name} needs the batch's ranks")
         if not ranked and rollout.advantages is None:
-            raise ValueError("ppo needs the batch's advantages")
+            raise ValueError(f"{objective.name} needs the batch's advantages")
         ranking = ranking_of(rollout.group, rollout.ranks) if ranked else None
         n = len(rollout)
         group_size = ranking.shape[1] if ranked else 1
@@ -145,7 +144,7 @@ class Learner:
                 micro = order.split(t.batch_size // group_size)  # SPO's last may be smaller
             else:
                 micro = torch.randperm(n, generator=generator).view(-1, t.batch_size)
-            if t.objective == "spo":  # each item is the one step of its pair
+            if objective.one_step:  # each item is the one step of its trajectory (SPO's pairs)
                 plan = torch.zeros((n, 1), dtype=torch.long)
             else:
                 plan = self._timestep_plan(rollout, generator)
@@ -177,22 +176,11 @@ class Learner:
     def _step_loss(self, batch, j, local_rank):
         t = self.config.train
         log_prob = self.policy.step_log_prob(batch, j)
-        info: dict[str, torch.Tensor] = {}
         ref = None
         if self.needs_reference:
             with torch.no_grad(), self._reference():
                 ref = self.policy.step_log_prob(batch, j)
-        if t.objective == "spo":
-            loss = spo_loss(log_prob, ref, local_rank, t.spo.beta, t.eps)
-            info = ranking_diagnostics(log_prob.detach(), ref, local_rank, t.eps)
-        elif t.objective == "spie_ranking":
-            loss = plackett_luce_loss(log_prob, ref, local_rank, t.beta, t.eps)
-            info = ranking_diagnostics(log_prob.detach(), ref, local_rank, t.eps)
-        else:
-            old = batch.log_probs[torch.arange(len(batch)), j].to(log_prob.device)
-            loss, info = ppo_clip_loss(
-                log_prob, old, batch.advantages.to(log_prob.device), t.clip_range, t.adv_clip_max
-            )
+        loss, info = self.objective.loss(log_prob, ref, batch, j, local_rank)
         if t.kl_coef > 0:
             kl = kl_penalty(log_prob, ref)
             loss = loss + t.kl_coef * kl

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sampler.editors import TINY_FAMILIES
 from sampler.policy import EditPolicy
 from trainer.config import Config, load_config
 from trainer.engine.policy import (
@@ -68,7 +69,7 @@ def model_spec(spec: str, label: str, config: Config) -> ModelSpec:
             config, model=own.model, run=dataclasses.replace(config.run, seed=own.run.seed)
         )
         return ModelSpec(label, spec, "checkpoint", folder, cfg)
-    if spec not in ("tiny", "tiny-kontext", "tiny-qwen-edit") and not path.exists():
+    if spec not in TINY_FAMILIES and not path.exists():
         parts = path.parts
         if len(parts) != 2 or Path(parts[0]).exists() or spec.startswith((".", "/")):
             raise UserError(

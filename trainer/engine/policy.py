@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from sampler.editors import editor_family
+from sampler.editors import editor_family, load_editor
 from sampler.exemplar import ExemplarPreconv, expand_conv_in
-from sampler.models import load_components, resolve_pretrained
 from sampler.policy import EditPolicy
 from trainer.config import Config
 from trainer.errors import UserError
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,20 +27,27 @@ def resolve_device(name: str) -> torch.device:
 def build_policy(config: Config, device: torch.device | None = None) -> EditPolicy:
     """Load the base model and wrap it for sampling; adds LoRA adapters and exemplar parts per config.
 
-    `model.editor` (or the model's `model_index.json`) picks the family: InstructPix2Pix here, the
-    flow-matching editors in `trainer.engine.flow_policy`."""
+    `model.editor` (or the model's `model_index.json`) picks the family, whose editor module
+    (`sampler.editors.load_editor`) gives the loader and the LoRA targets: the UNet editors here, the
+    flow-matching ones in `trainer.engine.flow_policy`."""
     m, s = config.model, config.sample
     try:
         family = editor_family(m.pretrained, m.editor, m.revision)
     except (OSError, ValueError) as err:
         raise UserError(f"model.pretrained: {str(err).splitlines()[0]}") from err
-    if family != "instruct_pix2pix":
+    try:
+        editor = load_editor(family)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if editor.FLOW_MATCHING:
         from trainer.engine.flow_policy import build_flow_policy
 
-        return build_flow_policy(config, family, device or resolve_device(config.run.device))
-    path = resolve_pretrained(m.pretrained, m.tiny_dir, seed=config.run.seed)
+        return build_flow_policy(config, editor, device or resolve_device(config.run.device))
+    path = (
+        editor.tiny_model(m.tiny_dir, config.run.seed) if m.pretrained == editor.TINY_NAME else m.pretrained
+    )
     try:
-        components = load_components(path, m.revision, m.scheduler)
+        components = editor.load(path, m.revision, m.scheduler)
     except (OSError, ValueError) as err:
         raise UserError(
             f"model.pretrained: cannot load {m.pretrained!r}: {str(err).splitlines()[0]}"
@@ -66,7 +70,7 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
                 r=m.lora_rank,
                 lora_alpha=m.lora_alpha,
                 init_lora_weights="gaussian",
-                target_modules=LORA_TARGETS,
+                target_modules=list(editor.LORA_TARGETS),
             )
         )
     return EditPolicy(

@@ -1,4 +1,8 @@
-"""One epoch of DiffusionNFT updates: forward-process training from final latents and advantages.
+"""`train.objective: nft`: DiffusionNFT (arXiv 2509.16117), likelihood-free: forward-process training
+from the final latents and the group-normalised advantages. Settings: `train.nft_beta`, and
+`train.kl_coef` on the x0 predictions (`trainer.config.train.NFTSettings`).
+
+One epoch of updates
 
 Following `NVlabs/DiffusionNFT` `scripts/train_nft_sd3.py` (lines 855-975): for each trained item and
 noise level, x_t is drawn on the forward process from the rollout's clean final latents, the current
@@ -19,6 +23,10 @@ from tqdm.auto import tqdm
 
 from sampler.rollout import Rollout
 from trainer.algo.nft import nft_loss
+from trainer.algo.signals import attach_group_advantages
+from trainer.objectives.base import Objective
+from trainer.registry import register_objective
+from trainer.rewards.scores import Scores
 
 
 def nft_plan(rollout: Rollout, steps: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -93,3 +101,23 @@ def train_nft(
     out = {key: sum(v) / len(v) for key, v in stats.items() if v}
     out["nonfinite_skipped"] = float(learner.nonfinite_skipped)
     return out
+
+
+@register_objective
+class NFT(Objective):
+    name = "nft"
+
+    def check(self, need) -> None:
+        t = self.config.train
+        need(t.nft_beta > 0, f"train.nft_beta must be > 0, got {t.nft_beta}")
+
+    def attach_signal(self, rollout: Rollout, scores: Scores, stats) -> None:
+        attach_group_advantages(self.config, rollout, scores, stats)
+
+    def trained_steps(self, policy) -> int:
+        """DiffusionNFT trains on the forward process: every step's noise level serves."""
+        t = self.config.train
+        return min(self.config.train_timesteps, self.config.sample.num_steps - t.skip_final_steps)
+
+    def learn(self, learner, rollout: Rollout, generator: torch.Generator, progress: bool) -> dict:
+        return train_nft(learner, rollout, generator, progress)

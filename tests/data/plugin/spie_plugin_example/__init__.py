@@ -1,0 +1,1 @@
+"""An example spie plugin: the `reinforce` objective and the `greenness` scorer."""
