@@ -133,8 +133,8 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
     )
     rewards = make_rewards(config, run_id=run_dir.name)
     log = engine = scorer = None
-    objective = make_objective(config)
     try:
+        objective = make_objective(config)
         # What the objective needs of the scorers (AlignProp: their differentiable forms, refused,
         # naming them, when one has none).
         objective.start(rewards)
