@@ -8,6 +8,7 @@ inside a batch (batch invariance starts here).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,7 +142,10 @@ def torch_dtype(name: str):
 
 
 def load_pretrained(cls: Any, model_id: str, device: str, dtype: str, **kwargs: Any):
-    """`cls.from_pretrained(model_id)` (hub id or local folder) in eval mode on `device`."""
+    """`cls.from_pretrained(model_id)` (hub id or local folder) in eval mode on `device`;
+    FileNotFoundError for a path (absolute, or starting with `.`) that is no folder."""
+    if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().is_dir():
+        raise FileNotFoundError(f"model_id {model_id}: no such folder")
     model = cls.from_pretrained(model_id, dtype=torch_dtype(dtype), **kwargs)
     return model.to(device).eval()
 
