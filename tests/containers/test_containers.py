@@ -146,6 +146,13 @@ def test_the_cpu_profile_trains_through_the_queue_in_containers(env):
         ).stdout
         assert "depth" not in running and "vlm-judge" not in running
 
+        # Redis takes the password and nothing else; the named model cache, a fresh volume, is the
+        # images' user's (it inherits the image folder's ownership), so the scorers can write to it.
+        noauth = _run(["podman", "exec", _container(env, "redis"), "redis-cli", "ping"], env, check=False)
+        assert "NOAUTH" in noauth.stdout + noauth.stderr, noauth
+        for service in ("brightness", "ray-head"):
+            _run(["podman", "exec", _container(env, service), "touch", "/cache/huggingface/.writable"], env)
+
         _run([*compose, *FILES, "up", "-d", "--no-build", "--no-deps", "trainer"], env)
         trainer = _container(env, "trainer")
         code = int(_run(["podman", "wait", trainer], env, timeout=900).stdout.strip().splitlines()[-1])
