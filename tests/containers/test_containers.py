@@ -114,16 +114,9 @@ def _wait_healthy(env, service: str, deadline_s: float) -> float:
 def test_the_cpu_profile_trains_through_the_queue_in_containers(env):
     compose = _compose_cmd()
     t0 = time.monotonic()
-    build = subprocess.run(
-        ["deploy/containers/build.sh"],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=3000,
-    )
-    assert build.returncode == 0, build.stdout[-8000:]
+    # The build's output goes to the terminal with -s (make test-containers), else to pytest's capture.
+    build = subprocess.run(["deploy/containers/build.sh"], cwd=REPO, env=env, timeout=3000)
+    assert build.returncode == 0, f"deploy/containers/build.sh -> {build.returncode}"
     t_build = time.monotonic() - t0
     _log(f"images built in {t_build:.0f} s")
     _run([*compose, *FILES, "down", "-v"], env, check=False)  # a previous run's leftovers
