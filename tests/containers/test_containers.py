@@ -111,6 +111,23 @@ def _wait_healthy(env, service: str, deadline_s: float) -> float:
         time.sleep(2)
 
 
+SCORE = (
+    'python -c \'from PIL import Image; Image.new("RGB", (8, 8), (200, 200, 200)).save("/tmp/a.png")\''
+    " && spie score --server brightness:50051 --images /tmp/a.png --json --timeout 20"
+)
+RAY_CLIENT = (
+    'timeout 120 python -c \'import ray\ntry:\n    ray.init("ray://ray-head:10001")\n'
+    '    print("CONNECTED", ray.cluster_resources())\nexcept Exception as e:\n    print("refused", e)\''
+)
+
+
+def _one_off(env, extra: dict[str, str], script: str) -> subprocess.CompletedProcess:
+    """`script` in a fresh trainer-image container on the project's network, with `extra` env."""
+    flags = [a for k, v in extra.items() for a in ("-e", f"{k}={v}")]
+    cmd = ["podman", "run", "--rm", "--network", f"{PROJECT}_default", *flags, env["SPIE_TRAINER_IMAGE"]]
+    return _run([*cmd, "sh", "-c", script], env, timeout=180, check=False)
+
+
 def test_the_cpu_profile_trains_through_the_queue_in_containers(env):
     compose = _compose_cmd()
     t0 = time.monotonic()
@@ -145,6 +162,19 @@ def test_the_cpu_profile_trains_through_the_queue_in_containers(env):
         assert "NOAUTH" in noauth.stdout + noauth.stderr, noauth
         for service in ("brightness", "ray-head"):
             _run(["podman", "exec", _container(env, service), "touch", "/cache/huggingface/.writable"], env)
+
+        # The scorer's gRPC port and Ray Client take their token: with it a call goes through,
+        # without it the call is refused (one-off containers on the project's network).
+        for token in (env["SPIE_REWARD_TOKEN"], ""):
+            res = _one_off(env, {"SPIE_REWARD_TOKEN": token}, SCORE)
+            ok = res.returncode == 0 and '"score"' in res.stdout
+            refused = res.returncode != 0 and "UNAUTHENTICATED" in res.stderr
+            assert ok if token else refused, f"token={bool(token)}: {res.stdout}{res.stderr}"
+        for token in (env["SPIE_RAY_TOKEN"], ""):
+            res = _one_off(env, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, RAY_CLIENT)
+            assert ("CONNECTED" in res.stdout) == bool(token), (
+                f"token={bool(token)}: {res.stdout}{res.stderr}"
+            )
 
         _run([*compose, *FILES, "up", "-d", "--no-build", "--no-deps", "trainer"], env)
         trainer = _container(env, "trainer")
