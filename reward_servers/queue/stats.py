@@ -1,5 +1,9 @@
 """Per-scorer queue figures for `spie queue stats`: stream length, pending, replicas, dead letters,
-throughput (completed jobs per second, from two samples of each scorer's `done` counter)."""
+throughput (completed jobs per second, from two samples of each scorer's `done` counter).
+
+Replicas are the live entries of the scorer's presence hash (`presence.live_replicas`): a replica
+counts from its start, before its first job, and stops counting once it exits or misses its
+heartbeats."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from dataclasses import asdict, dataclass
 import redis
 
 from reward_servers.queue import protocol as P
+from reward_servers.queue.presence import live_replicas
 
 ACTIVE_IDLE_MS = 60_000  # a consumer that talked to Redis within this long counts as active
 
@@ -20,6 +25,8 @@ class ScorerStats:
     pending: int  # jobs delivered to a replica and not yet acknowledged
     consumers: int  # replicas known to the group
     active_consumers: int  # of which seen in the last minute
+    replicas: int  # live replicas (registered, heartbeat within its TTL), draining ones included
+    draining: int  # of which finishing their jobs before they exit
     dead_letters: int  # entries in the dead-letter stream
     completed: int  # jobs completed since the stream was created
     throughput: float  # jobs completed per second over the sampling interval
@@ -47,12 +54,15 @@ def _snapshot(client: redis.Redis, scorer: str) -> ScorerStats:
             active = sum(c["idle"] < ACTIVE_IDLE_MS for c in client.xinfo_consumers(stream, P.GROUP))
     except redis.ResponseError:  # no stream or group yet
         pass
+    live = live_replicas(client, scorer)
     return ScorerStats(
         scorer=scorer,
         stream_length=client.xlen(stream),
         pending=pending,
         consumers=consumers,
         active_consumers=active,
+        replicas=len(live),
+        draining=sum(bool(e.get("draining")) for e in live.values()),
         dead_letters=client.xlen(P.dead_key(scorer)),
         completed=int(client.get(P.done_key(scorer)) or 0),
         throughput=0.0,
@@ -79,7 +89,7 @@ def format_table(rows: list[ScorerStats]) -> str:
     header = ("scorer", "stream", "pending", "replicas", "dead", "completed", "items/s")
     lines = [header]
     for r in rows:
-        replicas = f"{r.active_consumers}/{r.consumers}"
+        replicas = f"{r.replicas} ({r.draining} draining)" if r.draining else str(r.replicas)
         lines.append(
             (
                 r.scorer,
