@@ -64,6 +64,7 @@ class ReplicaPresence:
 
     def _presence_init(self) -> None:
         self._started_ms = 0
+        self.scored_again = 0  # jobs scored here whose result another replica had written already
         self._busy_s = 0.0
         self._busy_since: float | None = None
         self._draining = False
@@ -91,6 +92,7 @@ class ReplicaPresence:
                 "host": self._host,
                 "pid": os.getpid(),
                 "completed": self.completed,
+                "scored_again": self.scored_again,
                 "busy_s": round(self.busy_seconds(), 3),
                 "held": len(self._held),
                 "draining": self._draining,
@@ -111,7 +113,9 @@ class ReplicaPresence:
         """On a clean exit: drop the presence entry, and the group consumer if it holds nothing."""
         try:
             await self.redis.hdel(P.replicas_key(self.scorer_name), self.name)
-            pending = await self.redis.xpending_range(self.stream, P.GROUP, "-", "+", 1, consumername=self.name)
+            pending = await self.redis.xpending_range(
+                self.stream, P.GROUP, "-", "+", 1, consumername=self.name
+            )
             if not pending:
                 await self.redis.xgroup_delconsumer(self.stream, P.GROUP, self.name)
         except (redis.RedisError, OSError) as err:

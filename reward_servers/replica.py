@@ -128,13 +128,14 @@ class ReplicaThread:
         await self.server.stop(grace_s=max(0.0, grace_s - (time.monotonic() - t0)))
 
     def info(self) -> dict:
-        """name, completed (jobs this replica finished first), busy_s, held, pid."""
+        """name, completed (jobs this replica finished first), scored_again, busy_s, held, pid."""
         c = self.consumer
         if c is None:
-            return {"name": self.consumer_name, "completed": 0, "busy_s": 0.0, "held": 0, "pid": os.getpid()}
+            return {"name": self.consumer_name, "completed": 0, "scored_again": 0, "busy_s": 0.0, "held": 0}
         return {
             "name": c.name,
             "completed": c.completed,
+            "scored_again": c.scored_again,
             "busy_s": c.busy_seconds(),
             "held": len(c._held),
             "pid": os.getpid(),
