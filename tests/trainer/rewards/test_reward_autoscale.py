@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 from queue_helpers import brightness_items, redis_client
-from ray_reward_helpers import Watch, check_nothing_lost, sleep_reward, wait_until
+from ray_reward_helpers import Watch, check_nothing_lost, scored_again, sleep_reward, wait_until
 
 from reward_servers.queue import protocol as P
 from reward_servers.queue.embedded import EmbeddedRedis
@@ -133,6 +133,7 @@ def test_replica_actor_killed_mid_batch_is_restarted_and_loses_nothing(local_ray
             "2 live",
         )
         assert after["name"].encode() in live
+        assert scored_again(group) == 0
     finally:
         client.close()
         replicas.close()
