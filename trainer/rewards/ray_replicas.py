@@ -128,7 +128,7 @@ class ReplicaGroup:
 
     def poll(self) -> list[dict]:
         """Kill drained members (or those past their drain deadline); check starting ones. Returns
-        events: {"action": "drained" | "start_failed", ...}."""
+        events: {"action": "ready" | "drained" | "start_failed", ...}."""
         events, keep = [], []
         for m in self.draining:
             ready, _ = ray.wait([m.drain_ref], timeout=0)
@@ -155,6 +155,7 @@ class ReplicaGroup:
             if m.ready_ref is not None and ray.wait([m.ready_ref], timeout=0)[0]:
                 try:
                     m.where = ray.get(m.ready_ref)
+                    events.append({"action": "ready", "start_s": round(time.monotonic() - m.started, 2)})
                 except ray.exceptions.RayError as err:
                     self.members.remove(m)
                     with contextlib.suppress(Exception):
