@@ -182,8 +182,8 @@ class StreamConsumer(JobWrites, ReplicaPresence):
         deadline = time.monotonic() + grace_s
         if self._loops:
             await asyncio.wait({self._loops[0]}, timeout=self.config.block_ms / 1000 + 1.0)
-        with contextlib.suppress(*_REDIS_DOWN, redis.RedisError):
-            await self._refresh_presence()
+        with contextlib.suppress(*_REDIS_DOWN, redis.RedisError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._refresh_presence(), 2.0)  # shows "draining"
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
         for task in [*self._loops, *self._tasks]:

@@ -12,6 +12,7 @@ An entry also carries what the replica measured: `completed` (jobs it finished) 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import redis
 from reward_servers.queue import protocol as P
 
 log = logging.getLogger("spie.queue")
+DEREGISTER_S = 3.0  # most seconds a clean exit spends deregistering
 MIN_TTL_MS = 5_000  # a replica missing this long (and 3 heartbeats) counts as gone
 
 
@@ -110,16 +112,21 @@ class ReplicaPresence:
         await self.redis.hset(P.replicas_key(self.scorer_name), self.name, self._presence_entry())
 
     async def _deregister(self) -> None:
-        """On a clean exit: drop the presence entry, and the group consumer if it holds nothing."""
-        try:
+        """On a clean exit: drop the presence entry, and the group consumer if it holds nothing
+        (within DEREGISTER_S: a frozen Redis must not hold up the exit; the entry then lapses)."""
+
+        async def deregister() -> None:
             await self.redis.hdel(P.replicas_key(self.scorer_name), self.name)
             pending = await self.redis.xpending_range(
                 self.stream, P.GROUP, "-", "+", 1, consumername=self.name
             )
             if not pending:
                 await self.redis.xgroup_delconsumer(self.stream, P.GROUP, self.name)
-        except (redis.RedisError, OSError) as err:
-            log.warning("queue %s: could not deregister %s: %s", self.stream, self.name, err)
+
+        try:
+            await asyncio.wait_for(deregister(), DEREGISTER_S)
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as err:
+            log.warning("queue %s: could not deregister %s: %r", self.stream, self.name, err)
 
     async def _forget_dead_consumers(self) -> list[str]:
         """Remove consumers idle longer than `forget_idle_ms` that hold no pending job (their jobs

@@ -12,6 +12,7 @@ Per scorer S (shared by every run):
     spie:q:S:replicas         hash   replica name -> JSON presence (seen_ms, ttl_ms, started_ms,
                                      completed, busy_s, draining), refreshed every heartbeat; removed
                                      on a clean exit, ignored (and pruned) once seen_ms + ttl_ms passed
+    spie:q:S:scaling          stream an autoscaler's events (field "event": JSON), capped
 
 Per rollout batch B of run R (all expire after the client's TTL). B is unique per client attempt
 ("<random attempt id>-b<counter>"), so a resumed run that reuses R never meets its predecessor's keys:
@@ -62,6 +63,13 @@ def done_key(scorer: str) -> str:
 
 def replicas_key(scorer: str) -> str:
     return f"spie:q:{scorer}:replicas"
+
+
+def scaling_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:scaling"
+
+
+SCALING_MAXLEN = 200  # approximate cap on the events kept per scorer
 
 
 class BatchKeys:

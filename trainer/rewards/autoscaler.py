@@ -17,6 +17,7 @@ each epoch's line of metrics.jsonl by the loop): `reward/<scorer>/replicas`, `..
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -145,10 +146,19 @@ class Autoscaler:
                 self._peak[name] = max(self._peak[name], target)
 
     def _event(self, scorer: str, **fields) -> None:
+        """Keep an event for metrics() and publish it for `spie queue stats`."""
+        from reward_servers.queue import protocol as P
+
         event = {"t": round(time.monotonic() - self.t0, 2), "scorer": scorer, **fields}
         log.info("reward autoscaler: %s", event)
         with self._lock:
             self.events.append(event)
+        self.redis.xadd(
+            P.scaling_key(scorer),
+            {"event": json.dumps(fields)},
+            maxlen=P.SCALING_MAXLEN,
+            approximate=True,
+        )
 
     def metrics(self) -> dict:
         """Replica counts since the last call, and the scaling events (then forgotten)."""

@@ -56,6 +56,8 @@ class Member:
     drain_ref: object = None  # drain's ObjectRef once it is being removed
     drain_deadline: float = 0.0
     where: dict = field(default_factory=dict)
+    ping_ref: object = None  # info's ObjectRef: a health check of a serving member
+    next_ping: float = 0.0
 
 
 class ReplicaGroup:
@@ -128,7 +130,7 @@ class ReplicaGroup:
 
     def poll(self) -> list[dict]:
         """Kill drained members (or those past their drain deadline); check starting ones. Returns
-        events: {"action": "ready" | "drained" | "start_failed", ...}."""
+        events: {"action": "ready" | "drained" | "start_failed" | "died" | "restarted", ...}."""
         events, keep = [], []
         for m in self.draining:
             ready, _ = ray.wait([m.drain_ref], timeout=0)
@@ -163,7 +165,32 @@ class ReplicaGroup:
                     self.failures.append(_first_line(err))
                     events.append({"action": "start_failed", "error": _first_line(err)})
                 m.ready_ref = None
+            elif m.where:
+                events += self._ping(m)
         return events
+
+    def _ping(self, m: Member) -> list[dict]:
+        """Every PING_S: is a serving member still there? One Ray gave up on (out of restarts)
+        leaves the group, and the autoscaler brings the group back to its minimum."""
+        now = time.monotonic()
+        if m.ping_ref is None:
+            if now >= m.next_ping:
+                m.ping_ref, m.next_ping = m.handle.info.remote(), now + PING_S
+            return []
+        if not ray.wait([m.ping_ref], timeout=0)[0]:
+            return []
+        ref, m.ping_ref = m.ping_ref, None
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            if _actor_state(m.handle) != "DEAD":
+                return []  # restarting: it comes back and registers again
+            self.members.remove(m)
+            return [{"action": "died", "error": _first_line(err)}]
+        if info.get("name") and info["name"] != m.where.get("name"):  # Ray restarted it
+            m.where = {**m.where, "name": info["name"], "pid": info.get("pid")}
+            return [{"action": "restarted"}]
+        return []
 
     @property
     def count(self) -> int:
@@ -181,6 +208,19 @@ class ReplicaGroup:
             with contextlib.suppress(Exception):
                 ray.kill(m.handle, no_restart=True)
         self.draining = []
+
+
+PING_S = 5.0
+
+
+def _actor_state(handle) -> str:
+    """ "ALIVE", "RESTARTING", "DEAD"... from the GCS ("" when it cannot tell)."""
+    try:
+        from ray._private import state
+
+        return str(state.actors(actor_id=handle._actor_id.hex()).get("State", ""))
+    except Exception:
+        return ""
 
 
 def _first_line(err: BaseException) -> str:

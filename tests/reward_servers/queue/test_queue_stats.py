@@ -60,6 +60,7 @@ def test_queue_stats_reports_each_scorer(redis_server, replicas):
         "dead",
         "completed",
         "items/s",
+        "scaled",
     ]
     assert box["scores"].errors["sleep"][0] is not None
 

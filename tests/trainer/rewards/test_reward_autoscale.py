@@ -14,6 +14,7 @@ from ray_reward_helpers import Watch, check_nothing_lost, scored_again, sleep_re
 
 from reward_servers.queue import protocol as P
 from reward_servers.queue.embedded import EmbeddedRedis
+from reward_servers.queue.stats import collect
 from trainer.config.reward_scaling import ScorerReplicas
 from trainer.rewards.autoscaler import ScorerState, wanted
 from trainer.rewards.queue import QueueClientConfig, RewardClient
@@ -91,8 +92,11 @@ def test_bursts_scale_replicas_up_and_back_down_losing_nothing(local_ray, tcp_re
         assert ups and drained and all(e["clean"] for e in drained)
         assert sum(e["scored_again"] or 0 for e in drained) == 0
         assert max(watch.counts) >= 2
-        # Drained replicas left the group and the presence hash: only the one kept remains.
+        # Drained replicas left the group and the presence hash: only the one kept remains, and
+        # `spie queue stats` shows it and the last scaling event.
         wait_until(lambda: len(rdb.xinfo_consumers(P.jobs_key("sleep"), P.GROUP)) == 1, 10, "one consumer")
+        row = collect(rdb, 0)[0]
+        assert row.replicas == 1 and row.draining == 0 and row.last_scaling["action"] in ("down", "drained")
     finally:
         watch.stop()
         client.close()
@@ -134,6 +138,39 @@ def test_replica_actor_killed_mid_batch_is_restarted_and_loses_nothing(local_ray
         )
         assert after["name"].encode() in live
         assert scored_again(group) == 0
+        seen = []  # the autoscaler's health check notices the restart (a new consumer name)
+        wait_until(
+            lambda: (
+                seen.extend(replicas.metrics()["reward/scaling_events"])
+                or any(e["action"] == "restarted" for e in seen)
+            ),
+            15,
+            "a restarted event",
+        )
+    finally:
+        client.close()
+        replicas.close()
+
+
+def test_replica_out_of_restarts_is_replaced_by_the_autoscaler(local_ray, tcp_redis):
+    reward = sleep_reward(0.1, 4, min_replicas=1, max_replicas=1, max_restarts=0)
+    replicas = RayReplicaSet(reward, tcp_redis.url, tcp_redis.password)
+    group = replicas.groups[0]
+    client = _client(tcp_redis)
+    try:
+        first = group.members[0]
+        ray.kill(first.handle, no_restart=True)  # as a replica whose restarts are used up
+        wait_until(
+            lambda: group.members and group.members[0] is not first and group.members[0].where,
+            40,
+            "a new one",
+        )
+        events = [e["action"] for e in replicas.metrics()["reward/scaling_events"]]
+        assert "died" in events and "up" in events
+        items, expected = brightness_items(8)
+        check_nothing_lost(
+            client.score_items(items), expected, client.take_counts(), redis_client(tcp_redis), 8
+        )
     finally:
         client.close()
         replicas.close()
