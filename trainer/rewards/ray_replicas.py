@@ -121,9 +121,14 @@ class ReplicaGroup:
         return {"CPU": s.num_cpus, "GPU": s.num_gpus, **s.resources}
 
     def remove(self, n: int = 1) -> None:
-        """Drain the `n` newest members; `poll` kills them once they finished."""
+        """Drain the `n` newest members; `poll` kills them once they finished. One not consuming yet
+        (still pending placement, or loading) is killed at once: it holds no job."""
         for _ in range(min(n, len(self.members))):
             m = self.members.pop()
+            if not m.where and not (m.ready_ref is not None and ray.wait([m.ready_ref], timeout=0)[0]):
+                with contextlib.suppress(Exception):
+                    ray.kill(m.handle, no_restart=True)
+                continue
             m.drain_ref = m.handle.drain.remote(self.spec.drain_grace_s)
             m.drain_deadline = time.monotonic() + self.spec.drain_grace_s + 30
             self.draining.append(m)

@@ -174,3 +174,21 @@ def test_replica_out_of_restarts_is_replaced_by_the_autoscaler(local_ray, tcp_re
     finally:
         client.close()
         replicas.close()
+
+
+def test_replicas_that_cannot_load_or_be_placed_fail_in_one_line(local_ray, tcp_redis):
+    import dataclasses
+
+    from trainer.config.schema import ScorerConfig
+    from trainer.errors import UserError
+
+    bad = dataclasses.replace(sleep_reward(0.1, 4), scorers=(ScorerConfig(name="sleep", kwargs={"nope": 1}),))
+    with pytest.raises(UserError, match=r"reward replica of sleep failed: .*no option\(s\) \['nope'\]"):
+        RayReplicaSet(bad, tcp_redis.url, tcp_redis.password)
+    nowhere = dataclasses.replace(
+        sleep_reward(0.1, 4, resources={"reward_slot": 1}), server_start_timeout_s=2.0
+    )
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"1 not placed or not consuming within 2s .*'reward_slot': 1"):
+        RayReplicaSet(nowhere, tcp_redis.url, tcp_redis.password)
+    assert time.monotonic() - start < 15  # the pending actor is killed, not drained
