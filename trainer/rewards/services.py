@@ -117,6 +117,10 @@ class QueueRewards:
                 self.redis = EmbeddedRedis(tcp=True, host=r.redis_host, advertise=advertise).start()
                 url, password = self.redis.url, self.redis.password
                 print(f"[spie] started an embedded Redis at {url}")
+                if self.redis.advertise.startswith("127.") and len(ray.nodes()) > 1:
+                    print(
+                        "[spie] warning: Redis on loopback; replicas on other machines need reward.redis_host"
+                    )
             elif not url:
                 self.redis = EmbeddedRedis().start()
                 url, password = self.redis.url, self.redis.password

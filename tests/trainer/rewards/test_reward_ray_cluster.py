@@ -121,3 +121,19 @@ def test_tiny_training_scores_through_ray_replicas_one_killed_mid_run(
         assert record["items"] == 64 and record["items_dropped"] == 0 and record["queue.resubmitted"] == 0
         assert record["reward/brightness/replicas"] == 2
         assert isinstance(record["reward/scaling_events"], list)
+
+
+def test_the_run_starts_redis_on_tcp_for_its_replica_actors(reward_cluster, tiny_config, capsys):
+    config = tiny_config(
+        "run.num_epochs=1",
+        "run.image_log_freq=0",
+        "run.name=ray-own-redis",
+        "reward.transport=queue",
+        "reward.launch=ray",
+        "reward.ray.scorers=[{scorer: brightness, num_cpus: 1, resources: {reward_slot: 1}}]",
+    )
+    metrics = read_metrics(train(config))
+    out = capsys.readouterr().out
+    assert "started an embedded Redis at redis://127.0.0.1:" in out  # TCP, reward.redis_host
+    assert "warning: Redis on loopback" in out  # two Ray nodes: on a real cluster, set redis_host
+    assert metrics[0]["items_dropped"] == 0 and metrics[0]["reward/brightness/replicas"] == 1
