@@ -105,7 +105,11 @@ class ReplicaPresence:
         """Join the group as a consumer now (not at the first read) and publish presence."""
         if not self._started_ms:
             self._started_ms = int(self._redis_now_ms())
-        await self.redis.xgroup_createconsumer(self.stream, P.GROUP, self.name)
+        try:
+            await self.redis.xgroup_createconsumer(self.stream, P.GROUP, self.name)
+        except redis.ResponseError as err:  # Redis < 6.2: the group learns of it at its first read
+            if "unknown" not in str(err).lower():
+                raise
         await self._refresh_presence()
 
     async def _refresh_presence(self) -> None:
