@@ -111,6 +111,11 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
         raise UserError(f"cannot read config {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: invalid YAML: {err}") from None
+    return serve_config_from_dict(data, path)
+
+
+def serve_config_from_dict(data: Any, path: Path | str = "config") -> ServeConfig:
+    """A ServeConfig from the mapping a YAML file holds (`path` names it in errors)."""
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with server / batching / scorer sections")
     unknown = sorted(set(data) - {"server", "batching", "scorer", "queue"})

@@ -29,6 +29,7 @@ Crash safety:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ from reward_servers.images import (
 )
 from reward_servers.queue import protocol as P
 from reward_servers.queue.decoding import decode_all, parse_all, split_parts
+from reward_servers.queue.presence import ReplicaPresence
 from reward_servers.queue.writes import _REDIS_DOWN, WRITE_GRACE_S, JobWrites, _Job
 
 log = logging.getLogger("spie.queue")
@@ -116,7 +118,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class StreamConsumer(JobWrites):
+class StreamConsumer(JobWrites, ReplicaPresence):
     """Pulls jobs of one scorer from Redis into a `DynamicBatcher`.
 
     Args:
@@ -161,6 +163,7 @@ class StreamConsumer(JobWrites):
         self._loops: list[asyncio.Task] = []
         self._stopping = False
         self._decode = ThreadPoolExecutor(1, thread_name_prefix="queue-decode")
+        self._presence_init()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -172,15 +175,21 @@ class StreamConsumer(JobWrites):
         log.info("queue consumer %s reading %s at %s", self.name, self.stream, P.describe(self.url))
 
     async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop reading, finish the jobs in hand within `grace_s`, then disconnect. Jobs left
-        unacknowledged are taken over by other replicas after `claim_min_idle_ms`."""
-        self._stopping = True
-        self._loops[0].cancel() if self._loops else None
+        """Drain: stop reading (the read in progress ends by itself within block_ms, so nothing it
+        delivered is dropped), finish the jobs in hand within `grace_s`, deregister, disconnect.
+        Jobs left unacknowledged are taken over by other replicas after `claim_min_idle_ms`."""
+        self._stopping = self._draining = True
+        deadline = time.monotonic() + grace_s
+        if self._loops:
+            await asyncio.wait({self._loops[0]}, timeout=self.config.block_ms / 1000 + 1.0)
+        with contextlib.suppress(*_REDIS_DOWN, redis.RedisError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._refresh_presence(), 2.0)  # shows "draining"
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace_s)
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await self._deregister()
         await self.redis.aclose()
         self._decode.shutdown(wait=False, cancel_futures=True)
 
@@ -211,6 +220,7 @@ class StreamConsumer(JobWrites):
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+        await self._register()
         info = {
             "version": self.scorer.version,
             "model_id": self.scorer.model_id,
@@ -278,48 +288,30 @@ class StreamConsumer(JobWrites):
             self._dispatch(entries)
         return bool(entries)
 
-    async def _forget_dead_consumers(self) -> list[str]:
-        """Remove consumers idle longer than `forget_idle_ms` that hold no pending job (their jobs
-        were taken over), so the group's consumer count means live replicas."""
-        removed = []
-        try:
-            consumers = await self.redis.xinfo_consumers(self.stream, P.GROUP)
-        except redis.ResponseError:  # stream or group gone (Redis restarted): the read recreates it
-            return removed
-        for consumer in consumers:
-            name = _text(consumer["name"])
-            if name == self.name or consumer["pending"] or consumer["idle"] < self.config.forget_idle_ms:
-                continue
-            # DELCONSUMER drops the consumer's pending entries: only ever with none pending.
-            if await self.redis.xgroup_delconsumer(self.stream, P.GROUP, name) == 0:
-                removed.append(name)
-            else:  # it took a job meanwhile: it is alive after all
-                log.warning("queue %s: consumer %s held jobs when removed", self.stream, name)
-        if removed:
-            log.info("queue %s: removed %d dead consumer(s): %s", self.stream, len(removed), removed)
-        return removed
-
     async def _heartbeat_loop(self) -> None:
-        """Re-claim the jobs in hand so their idle time stays below claim_min_idle_ms."""
+        """Re-claim the jobs in hand so their idle time stays below claim_min_idle_ms, and refresh
+        this replica's presence entry."""
         while True:
             await asyncio.sleep(self.config.heartbeat_ms / 1000)
             held = list(self._held)
-            if not held:
-                continue
             try:
-                await self.redis.xclaim(self.stream, P.GROUP, self.name, 0, held, justid=True)
+                await self._refresh_presence()
+                if held:
+                    await self.redis.xclaim(self.stream, P.GROUP, self.name, 0, held, justid=True)
             except (redis.ResponseError, *_REDIS_DOWN) as err:
                 log.debug("queue %s: heartbeat failed: %s", self.stream, err)
 
     def _dispatch(self, entries: list) -> None:
         ids = [_text(entry_id) for entry_id, _ in entries]
         self._held.update(ids)
+        self._busy_update()
         task = asyncio.get_running_loop().create_task(self._process(entries))
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
             self._tasks.discard(t)
             self._held.difference_update(ids)
+            self._busy_update()
             self._freed.set()
             if not t.cancelled() and t.exception() is not None:
                 log.error("queue %s: job batch failed: %r", self.stream, t.exception())
@@ -419,6 +411,7 @@ class StreamConsumer(JobWrites):
                 await self._until_written(lambda: self._complete(job, result), job)
         finally:
             self._held.discard(job.entry_id)
+            self._busy_update()
             self._freed.set()
 
     async def _score(self, job: _Job, decoded) -> ItemOutcome | None:

@@ -3,8 +3,9 @@
     with EmbeddedRedis() as server:            # unix socket in a private temp folder, random password
         client = connect(server.url, server.password)
 
-It listens on a unix socket (mode 700 folder) by default, or on 127.0.0.1 with `tcp=True`; never on
-another interface. It keeps nothing on disk (no RDB, no AOF). The process is removed on `stop()`, on
+It listens on a unix socket (mode 700 folder) by default, or on 127.0.0.1 with `tcp=True`; on
+another interface only when asked (`host`, e.g. a Ray head node's address, so reward replicas on
+other nodes reach it), and then only with a password. It keeps nothing on disk (no RDB, no AOF). The process is removed on `stop()`, on
 interpreter exit (atexit), on SIGTERM/SIGHUP to the launcher and on Ctrl-C (KeyboardInterrupt
 unwinds the `with`); on Linux the server also gets SIGKILL when its launcher dies (PR_SET_PDEATHSIG),
 so not even `kill -9` of the launcher leaves it behind (whichever thread started it: see
@@ -107,16 +108,28 @@ class EmbeddedRedis:
 
     Args:
         password: AUTH password; None picks a random one, "" turns AUTH off.
-        tcp: listen on 127.0.0.1:`port` instead of a unix socket.
+        tcp: listen on `host`:`port` instead of a unix socket.
         port: TCP port (0: a free one).
+        host: address to bind with `tcp` (default 127.0.0.1); any other needs a password.
+        advertise: the address put in `url` (default: `host`; 127.0.0.1 for 0.0.0.0).
         startup_timeout_s: how long to wait for the server to answer PING.
     """
 
     def __init__(
-        self, password: str | None = None, tcp: bool = False, port: int = 0, startup_timeout_s: float = 10.0
+        self,
+        password: str | None = None,
+        tcp: bool = False,
+        port: int = 0,
+        startup_timeout_s: float = 10.0,
+        host: str = "127.0.0.1",
+        advertise: str = "",
     ) -> None:
         self.password = secrets.token_urlsafe(24) if password is None else password
         self.tcp = tcp
+        self.host = host or "127.0.0.1"
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.password:
+            raise UserError(f"embedded redis: binding {self.host} needs a password")
+        self.advertise = advertise or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
         self.port = (port or _free_port()) if tcp else 0
         self.startup_timeout_s = startup_timeout_s
         self.folder = Path(tempfile.mkdtemp(prefix="spie-redis-"))
@@ -127,14 +140,15 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """Connection URL without the password (pass `password` separately, or REDIS_PASSWORD)."""
-        return f"redis://127.0.0.1:{self.port}/0" if self.tcp else f"unix://{self.socket_path}"
+        host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
+        return f"redis://{host}:{self.port}/0" if self.tcp else f"unix://{self.socket_path}"
 
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         lines = [f"dir {self.folder}", 'save ""', "appendonly no", "daemonize no", "loglevel warning"]
         lines.append(f"logfile {self.folder / 'redis.log'}")
         if self.tcp:
-            lines += ["bind 127.0.0.1", f"port {self.port}", "protected-mode yes"]
+            lines += [f"bind {self.host}", f"port {self.port}", "protected-mode yes"]
         else:
             lines += ["port 0", f"unixsocket {self.socket_path}", "unixsocketperm 700"]
         if self.password:

@@ -14,6 +14,7 @@ import pytest
 import redis
 from queue_helpers import REPO, Replica
 
+from reward_servers.errors import UserError
 from reward_servers.queue.embedded import EmbeddedRedis
 from reward_servers.queue.protocol import connect
 
@@ -106,5 +107,18 @@ def test_a_server_started_from_a_thread_outlives_that_thread():
             client = connect(server.url, server.password)
             assert client.ping()
             client.close()
+    finally:
+        server.stop()
+
+
+def test_embedded_redis_binds_the_given_host_only_with_a_password():
+    with pytest.raises(UserError, match="binding 0.0.0.0 needs a password"):
+        EmbeddedRedis(password="", tcp=True, host="0.0.0.0")
+    server = EmbeddedRedis(tcp=True, host="0.0.0.0").start()  # every interface; clients use loopback here
+    try:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        client = connect(server.url, server.password)
+        assert client.ping() and client.config_get("bind")["bind"] == "0.0.0.0"
+        client.close()
     finally:
         server.stop()
