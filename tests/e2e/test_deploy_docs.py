@@ -64,7 +64,11 @@ def parses(argv: list[str]) -> None:
     from trainer.cli import build_parser
 
     parser = {"spie": build_parser, "spie-reward": reward_parser}[argv[0]]()
-    parser.parse_args(argv[1:])
+    args = parser.parse_args(argv[1:])
+    if argv[:2] == ["spie", "train"] and args.config:  # the preset and every --set load
+        from trainer.config import load_config
+
+        load_config(REPO / args.config, [o.replace("$PWD", "/tmp") for o in args.overrides])
 
 
 def test_every_block_runs_or_says_what_it_needs_and_parses():

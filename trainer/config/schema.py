@@ -298,7 +298,8 @@ class RewardConfig:
     # scaled per reward.ray) or "none" (elsewhere); launch_servers: false means "none".
     launch: Literal["local", "ray", "none"] = "local"
     # Address the run's embedded Redis binds with launch ray: 127.0.0.1 (one machine), or the head
-    # node's address on a cluster so replicas on other nodes reach it (always with a password).
+    # node's address on a cluster so replicas on other nodes reach it (always with a password);
+    # auto: the driver node's address as Ray sees it.
     redis_host: str = "127.0.0.1"
     # Ray replica actors: resources, restarts and autoscaling per scorer (trainer/config/reward_scaling.py).
     ray: RayRewardConfig = field(default_factory=RayRewardConfig)

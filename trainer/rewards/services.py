@@ -114,7 +114,9 @@ class QueueRewards:
 
                 wildcard = r.redis_host in ("0.0.0.0", "::")
                 advertise = ray.util.get_node_ip_address() if wildcard else ""
-                self.redis = EmbeddedRedis(tcp=True, host=r.redis_host, advertise=advertise).start()
+                # auto: the driver node's address as Ray sees it (the head's, under `ray job submit`).
+                host = ray.util.get_node_ip_address() if r.redis_host == "auto" else r.redis_host
+                self.redis = EmbeddedRedis(tcp=True, host=host, advertise=advertise).start()
                 url, password = self.redis.url, self.redis.password
                 print(f"[spie] started an embedded Redis at {url}")
                 if self.redis.advertise.startswith("127.") and len(ray.nodes()) > 1:
