@@ -179,6 +179,12 @@ def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS)
                 f"{where}.edited_tensor: shape {list(tensor.shape)} is not (3, height, width) of the edit "
                 f"{list(edited.shape[:2])}"
             )
+        low, high = (float(tensor.min()), float(tensor.max())) if tensor.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+            raise ImageError(
+                f"{where}.edited_tensor: values span [{low:g}, {high:g}], outside the image range [0, 1] "
+                "(send the edit as floats in [0, 1], not NaN or infinite)"
+            )
     return DecodedItem(
         item.id, edited, source, item.instruction, mask, exemplars, metadata, tensor, item.want_gradient
     )
