@@ -327,6 +327,9 @@ class DynamicBatcher:
                 if self.cache is not None and entry.key is not None and outcome.kind == "ok":
                     self.cache.put(entry.key, outcome)
                 entry.request.resolve(entry.index, outcome)
+            # Drop the batch before waiting for the next one: its decoded images count against the
+            # server's decoded budget until their requests give them back (budget.py).
+            del entries, outcomes
 
     def _score(self, batch: ScoreBatch) -> list[ItemOutcome]:
         """Run the scorer on one batch (worker thread); isolate failures item by item."""
