@@ -13,7 +13,9 @@ from trainer.run.durable import JOB_ENV, check_durable
 
 def job_env(working_dir: str | None) -> dict[str, str]:
     runtime_env = {"working_dir": working_dir} if working_dir else {}
-    return {JOB_ENV: json.dumps({"runtime_env": runtime_env, "metadata": {"job_submission_id": "raysubmit_1"}})}
+    return {
+        JOB_ENV: json.dumps({"runtime_env": runtime_env, "metadata": {"job_submission_id": "raysubmit_1"}})
+    }
 
 
 def test_relative_output_dir_in_a_job_working_dir_is_refused_in_one_line(tmp_path):
