@@ -149,8 +149,12 @@ class GroundingScorer:
 
         if self.sam is None:
             return [box_mask(im.shape[:2], box) for im, box in zip(images, boxes, strict=True)]
-        inputs = self.sam_processor(
-            images=list(images), input_boxes=[[list(map(float, b))] for b in boxes], return_tensors="pt"
+        from PIL import Image
+
+        inputs = self.sam_processor(  # PIL images: an (H, W, 3) array with H of 1 or 3 reads as CHW
+            images=[Image.fromarray(im) for im in images],
+            input_boxes=[[list(map(float, b))] for b in boxes],
+            return_tensors="pt",
         )
         with torch.inference_mode():
             out = self.sam(

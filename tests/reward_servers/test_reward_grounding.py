@@ -135,6 +135,8 @@ def test_items_the_models_cannot_take_fail_alone(tiny, serve):
         make_ground_item("words", scene(), " ".join(["the red square"] * 67)),  # 200 words
         make_ground_item("mib", scene(), "a" * 2**20),
         make_ground_item("good", scene(), "the red square"),
+        # 3 rows: an (H, W, 3) array with H = 3 once read as channels-first in SAM's processor
+        make_ground_item("thin", np.random.default_rng(0).integers(0, 256, (3, 60, 3), np.uint8), "a dog"),
     ]
     with st.client() as client:
         start = time.monotonic()
@@ -142,6 +144,7 @@ def test_items_the_models_cannot_take_fail_alone(tiny, serve):
     assert time.monotonic() - start < 10
     assert results["good"].status == 1, results["good"].error
     np.testing.assert_array_equal(result_mask(results["good"]), box_mask((40, 60), SQUARE))
+    assert results["thin"].status == 1 and result_mask(results["thin"]).shape == (3, 60)
     expected = {
         "wide": "resizes to 0 px",
         "tall": "resizes to 0 px",
