@@ -36,9 +36,11 @@ class ServerConfig:
     max_message_mb: int = 64
     # Largest image accepted, in pixels (width x height), checked before decoding.
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # Most bytes the images of one Score request (or one queue read) may decode to, in MiB, checked
-    # from the image headers before anything is decoded: an item over it alone fails alone
-    # (INVALID_INPUT); a request over it gets RESOURCE_EXHAUSTED; a queue read is scored in parts.
+    # Most bytes of decoded images the server holds at once, in MiB, across all its Score and Ground
+    # calls (one shared budget, reward_servers/budget.py), reserved from the image headers before
+    # anything is decoded: an item over it alone fails alone (INVALID_INPUT); a request over it gets
+    # RESOURCE_EXHAUSTED; one that does not fit beside the others waits its turn until its
+    # deadline. A queue read is scored in parts of at most this much.
     max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
     # Most items in one Score request (more: INVALID_ARGUMENT).
     max_items_per_request: int = 256

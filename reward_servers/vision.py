@@ -44,10 +44,13 @@ def score_valid(
     batch: ScoreBatch,
     same_size: bool,
     fn: Callable[[list[int]], tuple[Sequence[float], Sequence[dict[str, float]]]],
+    check: Callable[[int], str | None] | None = None,
 ) -> ScoreResult:
-    """Run `fn(valid_indices) -> (scores, details)` on the items that pass `check_items`; the others
-    get NaN and their error."""
+    """Run `fn(valid_indices) -> (scores, details)` on the items that pass `check_items` (and the
+    scorer's own `check(index) -> one-line reason or None`); the others get NaN and their error."""
     errors = check_items(batch, same_size)
+    if check is not None:
+        errors = [e or check(i) for i, e in enumerate(errors)]
     valid = [i for i, e in enumerate(errors) if e is None]
     scores = np.full(len(batch), np.nan)
     details: list[dict[str, float]] = [{} for _ in range(len(batch))]

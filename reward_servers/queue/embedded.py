@@ -7,9 +7,10 @@ It listens on a unix socket (mode 700 folder) by default, or on 127.0.0.1 with `
 another interface only when asked (`host`, e.g. a Ray head node's address, so reward replicas on
 other nodes reach it), and then only with a password. It keeps nothing on disk (no RDB, no AOF). The process is removed on `stop()`, on
 interpreter exit (atexit), on SIGTERM/SIGHUP to the launcher and on Ctrl-C (KeyboardInterrupt
-unwinds the `with`); on Linux the server also gets SIGKILL when its launcher dies (PR_SET_PDEATHSIG),
-so not even `kill -9` of the launcher leaves it behind (whichever thread started it: see
-`_popen`).
+unwinds the `with`); on Linux the server also gets SIGKILL when its launcher dies (PR_SET_PDEATHSIG,
+armed by a tiny exec wrapper: see `_server_argv`), so not even `kill -9` of the launcher leaves it
+behind (whichever thread started it: see `_popen`). `stop()` also removes the server's temp folder
+(config, log, socket), and so does a start that fails.
 """
 
 from __future__ import annotations
@@ -54,11 +55,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Runs in a fresh interpreter between our spawn and redis-server's exec: asks Linux for SIGKILL when
+# the launcher (its parent) dies, gives up if that already happened, then becomes redis-server.
+_EXEC_WITH_PDEATHSIG = """
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the launcher died before the signal was armed
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def _server_argv(argv: list[str]) -> list[str]:
+    """`argv` behind a tiny exec wrapper that arms the parent-death signal. The launcher spawns it
+    without a `preexec_fn`, so CPython forks with vfork and runs no fork handler: a launcher holding
+    gRPC channels used to abort the child (-6) in gRPC's post-fork code about 1 start in 60."""
+    return [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv]
 
 
 _SPAWNER: ThreadPoolExecutor | None = None
@@ -67,7 +80,7 @@ _SPAWN_LOCK = threading.Lock()
 
 def _popen(argv: list[str], **kwargs) -> subprocess.Popen:
     """`subprocess.Popen` from a thread that lives as long as the process. Linux sends the
-    parent-death signal (`_die_with_parent`) when the *thread* that forked exits, so a server
+    parent-death signal (`_server_argv`) when the *thread* that forked exits, so a server
     started from a short-lived thread would die with it; the main thread, or one idle worker kept
     for the process's life, forks instead."""
     global _SPAWNER
@@ -144,7 +157,15 @@ class EmbeddedRedis:
         return f"redis://{host}:{self.port}/0" if self.tcp else f"unix://{self.socket_path}"
 
     def start(self) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING; a start that fails stops the server and
+        removes its folder before raising."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> EmbeddedRedis:
         lines = [f"dir {self.folder}", 'save ""', "appendonly no", "daemonize no", "loglevel warning"]
         lines.append(f"logfile {self.folder / 'redis.log'}")
         if self.tcp:
@@ -157,11 +178,11 @@ class EmbeddedRedis:
         conf.touch(mode=0o600)
         conf.write_text("\n".join(lines) + "\n")
         self.process = _popen(
-            [redis_server_binary(), str(conf)],
+            _server_argv([redis_server_binary(), str(conf)]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            close_fds=True,
         )
         _LIVE.add(self)
         _install_handlers()
@@ -189,7 +210,6 @@ class EmbeddedRedis:
             except Exception as err:  # connection refused, socket not there yet, LOADING
                 last = f"{type(err).__name__}: {err}"
             time.sleep(0.02)
-        self.stop()
         raise UserError(f"embedded redis-server not ready after {self.startup_timeout_s:.0f}s ({last})")
 
     def _terminate(self, sig: int) -> None:
