@@ -223,6 +223,7 @@ async def _start_consumer(server, queue_cfg, server_cfg):
         queue_cfg,
         max_pixels=server_cfg.max_pixels,
         max_decoded_bytes=server_cfg.max_decoded_mb * 1024 * 1024,
+        decoded_budget=server.decoded_budget,
     )
     try:
         await consumer.start()

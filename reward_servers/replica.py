@@ -96,6 +96,7 @@ class ReplicaThread:
             max_pixels=self.config.server.max_pixels,
             name=self.consumer_name,
             max_decoded_bytes=self.config.server.max_decoded_mb * 1024 * 1024,
+            decoded_budget=self.server.decoded_budget,
         )
         await self.consumer.start()
 

@@ -44,6 +44,7 @@ import redis
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, ItemOutcome, QueueFull
+from reward_servers.budget import BudgetExceeded, DecodedBytesBudget
 from reward_servers.gradients import encode_tensor
 from reward_servers.images import (
     DEFAULT_MAX_DECODED_MB,
@@ -51,7 +52,7 @@ from reward_servers.images import (
     to_batch,
 )
 from reward_servers.queue import protocol as P
-from reward_servers.queue.decoding import decode_all, parse_all, split_parts
+from reward_servers.queue.decoding import decode_all, parse_all, part_decoded_bytes, split_parts
 from reward_servers.queue.presence import ReplicaPresence
 from reward_servers.queue.writes import _REDIS_DOWN, WRITE_GRACE_S, JobWrites, _Job
 
@@ -139,6 +140,7 @@ class StreamConsumer(JobWrites, ReplicaPresence):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str | None = None,
         max_decoded_bytes: int = DEFAULT_MAX_DECODED_MB * 1024 * 1024,
+        decoded_budget: DecodedBytesBudget | None = None,
     ) -> None:
         url = P.redis_url(config.url)
         if not url:
@@ -150,6 +152,8 @@ class StreamConsumer(JobWrites, ReplicaPresence):
         self.prefetch = config.prefetch or 2 * batcher.config.max_batch_size
         self.max_pixels = max_pixels
         self.max_decoded_bytes = max_decoded_bytes
+        # The server's one budget, shared with its gRPC requests (None: this consumer's own).
+        self.decoded_budget = decoded_budget or DecodedBytesBudget(max_decoded_bytes)
         self.url = url
         timeout = config.socket_timeout_s
         self.redis = P.connect(
@@ -379,11 +383,19 @@ class StreamConsumer(JobWrites, ReplicaPresence):
         items = await loop.run_in_executor(self._decode, parse_all, blobs)
         # Score in parts whose images decode to at most max_decoded_bytes (from the headers); each
         # job finishes on its own, so its slot frees as soon as it is written.
+        # Each part reserves what it decodes to from the server's budget (shared with gRPC) until scored.
         for part in split_parts(list(zip(live, items, strict=True)), self.max_decoded_bytes):
-            decoded = await loop.run_in_executor(
-                self._decode, decode_all, [it for _, it in part], self.max_pixels
-            )
-            await asyncio.gather(*(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True)))
+            nbytes = part_decoded_bytes([it for _, it in part])
+            try:
+                async with self.decoded_budget.hold(nbytes, max(job.expires for job, _ in part)):
+                    decoded = await loop.run_in_executor(
+                        self._decode, decode_all, [it for _, it in part], self.max_pixels
+                    )
+                    await asyncio.gather(
+                        *(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True))
+                    )
+            except BudgetExceeded as err:  # the deadline passed waiting for memory: the client resubmits
+                await asyncio.gather(*(self._finish(job, err) for job, _ in part))
 
     async def _finish(self, job: _Job, decoded) -> None:
         """Score one job and write its outcome; then free its slot for the next read."""
@@ -416,6 +428,10 @@ class StreamConsumer(JobWrites, ReplicaPresence):
 
     async def _score(self, job: _Job, decoded) -> ItemOutcome | None:
         """Score one job's item through the batcher; None when it could not be scored here."""
+        if isinstance(decoded, BudgetExceeded):
+            return ItemOutcome(
+                math.nan, {}, f"deadline passed waiting for decoded memory: {decoded}", "expired"
+            )
         if isinstance(decoded, Exception):
             return ItemOutcome(math.nan, {}, str(decoded), "invalid_input")
         deadline = job.expires

@@ -13,6 +13,7 @@ A fence's info string after `bash` says which:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -118,7 +119,7 @@ def test_the_runnable_blocks_run_as_written(tmp_path):
             continue
         if info.get("stand-in") == "ray-head" and "cluster=$!" not in "\n".join(script):
             script += [
-                "spie cluster up -f tests/data/compose-jobs.yml --wait > cluster.log 2>&1 & cluster=$!",
+                "spie cluster up -f tests/data/compose-jobs.yml --project-directory . --wait > cluster.log 2>&1 & cluster=$!",
                 "for _ in $(seq 240); do [ -f .spie/ray-head.env ] && break; sleep 0.5; done",
                 "source .spie/ray-head.env",
             ]
@@ -132,4 +133,7 @@ def test_the_runnable_blocks_run_as_written(tmp_path):
     log = (work / "cluster.log").read_text() if (work / "cluster.log").exists() else ""
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n{log[-3000:]}"
     assert "succeeded" in done.stderr + done.stdout
-    assert list((work / "runs").glob("*/metrics.jsonl")), "the job's run folder did not land on the host"
+    landed = list((work / "runs").glob("tiny/metrics.jsonl"))
+    assert landed, "the job's run folder did not land on the host"
+    epoch = json.loads(landed[0].read_text().splitlines()[-1])
+    assert epoch["reward/brightness/replicas"] >= 1  # scored by replica actors the job placed

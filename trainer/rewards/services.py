@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,7 @@ class QueueRewards:
         r = config.reward
         self.redis = None
         self.replicas: list[LocalReplica] = []
+        self.folder: Path | None = None
         self.client = self.ray_replicas = None
         self.started_ray = False
         url = r.redis_url or os.environ.get("REDIS_URL", "")
@@ -135,7 +137,7 @@ class QueueRewards:
                 env = dict(os.environ, REDIS_URL=url)
                 if password:
                     env["REDIS_PASSWORD"] = password
-                folder = Path(tempfile.mkdtemp(prefix="spie-serve-"))
+                folder = self.folder = Path(tempfile.mkdtemp(prefix="spie-serve-"))
                 for sc in r.scorers:
                     for _ in range(r.replicas):
                         self.replicas.append(LocalReplica(sc.name, sc.kwargs, env, folder))
@@ -178,6 +180,8 @@ class QueueRewards:
             self.client.close()
         for replica in self.replicas:
             replica.stop()
+        if self.folder is not None:  # the replicas' YAML files
+            shutil.rmtree(self.folder, ignore_errors=True)
         if self.ray_replicas is not None:
             self.ray_replicas.close()
         if self.redis is not None:
