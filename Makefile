@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo toy-editor test lint format protos bench chaos clean
+.PHONY: install demo toy-editor test test-containers lint format protos bench chaos clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -46,6 +46,14 @@ protos: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# The images built and docker-compose.yml's CPU profile run for real with rootful podman (no Docker
+# engine, no registry): deploy/containers/README.md. Slow (minutes), so not part of `make test`.
+test-containers: $(STAMP)
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null && command -v runc >/dev/null || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc debootstrap; }
+	@$(PY) -c 'import podman_compose' 2>/dev/null || $(PIP) install -q podman-compose
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -s --run-containers tests/containers
 
 bench: $(STAMP)
 	$(PY) bench/sampler_overhead.py

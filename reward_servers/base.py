@@ -115,6 +115,43 @@ class ScoreResult:
             )
 
 
+# Most UTF-8 bytes of texts (names and values together) one item's result carries; see `clean_texts`.
+DEFAULT_MAX_TEXT_BYTES = 64 * 1024
+TRUNCATED = "[truncated:"  # starts the marker that ends a cut text
+
+
+def utf8_safe(text: str) -> str:
+    """`text` as a string every wire can encode: a lone surrogate ('\\ud800', which protobuf and
+    UTF-8 refuse) becomes its escape, visibly, instead of failing the message it travels in."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clean_texts(texts: dict, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> dict[str, str]:
+    """One item's named texts made safe to send: UTF-8 encodable (`utf8_safe`) and at most
+    `max_bytes` UTF-8 bytes in all (names included), in order; a text that does not fit is cut at a
+    character boundary and ends with `TRUNCATED` and its full size, one past the budget is dropped."""
+    out: dict[str, str] = {}
+    left = max_bytes
+    for key, value in texts.items():
+        name, text = utf8_safe(str(key)), utf8_safe(str(value))
+        data = text.encode("utf-8")
+        room = left - len(name.encode("utf-8"))
+        if len(data) > room:
+            marker = f" {TRUNCATED} {len(data)} bytes, limit {max_bytes} per item]"
+            keep = room - len(marker.encode("utf-8"))
+            if keep < 0:
+                break  # not even the marker fits: this text and the rest are dropped
+            text = data[:keep].decode("utf-8", "ignore") + marker
+            data = text.encode("utf-8")
+        out[name] = text
+        left = room - len(data)
+    return out
+
+
 @runtime_checkable
 class Scorer(Protocol):
     """What every reward model implements.

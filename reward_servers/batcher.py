@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from reward_servers.base import ScoreBatch, ScoreResult
+from reward_servers.base import DEFAULT_MAX_TEXT_BYTES, ScoreBatch, ScoreResult, clean_texts, utf8_safe
 from reward_servers.cache import ScoreCache, item_key
 from reward_servers.metrics import Metrics
 
@@ -57,6 +57,9 @@ class BatcherConfig:
     max_queue_size: int = 1024
     # Successful outcomes kept in the score cache, keyed by (scorer, version, item inputs); 0: no cache.
     cache_items: int = 0
+    # Most UTF-8 bytes of texts (a judge's reasoning) one item's result carries; longer ones are cut
+    # with a "[truncated: ...]" marker (base.clean_texts).
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -67,6 +70,8 @@ class BatcherConfig:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         if self.cache_items < 0:
             raise ValueError(f"cache_items must be >= 0, got {self.cache_items}")
+        if self.max_text_bytes < 256:
+            raise ValueError(f"max_text_bytes must be >= 256, got {self.max_text_bytes}")
 
 
 @dataclass
@@ -327,6 +332,9 @@ class DynamicBatcher:
                 if self.cache is not None and entry.key is not None and outcome.kind == "ok":
                     self.cache.put(entry.key, outcome)
                 entry.request.resolve(entry.index, outcome)
+            # Drop the batch before waiting for the next one: its decoded images count against the
+            # server's decoded budget until their requests give them back (budget.py).
+            del entries, outcomes
 
     def _score(self, batch: ScoreBatch) -> list[ItemOutcome]:
         """Run the scorer on one batch (worker thread); isolate failures item by item."""
@@ -342,7 +350,10 @@ class DynamicBatcher:
                 except Exception as err:
                     outcomes.append(
                         ItemOutcome(
-                            math.nan, {}, f"scorer error: {type(err).__name__}: {err}", "scorer_error"
+                            math.nan,
+                            {},
+                            utf8_safe(f"scorer error: {type(err).__name__}: {err}"),
+                            "scorer_error",
                         )
                     )
         self.batch_sizes[n] += 1
@@ -363,16 +374,16 @@ class DynamicBatcher:
         rows = zip(result.scores, result.details, result.errors, result.gradients, result.texts, strict=True)
         for score, details, error, gradient, texts in rows:
             if error is not None:
-                outcomes.append(ItemOutcome(math.nan, {}, error, "invalid_input"))
+                outcomes.append(ItemOutcome(math.nan, {}, utf8_safe(str(error)), "invalid_input"))
             elif not np.isfinite(score):
                 outcomes.append(ItemOutcome(math.nan, {}, f"scorer returned {score}", "scorer_error"))
             else:
                 outcomes.append(
                     ItemOutcome(
                         float(score),
-                        {k: float(v) for k, v in details.items()},
+                        {utf8_safe(str(k)): float(v) for k, v in details.items()},
                         gradient=gradient,
-                        texts={k: str(v) for k, v in texts.items()},
+                        texts=clean_texts(texts, self.config.max_text_bytes),
                     )
                 )
         return outcomes

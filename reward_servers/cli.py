@@ -160,8 +160,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(name, factory, server_cfg, batching, device, queue_cfg=None) -> int:
+    from reward_servers.budget import return_large_buffers_to_the_os
     from reward_servers.server import RewardServer
 
+    return_large_buffers_to_the_os()  # RSS follows the decoded budget (see budget.py)
     server = RewardServer(factory, name, server_cfg, batching, device)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -177,7 +179,9 @@ async def _serve(name, factory, server_cfg, batching, device, queue_cfg=None) ->
     await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
     consumer = None
     if load.done():
-        load.result()  # a failed load raises here
+        if load.exception() is not None:
+            await server.stop(grace_s=0)
+            raise _load_error(name, load.exception())
         if queue_cfg is not None:
             consumer = await _start_consumer(server, queue_cfg, server_cfg)
         print(f"spie serve: {name} SERVING on {server_cfg.host}:{port}", flush=True)
@@ -190,6 +194,20 @@ async def _serve(name, factory, server_cfg, batching, device, queue_cfg=None) ->
         load.cancel()
     print(f"spie serve: {name} stopped", flush=True)
     return 0
+
+
+# What a scorer raises when it cannot load for a reason the user fixes: a missing extra (ImportError),
+# a missing checkpoint or an unreachable hub (OSError), a bad option (ValueError, TypeError).
+_LOAD_ERRORS = (ImportError, OSError, ValueError, TypeError)
+
+
+def _load_error(name: str, err: BaseException) -> BaseException:
+    """A failed load as one line (`UserError`) that names the scorer and the fix the scorer gave;
+    an error outside `_LOAD_ERRORS` is a bug and keeps its traceback (the server is stopped either way)."""
+    if not isinstance(err, _LOAD_ERRORS):
+        return err
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return UserError(f"scorer {name} cannot load: {first}")
 
 
 async def _start_consumer(server, queue_cfg, server_cfg):
@@ -205,6 +223,7 @@ async def _start_consumer(server, queue_cfg, server_cfg):
         queue_cfg,
         max_pixels=server_cfg.max_pixels,
         max_decoded_bytes=server_cfg.max_decoded_mb * 1024 * 1024,
+        decoded_budget=server.decoded_budget,
     )
     try:
         await consumer.start()

@@ -37,7 +37,14 @@ class ScorerClient:
         max_message_mb: int = 64,
     ) -> None:
         limit = max_message_mb * 1024 * 1024
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            # Reconnect to a restarted server within a second (gRPC's default backoff grows to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(target, creds, options=options)
@@ -64,14 +71,26 @@ class ScorerClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def score(
-        self, items: list[pb.Item], timeout_s: float | None = None, scorer: str = ""
+        self,
+        items: list[pb.Item],
+        timeout_s: float | None = None,
+        scorer: str = "",
+        wait_for_ready: bool = False,
     ) -> pb.ScoreResponse:
-        """Score items in one request; raises grpc.RpcError on a request-level failure."""
+        """Score items in one request; raises grpc.RpcError on a request-level failure. With
+        `wait_for_ready`, an unreachable server is waited for until the deadline (not UNAVAILABLE)."""
         request = pb.ScoreRequest(items=items, scorer=scorer)
-        return self.score_request(request, timeout_s)
+        return self.score_request(request, timeout_s, wait_for_ready)
 
-    def score_request(self, request: pb.ScoreRequest, timeout_s: float | None = None) -> pb.ScoreResponse:
-        return self._score(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+    def score_request(
+        self, request: pb.ScoreRequest, timeout_s: float | None = None, wait_for_ready: bool = False
+    ) -> pb.ScoreResponse:
+        return self._score(
+            request,
+            timeout=timeout_s or self.timeout_s,
+            metadata=self._metadata,
+            wait_for_ready=wait_for_ready,
+        )
 
     def score_future(self, request: pb.ScoreRequest, timeout_s: float | None = None) -> grpc.Future:
         """Send a request without waiting; `.result()` gives the ScoreResponse or raises grpc.RpcError."""

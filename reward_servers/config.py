@@ -36,9 +36,11 @@ class ServerConfig:
     max_message_mb: int = 64
     # Largest image accepted, in pixels (width x height), checked before decoding.
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # Most bytes the images of one Score request (or one queue read) may decode to, in MiB, checked
-    # from the image headers before anything is decoded: an item over it alone fails alone
-    # (INVALID_INPUT); a request over it gets RESOURCE_EXHAUSTED; a queue read is scored in parts.
+    # Most bytes of decoded images the server holds at once, in MiB, across all its Score and Ground
+    # calls (one shared budget, reward_servers/budget.py), reserved from the image headers before
+    # anything is decoded: an item over it alone fails alone (INVALID_INPUT); a request over it gets
+    # RESOURCE_EXHAUSTED; one that does not fit beside the others waits its turn until its
+    # deadline. A queue read is scored in parts of at most this much.
     max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
     # Most items in one Score request (more: INVALID_ARGUMENT).
     max_items_per_request: int = 256
@@ -111,6 +113,11 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
         raise UserError(f"cannot read config {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: invalid YAML: {err}") from None
+    return serve_config_from_dict(data, path)
+
+
+def serve_config_from_dict(data: Any, path: Path | str = "config") -> ServeConfig:
+    """A ServeConfig from the mapping a YAML file holds (`path` names it in errors)."""
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with server / batching / scorer sections")
     unknown = sorted(set(data) - {"server", "batching", "scorer", "queue"})

@@ -20,7 +20,14 @@ import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
 from reward_servers.vision import score_valid, torch_dtype
-from reward_servers.vlm_prompts import load_prompts, render
+from reward_servers.vlm_prompts import (
+    MAX_INSTRUCTION_BYTES,
+    MAX_INSTRUCTION_TOKENS,
+    check_limits,
+    instruction_problem,
+    load_prompts,
+    render,
+)
 
 HEAD_FILE = "reward_heads.safetensors"
 
@@ -60,6 +67,8 @@ class EditRewardScorer:
         prompts_path: the prompt file ("" : the shipped one; section `edit_reward`).
         min_pixels / max_pixels: image size bounds passed to the image processor.
         max_batch_size: most items per forward pass.
+        max_instruction_bytes / max_instruction_tokens: the longest instruction a prompt takes, in
+            UTF-8 bytes (checked before tokenising) and in tokens; a longer one fails its item alone.
     """
 
     name = "edit_reward"
@@ -77,8 +86,16 @@ class EditRewardScorer:
         min_pixels: int | None = None,
         max_pixels: int | None = 448 * 448,
         max_batch_size: int = 8,
+        max_instruction_bytes: int = MAX_INSTRUCTION_BYTES,
+        max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS,
     ) -> None:
         from safetensors.torch import load_file
+
+        check_limits(max_instruction_bytes, max_instruction_tokens, "edit_reward")
+        self.max_instruction_bytes, self.max_instruction_tokens = (
+            max_instruction_bytes,
+            max_instruction_tokens,
+        )
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
         if reduction not in ("min", "mean"):
@@ -153,7 +170,10 @@ class EditRewardScorer:
             ]
             return scores, details
 
-        return score_valid(batch, False, run)
+        limits = (self.max_instruction_bytes, self.max_instruction_tokens)
+        return score_valid(
+            batch, False, run, lambda i: instruction_problem(self.tokenizer, batch.instructions[i], *limits)
+        )
 
 
 def save_tiny(folder: str, seed: int = 0, hidden: int = 32) -> str:

@@ -10,6 +10,8 @@ differentiable form fails those items with one line naming it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protos.spie.reward.v1 import reward_pb2 as pb
@@ -36,7 +38,7 @@ def decode_tensor(tensor: pb.Tensor, field: str, max_values: int | None = None) 
     if tensor.dtype not in DTYPES:
         raise TensorError(f"{field}: dtype must be one of {sorted(DTYPES)}, got {tensor.dtype!r}")
     shape = tuple(int(d) for d in tensor.shape)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: np.prod wraps around past 2^63
     if max_values is not None and count > max_values:
         raise TensorError(f"{field}: {count} values exceed the limit of {max_values}")
     if len(tensor.data) != count * DTYPES[tensor.dtype].itemsize:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
-from reward_servers.vision import load_pretrained, score_valid
+from reward_servers.vision import check_items, load_pretrained
 
 
 @dataclass
@@ -51,6 +51,11 @@ class GroundingScorer:
         dtype: float32, float16 or bfloat16.
         box_threshold: least box confidence for the phrase to count as found.
         max_batch_size: most images per forward pass.
+        max_phrase_bytes: longest phrase accepted, in UTF-8 bytes, checked before tokenising.
+
+    An item the models cannot take fails alone with one line (`check`): an image whose short side
+    resizes to nothing in either processor, a phrase longer than `max_phrase_bytes` or than the
+    text encoder's `max_text_len` tokens.
     """
 
     name = "grounding"
@@ -65,11 +70,15 @@ class GroundingScorer:
         dtype: str = "float32",
         box_threshold: float = 0.3,
         max_batch_size: int = 8,
+        max_phrase_bytes: int = 2048,
     ) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         if not 0 <= box_threshold < 1:
             raise ValueError(f"box_threshold must be in [0, 1), got {box_threshold}")
+        if max_phrase_bytes < 1:
+            raise ValueError(f"max_phrase_bytes must be >= 1, got {max_phrase_bytes}")
+        self.max_phrase_bytes = max_phrase_bytes
         self.detector = load_pretrained(GroundingDinoForObjectDetection, model_id, device, dtype)
         self.detector_processor = AutoProcessor.from_pretrained(model_id)
         self.sam = self.sam_processor = None
@@ -80,6 +89,30 @@ class GroundingScorer:
             self.sam_processor = SamProcessor.from_pretrained(sam_id)
         self.model_id = f"{model_id}+{sam_id}" if sam_id else model_id
         self.device, self.box_threshold, self.max_batch_size = device, box_threshold, max_batch_size
+
+    def check(self, image: np.ndarray, phrase: str) -> str | None:
+        """Why the models cannot take this (H, W, 3) image and phrase, in one line; None if they can."""
+        h, w = image.shape[:2]
+        size = dict(self.detector_processor.image_processor.size)
+        short, longest = size.get("shortest_edge"), size.get("longest_edge")
+        if short and longest and min(h, w) * longest < max(h, w) * short:
+            short = int(round(longest * min(h, w) / max(h, w)))  # transformers' get_size_with_aspect_ratio
+        if short is not None and short < 1:
+            return (
+                f"image {w}x{h}: its short side resizes to 0 px for the detector (aspect ratio too extreme)"
+            )
+        if self.sam_processor is not None:
+            sam_long = dict(self.sam_processor.image_processor.size).get("longest_edge")
+            if sam_long and int(min(h, w) * sam_long / max(h, w) + 0.5) < 1:
+                return f"image {w}x{h}: its short side resizes to 0 px for SAM (aspect ratio too extreme)"
+        size_bytes = len(phrase.encode("utf-8", "surrogatepass"))
+        if size_bytes > self.max_phrase_bytes:
+            return f"phrase of {size_bytes} bytes exceeds max_phrase_bytes {self.max_phrase_bytes}"
+        limit = self.detector.config.max_text_len
+        tokens = len(self.detector_processor.tokenizer(prompt_text(phrase))["input_ids"])
+        if tokens > limit:
+            return f"phrase of {tokens} tokens exceeds the text encoder's limit of {limit} (max_text_len)"
+        return None
 
     def detect(self, images: list[np.ndarray], phrases: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) best boxes in pixels (x0, y0, x1, y1) and (N,) their confidences."""
@@ -116,8 +149,12 @@ class GroundingScorer:
 
         if self.sam is None:
             return [box_mask(im.shape[:2], box) for im, box in zip(images, boxes, strict=True)]
-        inputs = self.sam_processor(
-            images=list(images), input_boxes=[[list(map(float, b))] for b in boxes], return_tensors="pt"
+        from PIL import Image
+
+        inputs = self.sam_processor(  # PIL images: an (H, W, 3) array with H of 1 or 3 reads as CHW
+            images=[Image.fromarray(im) for im in images],
+            input_boxes=[[list(map(float, b))] for b in boxes],
+            return_tensors="pt",
         )
         with torch.inference_mode():
             out = self.sam(
@@ -131,7 +168,17 @@ class GroundingScorer:
         return [m[0, 0].numpy().astype(bool) for m in masks]
 
     def ground(self, images: list[np.ndarray], phrases: list[str]) -> list[Grounding]:
-        """The region of each phrase in its image (one `Grounding` per item, in order)."""
+        """The region of each phrase in its image (one `Grounding` per item, in order); an item that
+        fails `check` gets its reason as the error, and the others are grounded as always."""
+        problems = [self.check(im, p) for im, p in zip(images, phrases, strict=True)]
+        ok = [i for i, e in enumerate(problems) if e is None]
+        out = [Grounding(None, None, float("nan"), e) for e in problems]
+        if ok:
+            for i, g in zip(ok, self._ground([images[i] for i in ok], [phrases[i] for i in ok]), strict=True):
+                out[i] = g
+        return out
+
+    def _ground(self, images: list[np.ndarray], phrases: list[str]) -> list[Grounding]:
         boxes, scores = self.detect(images, phrases)
         found = [i for i, s in enumerate(scores) if s >= self.box_threshold]
         masks = (
@@ -149,16 +196,20 @@ class GroundingScorer:
         return out
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
-        def run(valid: list[int]):
-            phrases = [str(batch.meta(i).get("phrase") or batch.instructions[i]) for i in valid]
-            boxes, scores = self.detect([batch.edited[i] for i in valid], phrases)
-            details = [
-                {"box_score": float(s), **dict(zip(("x0", "y0", "x1", "y1"), map(float, b), strict=True))}
-                for b, s in zip(boxes, scores, strict=True)
-            ]
-            return scores, details
-
-        return score_valid(batch, False, run)
+        phrases = [str(batch.meta(i).get("phrase") or batch.instructions[i]) for i in range(len(batch))]
+        errors = check_items(batch, False)
+        errors = [e or self.check(batch.edited[i], phrases[i]) for i, e in enumerate(errors)]
+        valid = [i for i, e in enumerate(errors) if e is None]
+        scores, details = np.full(len(batch), np.nan), [{} for _ in range(len(batch))]
+        if valid:
+            boxes, found = self.detect([batch.edited[i] for i in valid], [phrases[i] for i in valid])
+            for k, i in enumerate(valid):
+                scores[i] = float(found[k])
+                details[i] = {
+                    "box_score": float(found[k]),
+                    **dict(zip(("x0", "y0", "x1", "y1"), map(float, boxes[k]), strict=True)),
+                }
+        return ScoreResult(scores, details, errors)
 
 
 def box_mask(shape: tuple[int, int], box) -> np.ndarray:

@@ -3,7 +3,8 @@ the helpers a client needs to build requests and read masks back.
 
 Failures map as for `Score`: a malformed request (no items, too many, duplicate ids) is
 INVALID_ARGUMENT; a server whose scorer cannot ground answers UNIMPLEMENTED; a bad image or a phrase
-found nowhere fails its item alone (STATUS_INVALID_INPUT). The model runs on the scorer's worker
+found nowhere fails its item alone (STATUS_INVALID_INPUT). The images reserve their decoded bytes
+from the server's one `decoded_budget`, as Score's do (RESOURCE_EXHAUSTED when they cannot fit). The model runs on the scorer's worker
 thread, between scoring batches, in chunks of at most `max_batch_size` images.
 """
 
@@ -17,7 +18,15 @@ import numpy as np
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.batcher import BatcherClosed, DeadlineExpired
-from reward_servers.images import ImageError, clean_error, decode_mask, decode_rgb, encode_image
+from reward_servers.budget import BudgetExceeded
+from reward_servers.images import (
+    ImageError,
+    clean_error,
+    decode_mask,
+    decode_rgb,
+    encode_image,
+    image_decoded_bytes,
+)
 
 
 def make_ground_item(item_id: str, image: np.ndarray, phrase: str, encoding: str = "raw") -> pb.GroundItem:
@@ -45,13 +54,18 @@ def _problem(server, request: pb.GroundRequest | None) -> str | None:
     return None
 
 
-def _decode(request: pb.GroundRequest, max_pixels: int) -> list[np.ndarray | ImageError]:
+def _decode(request: pb.GroundRequest, max_pixels: int, costs: list[int], limit: int) -> list:
     out: list[np.ndarray | ImageError] = []
     for index, item in enumerate(request.items):
         where = f"item {index} ({item.id!r})" if item.id else f"item {index}"
         try:
             if not item.HasField("image"):
                 raise ImageError(f"{where}.image: missing")
+            if costs[index] > limit:
+                raise ImageError(
+                    f"{where}.image: decodes to {costs[index] / 2**20:.0f} MiB, over the server's budget of "
+                    f"{limit / 2**20:.0f} MiB (server.max_decoded_mb)"
+                )
             if not item.phrase.strip():
                 raise ImageError(f"{where}.phrase: empty")
             out.append(decode_rgb(item.image, f"{where}.image", max_pixels))
@@ -79,8 +93,29 @@ async def serve_ground(server, request: pb.GroundRequest | None, context) -> pb.
             f"scorer {server.scorer_name!r} does not ground phrases; serve `grounding` for masks",
         )
     deadline = server._deadline(request, context)
+    budget = server.decoded_budget  # shared with Score: see reward_servers/budget.py
+    costs = [image_decoded_bytes(item.image) if item.HasField("image") else 0 for item in request.items]
+    total = sum(c for c in costs if c <= budget.limit)
+    try:
+        await budget.acquire(total, deadline)
+    except BudgetExceeded as err:
+        await server._abort(
+            context, grpc.StatusCode.RESOURCE_EXHAUSTED, "decoded_budget", f"request refused: {err}"
+        )
+    try:
+        return await _ground_held(server, request, context, ground, costs, deadline)
+    finally:  # the decoded images are gone with _ground_held's frame
+        budget.release(total)
+
+
+async def _ground_held(
+    server, request, context, ground, costs: list[int], deadline: float
+) -> pb.GroundResponse:
     loop = asyncio.get_running_loop()
-    decoded = await loop.run_in_executor(server._decode_pool, _decode, request, server.config.max_pixels)
+    limit = server.decoded_budget.limit
+    decoded = await loop.run_in_executor(
+        server._decode_pool, _decode, request, server.config.max_pixels, costs, limit
+    )
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
     server.metrics.error("invalid_input", len(decoded) - len(good))
     found = {}

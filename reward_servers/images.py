@@ -11,6 +11,7 @@ Images decode to (H, W, 3) uint8 RGB; masks decode to (H, W) bool, True inside t
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +180,12 @@ def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS)
                 f"{where}.edited_tensor: shape {list(tensor.shape)} is not (3, height, width) of the edit "
                 f"{list(edited.shape[:2])}"
             )
+        low, high = (float(tensor.min()), float(tensor.max())) if tensor.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+            raise ImageError(
+                f"{where}.edited_tensor: values span [{low:g}, {high:g}], outside the image range [0, 1] "
+                "(send the edit as floats in [0, 1], not NaN or infinite)"
+            )
     return DecodedItem(
         item.id, edited, source, item.instruction, mask, exemplars, metadata, tensor, item.want_gradient
     )
@@ -195,31 +202,55 @@ def decode_metadata(item: pb.Item, where: str) -> dict[str, Any]:
         raise ImageError(f"{where}.metadata: {clean_error(err)}") from None
 
 
-def _image_cost(image: pb.Image, rgb: bool) -> int:
-    """Bytes `image` decodes to, from its header (PNG) or stated size (raw), without decoding it:
-    width x height x 3 for an RGB image (edited, source, exemplars), width x height for a mask.
-    Unreadable headers cost 0 here: decoding rejects them on its own."""
+def _stated_size(image: pb.Image) -> tuple[int, int]:
+    """(width, height) from the PNG header or the raw image's fields; (0, 0) when unreadable."""
     if image.encoding == pb.Image.ENCODING_RAW_UINT8:
-        w, h = max(0, image.width), max(0, image.height)
-    elif image.encoding == pb.Image.ENCODING_PNG and image.data.startswith(PNG_SIGNATURE):
+        return max(0, image.width), max(0, image.height)
+    if image.encoding == pb.Image.ENCODING_PNG and image.data.startswith(PNG_SIGNATURE):
         try:
             with PILImage.open(io.BytesIO(image.data), formats=["PNG"]) as pil:
-                w, h = pil.size  # the header only
+                return pil.size  # the header only
         except Exception:
-            return 0
-    else:
-        return 0
+            return 0, 0
+    return 0, 0
+
+
+def image_decoded_bytes(image: pb.Image, rgb: bool = True) -> int:
+    """Bytes `image` decodes to, from its header (PNG) or stated size (raw), without decoding it:
+    width x height x 3 for an RGB image (edited, source, exemplars), width x height for a mask.
+    Unreadable headers cost 0 here: decoding rejects them on its own. Python ints: no overflow."""
+    w, h = _stated_size(image)
     return w * h * (3 if rgb else 1)
+
+
+# Bytes per pixel PIL holds while a PNG decodes, beside the result: its own buffer in the PNG's
+# mode (up to 4), the RGB(A) conversion (4) and the bytes numpy reads them from (up to 4), less the
+# 3 of the result, rounded up.
+PNG_WORKING_BYTES_PER_PIXEL = 8
+
+
+def decode_working_bytes(images: list[pb.Image]) -> int:
+    """Scratch bytes decoding `images` one after another needs beside the results: the working set of
+    the largest PNG (raw images decode from the request's own bytes)."""
+    sizes = [_stated_size(im) for im in images if im.encoding == pb.Image.ENCODING_PNG]
+    return max((w * h * PNG_WORKING_BYTES_PER_PIXEL for w, h in sizes), default=0)
+
+
+def item_images(item: pb.Item) -> list[pb.Image]:
+    """Every image of an item: edited, source, mask, exemplars (those it has)."""
+    fields = [getattr(item, f) for f in ("edited", "source", "mask") if item.HasField(f)]
+    return fields + list(item.exemplars)
 
 
 def item_decoded_bytes(item: pb.Item) -> int:
     """Bytes the item's images decode to (edited, source, mask, every exemplar), from the headers."""
-    total = sum(_image_cost(getattr(item, f), True) for f in ("edited", "source") if item.HasField(f))
+    total = sum(image_decoded_bytes(getattr(item, f), True) for f in ("edited", "source") if item.HasField(f))
     if item.HasField("mask"):
-        total += _image_cost(item.mask, False)
+        total += image_decoded_bytes(item.mask, False)
     if item.HasField("edited_tensor"):
-        total += 4 * int(np.prod([int(d) for d in item.edited_tensor.shape]))
-    return total + sum(_image_cost(ex, True) for ex in item.exemplars)
+        # float32 once decoded; math.prod of Python ints (np.prod wrapped [2^31, 2^31, 2] to < 0)
+        total += 4 * math.prod(int(d) for d in item.edited_tensor.shape)
+    return total + sum(image_decoded_bytes(ex, True) for ex in item.exemplars)
 
 
 def to_batch(items: list[DecodedItem]) -> ScoreBatch:

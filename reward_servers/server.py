@@ -7,11 +7,17 @@ submits the good ones to the `DynamicBatcher`, and maps failures to status codes
 |-------------------------------------------|---------------------|
 | request bytes do not parse, no items, too many items, duplicate ids | INVALID_ARGUMENT |
 | `scorer` names another scorer             | FAILED_PRECONDITION |
-| queue full, or the request's images decode to more than `max_decoded_mb` | RESOURCE_EXHAUSTED |
+| queue full, or the request's images do not fit the decoded budget (below) | RESOURCE_EXHAUSTED |
 | deadline passed in the queue              | DEADLINE_EXCEEDED   |
 | not loaded yet, or draining               | UNAVAILABLE         |
 | `Ground` on a scorer that does not ground | UNIMPLEMENTED       |
 | missing or wrong auth token               | UNAUTHENTICATED     |
+
+Decoded images are bounded per server, not per request: every RPC reserves the bytes its images
+decode to (from the headers) from one `DecodedBytesBudget` of `max_decoded_mb` (`decoded_budget`)
+before decoding, and gives them back once its items are scored. A request that does not fit waits,
+first come first served, until its deadline; one larger than the whole budget is refused at once,
+and an item larger than it alone fails alone (INVALID_INPUT).
 
 The standard `grpc.health.v1` service says NOT_SERVING until the scorer is loaded and again while
 draining; it needs no token, so load balancers can probe it. Server reflection is on.
@@ -38,10 +44,19 @@ from grpc_reflection.v1alpha import reflection
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
+from reward_servers.budget import BudgetExceeded, DecodedBytesBudget
 from reward_servers.config import ServerConfig
 from reward_servers.gradients import encode_tensor, score_batch
 from reward_servers.grounding_rpc import serve_ground
-from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes, to_batch
+from reward_servers.images import (
+    ImageError,
+    clean_error,
+    decode_item,
+    decode_working_bytes,
+    item_decoded_bytes,
+    item_images,
+    to_batch,
+)
 from reward_servers.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -137,6 +152,8 @@ class RewardServer:
         self._factory = scorer_factory
         self._draining = False
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
+        # Decoded images held at once by every RPC (and, when wired, the queue consumer): see budget.py.
+        self.decoded_budget = DecodedBytesBudget(self.config.max_decoded_mb * 1024 * 1024)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
@@ -286,27 +303,17 @@ class RewardServer:
             return grpc.StatusCode.INVALID_ARGUMENT, "item ids must be unique within a request"
         return None
 
-    def _decode_all(self, request: pb.ScoreRequest) -> list | str:
-        """Decode every item (decode thread); a bad item's ImageError stays in its slot. Returns a
-        message instead when the request's images would decode to more than `max_decoded_mb`
-        (checked from the headers before anything is decoded)."""
-        budget = self.config.max_decoded_mb * 1024 * 1024
-        costs = [item_decoded_bytes(item) for item in request.items]
-        alone = [cost > budget for cost in costs]
-        total = sum(cost for cost, over in zip(costs, alone, strict=True) if not over)
-        if total > budget:
-            return (
-                f"the request's images decode to {total / 2**20:.0f} MiB, over the server's budget of "
-                f"{self.config.max_decoded_mb} MiB (server.max_decoded_mb); send fewer items per request"
-            )
+    def _decode_all(self, request: pb.ScoreRequest, costs: list[int]) -> list:
+        """Decode every item (decode thread); a bad item's ImageError stays in its slot, and so does
+        one whose images alone decode to more than the whole budget (`costs`, from the headers)."""
         out = []
         for index, item in enumerate(request.items):
             where = f"item {index} ({item.id!r})" if item.id else f"item {index}"
-            if alone[index]:
+            if costs[index] > self.decoded_budget.limit:
                 out.append(
                     ImageError(
                         f"{where}: its images decode to {costs[index] / 2**20:.0f} MiB, over the "
-                        f"server's budget of {self.config.max_decoded_mb} MiB per request"
+                        f"server's budget of {self.config.max_decoded_mb} MiB (server.max_decoded_mb)"
                     )
                 )
                 continue
@@ -331,14 +338,37 @@ class RewardServer:
             kind = "invalid_request" if problem[0] == grpc.StatusCode.INVALID_ARGUMENT else "wrong_scorer"
             await self._abort(context, problem[0], kind, problem[1])
         deadline = self._deadline(request, context)
-        if _all_raw(request):
-            # Raw pixels decode without decompressing (a view of the bytes): no thread hop for it.
-            decoded = self._decode_all(request)
-        else:
-            loop = asyncio.get_running_loop()
-            decoded = await loop.run_in_executor(self._decode_pool, self._decode_all, request)
-        if isinstance(decoded, str):
-            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "decoded_budget", decoded)
+        costs = [item_decoded_bytes(item) for item in request.items]  # from the headers
+        limit = self.decoded_budget.limit
+        total = sum(c for c in costs if c <= limit)
+        # Decoding also needs scratch space (one PNG at a time): held until decoding ends.
+        working = decode_working_bytes([im for item in request.items for im in item_images(item)])
+        working = min(working, max(0, limit - total))
+        try:
+            await self.decoded_budget.acquire(total + working, deadline)
+        except BudgetExceeded as err:
+            await self._abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "decoded_budget", f"request refused: {err}"
+            )
+        try:
+            response = await self._score_held(request, context, costs, deadline, working)
+        finally:  # the decoded images are gone with _score_held's frame (which gave `working` back)
+            self.decoded_budget.release(total)
+        self.metrics.latency.observe(time.perf_counter() - start)
+        return response
+
+    async def _score_held(self, request, context, costs: list[int], deadline: float, working: int):
+        """Decode, score and answer `request`, its decoded bytes (and `working` bytes of decoding
+        scratch, given back once decoded) reserved by the caller."""
+        try:
+            if _all_raw(request):
+                # Raw pixels decode without decompressing (a view of the bytes): no thread hop for it.
+                decoded = self._decode_all(request, costs)
+            else:
+                loop = asyncio.get_running_loop()
+                decoded = await loop.run_in_executor(self._decode_pool, self._decode_all, request, costs)
+        finally:
+            self.decoded_budget.release(working)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, ImageError)]
         self.metrics.error("invalid_input", len(decoded) - len(good))
         outcomes = {}
@@ -367,5 +397,4 @@ class RewardServer:
             else:
                 result.score, result.status = math.nan, pb.Result.STATUS_INVALID_INPUT
                 result.error = str(decoded[index])
-        self.metrics.latency.observe(time.perf_counter() - start)
         return response

@@ -45,7 +45,7 @@ class SleepScorer:
         for instruction in batch.instructions:
             if self.poison and instruction == self.poison:
                 raise RuntimeError(f"sleep: poison item ({self.poison!r})")
-        scores = [float(np.asarray(image, dtype=np.float64).mean() / 255.0) for image in batch.edited]
+        scores = [float(np.mean(image, dtype=np.float64) / 255.0) for image in batch.edited]  # no float copy
         steps = [batch.meta(i).get("step") for i in range(len(batch))]
         details = [{"step": float(s)} if isinstance(s, int | float) else {} for s in steps]
         return ScoreResult(np.array(scores), details)

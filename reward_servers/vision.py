@@ -8,6 +8,7 @@ inside a batch (batch invariance starts here).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,10 +44,13 @@ def score_valid(
     batch: ScoreBatch,
     same_size: bool,
     fn: Callable[[list[int]], tuple[Sequence[float], Sequence[dict[str, float]]]],
+    check: Callable[[int], str | None] | None = None,
 ) -> ScoreResult:
-    """Run `fn(valid_indices) -> (scores, details)` on the items that pass `check_items`; the others
-    get NaN and their error."""
+    """Run `fn(valid_indices) -> (scores, details)` on the items that pass `check_items` (and the
+    scorer's own `check(index) -> one-line reason or None`); the others get NaN and their error."""
     errors = check_items(batch, same_size)
+    if check is not None:
+        errors = [e or check(i) for i, e in enumerate(errors)]
     valid = [i for i, e in enumerate(errors) if e is None]
     scores = np.full(len(batch), np.nan)
     details: list[dict[str, float]] = [{} for _ in range(len(batch))]
@@ -141,7 +145,10 @@ def torch_dtype(name: str):
 
 
 def load_pretrained(cls: Any, model_id: str, device: str, dtype: str, **kwargs: Any):
-    """`cls.from_pretrained(model_id)` (hub id or local folder) in eval mode on `device`."""
+    """`cls.from_pretrained(model_id)` (hub id or local folder) in eval mode on `device`;
+    FileNotFoundError for a path (absolute, or starting with `.`) that is no folder."""
+    if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().is_dir():
+        raise FileNotFoundError(f"model_id {model_id}: no such folder")
     model = cls.from_pretrained(model_id, dtype=torch_dtype(dtype), **kwargs)
     return model.to(device).eval()
 

@@ -32,7 +32,17 @@ import numpy as np
 
 from reward_servers.base import ScoreBatch, ScoreResult, register_scorer
 from reward_servers.vision import score_valid, torch_dtype
-from reward_servers.vlm_prompts import PromptSet, Question, RatingReader, load_prompts, render
+from reward_servers.vlm_prompts import (
+    MAX_INSTRUCTION_BYTES,
+    MAX_INSTRUCTION_TOKENS,
+    PromptSet,
+    Question,
+    RatingReader,
+    check_limits,
+    instruction_problem,
+    load_prompts,
+    render,
+)
 
 LOGIC_VERSION = "2"
 
@@ -57,6 +67,10 @@ class VlmJudgeScorer:
         score_range: editscore mode: the top of each score's scale (EditScore's checkpoints: 25).
         max_new_tokens: editscore mode: most reasoning tokens generated per question.
         lora_path: a LoRA adapter (hub id or folder) merged into the model at load ("" : none).
+        max_instruction_bytes: longest instruction accepted, in UTF-8 bytes, checked before
+            tokenising; a longer one fails its item alone, in one line.
+        max_instruction_tokens: most tokens of the instruction in a prompt; more fails the item
+            alone (a 64 KiB instruction once took the tiny EditScore judge 154 s and 16 GB).
     """
 
     name = "vlm_judge"
@@ -80,8 +94,16 @@ class VlmJudgeScorer:
         score_range: int = 25,
         max_new_tokens: int = 256,
         lora_path: str = "",
+        max_instruction_bytes: int = MAX_INSTRUCTION_BYTES,
+        max_instruction_tokens: int = MAX_INSTRUCTION_TOKENS,
     ) -> None:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        check_limits(max_instruction_bytes, max_instruction_tokens, "vlm_judge")
+        self.max_instruction_bytes, self.max_instruction_tokens = (
+            max_instruction_bytes,
+            max_instruction_tokens,
+        )
 
         if mode == "editscore":
             from reward_servers.editscore import DigitReader, load_editscore_prompts
@@ -136,6 +158,12 @@ class VlmJudgeScorer:
         if not ids or ids[0] == self.tokenizer.unk_token_id:
             raise ValueError(f"{field} {word!r} is not in the tokenizer's vocabulary")
         return ids[0]
+
+    def check_instruction(self, instruction: str) -> str | None:
+        """Why this instruction is too long for a prompt, in one line; None when it fits."""
+        return instruction_problem(
+            self.tokenizer, instruction, self.max_instruction_bytes, self.max_instruction_tokens
+        )
 
     def build_inputs(self, sources: list[np.ndarray], edits: list[np.ndarray], instructions: list[str]):
         """Tokenised prompts and pixel patches for N items x Q questions (R = N * Q rows, item-major).
@@ -230,7 +258,7 @@ class VlmJudgeScorer:
             )
             return self._read(*self._forward(inputs), len(valid))
 
-        return score_valid(batch, False, run)
+        return score_valid(batch, False, run, lambda i: self.check_instruction(batch.instructions[i]))
 
     def _score_editscore(self, batch: ScoreBatch) -> ScoreResult:
         from reward_servers.editscore import score_editscore
@@ -245,7 +273,7 @@ class VlmJudgeScorer:
             texts.update(zip(valid, got, strict=True))
             return scores, details
 
-        result = score_valid(batch, False, run)
+        result = score_valid(batch, False, run, lambda i: self.check_instruction(batch.instructions[i]))
         result.texts = [texts.get(i, {}) for i in range(len(batch))]
         return result
 

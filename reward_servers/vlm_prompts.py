@@ -154,3 +154,25 @@ class RatingReader:
         weights = probs / mass.clamp_min(1e-30)[:, None]
         ratings = (weights * torch.arange(self.max_rating + 1, dtype=weights.dtype)).sum(-1)
         return ratings, mass
+
+
+# Defaults of the judges' `max_instruction_bytes` / `max_instruction_tokens` scorer options.
+MAX_INSTRUCTION_BYTES = 8192
+MAX_INSTRUCTION_TOKENS = 1024
+
+
+def instruction_problem(tokenizer, instruction: str, max_bytes: int, max_tokens: int) -> str | None:
+    """Why `instruction` is too long for a judge's prompt, in one line (None when it fits): its UTF-8
+    bytes are checked before tokenising, so a huge one costs nothing; then its tokens."""
+    size = len(instruction.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return f"instruction of {size} bytes exceeds max_instruction_bytes {max_bytes}"
+    tokens = len(tokenizer.encode(instruction, add_special_tokens=False))
+    if tokens > max_tokens:
+        return f"instruction of {tokens} tokens exceeds max_instruction_tokens {max_tokens}"
+    return None
+
+
+def check_limits(max_bytes: int, max_tokens: int, scorer: str) -> None:
+    if max_bytes < 1 or max_tokens < 1:
+        raise ValueError(f"{scorer}: max_instruction_bytes and max_instruction_tokens must be >= 1")

@@ -1,6 +1,8 @@
-"""Shared pytest options: tests marked `weights` or `gpu` are skipped unless asked for."""
+"""Shared pytest options: tests marked `weights`, `gpu` or `containers` are skipped unless asked for."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from queue_helpers import Replica, redis_client
@@ -11,15 +13,27 @@ from reward_servers.queue.embedded import EmbeddedRedis
 def pytest_addoption(parser):
     parser.addoption("--run-weights", action="store_true", help="run tests that need real pretrained weights")
     parser.addoption("--run-gpu", action="store_true", help="run tests that need a CUDA device")
+    parser.addoption(
+        "--run-containers",
+        action="store_true",
+        help="build the images and run the compose CPU profile with podman (or SPIE_RUN_CONTAINERS=1)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    for marker, option in (("weights", "--run-weights"), ("gpu", "--run-gpu")):
-        if config.getoption(option):
+    for marker, option in (
+        ("weights", "--run-weights"),
+        ("gpu", "--run-gpu"),
+        ("containers", "--run-containers"),
+    ):
+        if config.getoption(option) or (
+            marker == "containers" and os.environ.get("SPIE_RUN_CONTAINERS") == "1"
+        ):
             continue
         skip = pytest.mark.skip(reason=f"needs {option}")
         for item in items:
-            if marker in item.keywords:
+            # `containers` is also the folder's name (a keyword of every test in it): the marker itself.
+            if item.get_closest_marker(marker) if marker == "containers" else marker in item.keywords:
                 item.add_marker(skip)
 
 

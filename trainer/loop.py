@@ -35,6 +35,7 @@ from trainer.rewards.grounding import ground_missing_masks
 from trainer.rewards.scores import Scores
 from trainer.rewards.services import make_rewards
 from trainer.run.checkpoint import find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from trainer.run.durable import check_durable
 from trainer.run.log import RunLog
 
 
@@ -98,6 +99,7 @@ def epoch_line(objective, record: dict[str, Any], seconds: float) -> str:
 def make_run_dir(config: Config) -> Path:
     name = config.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / name
+    check_durable(run_dir)
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
         raise UserError(
             f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, or set run.name"

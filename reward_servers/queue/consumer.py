@@ -29,6 +29,7 @@ Crash safety:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ import redis
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, ItemOutcome, QueueFull
+from reward_servers.budget import BudgetExceeded, DecodedBytesBudget
 from reward_servers.gradients import encode_tensor
 from reward_servers.images import (
     DEFAULT_MAX_DECODED_MB,
@@ -50,7 +52,8 @@ from reward_servers.images import (
     to_batch,
 )
 from reward_servers.queue import protocol as P
-from reward_servers.queue.decoding import decode_all, parse_all, split_parts
+from reward_servers.queue.decoding import decode_all, parse_all, part_decoded_bytes, split_parts
+from reward_servers.queue.presence import ReplicaPresence
 from reward_servers.queue.writes import _REDIS_DOWN, WRITE_GRACE_S, JobWrites, _Job
 
 log = logging.getLogger("spie.queue")
@@ -116,7 +119,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class StreamConsumer(JobWrites):
+class StreamConsumer(JobWrites, ReplicaPresence):
     """Pulls jobs of one scorer from Redis into a `DynamicBatcher`.
 
     Args:
@@ -137,6 +140,7 @@ class StreamConsumer(JobWrites):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str | None = None,
         max_decoded_bytes: int = DEFAULT_MAX_DECODED_MB * 1024 * 1024,
+        decoded_budget: DecodedBytesBudget | None = None,
     ) -> None:
         url = P.redis_url(config.url)
         if not url:
@@ -148,6 +152,8 @@ class StreamConsumer(JobWrites):
         self.prefetch = config.prefetch or 2 * batcher.config.max_batch_size
         self.max_pixels = max_pixels
         self.max_decoded_bytes = max_decoded_bytes
+        # The server's one budget, shared with its gRPC requests (None: this consumer's own).
+        self.decoded_budget = decoded_budget or DecodedBytesBudget(max_decoded_bytes)
         self.url = url
         timeout = config.socket_timeout_s
         self.redis = P.connect(
@@ -161,6 +167,7 @@ class StreamConsumer(JobWrites):
         self._loops: list[asyncio.Task] = []
         self._stopping = False
         self._decode = ThreadPoolExecutor(1, thread_name_prefix="queue-decode")
+        self._presence_init()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -172,15 +179,21 @@ class StreamConsumer(JobWrites):
         log.info("queue consumer %s reading %s at %s", self.name, self.stream, P.describe(self.url))
 
     async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop reading, finish the jobs in hand within `grace_s`, then disconnect. Jobs left
-        unacknowledged are taken over by other replicas after `claim_min_idle_ms`."""
-        self._stopping = True
-        self._loops[0].cancel() if self._loops else None
+        """Drain: stop reading (the read in progress ends by itself within block_ms, so nothing it
+        delivered is dropped), finish the jobs in hand within `grace_s`, deregister, disconnect.
+        Jobs left unacknowledged are taken over by other replicas after `claim_min_idle_ms`."""
+        self._stopping = self._draining = True
+        deadline = time.monotonic() + grace_s
+        if self._loops:
+            await asyncio.wait({self._loops[0]}, timeout=self.config.block_ms / 1000 + 1.0)
+        with contextlib.suppress(*_REDIS_DOWN, redis.RedisError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._refresh_presence(), 2.0)  # shows "draining"
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace_s)
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await self._deregister()
         await self.redis.aclose()
         self._decode.shutdown(wait=False, cancel_futures=True)
 
@@ -211,6 +224,7 @@ class StreamConsumer(JobWrites):
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+        await self._register()
         info = {
             "version": self.scorer.version,
             "model_id": self.scorer.model_id,
@@ -278,48 +292,30 @@ class StreamConsumer(JobWrites):
             self._dispatch(entries)
         return bool(entries)
 
-    async def _forget_dead_consumers(self) -> list[str]:
-        """Remove consumers idle longer than `forget_idle_ms` that hold no pending job (their jobs
-        were taken over), so the group's consumer count means live replicas."""
-        removed = []
-        try:
-            consumers = await self.redis.xinfo_consumers(self.stream, P.GROUP)
-        except redis.ResponseError:  # stream or group gone (Redis restarted): the read recreates it
-            return removed
-        for consumer in consumers:
-            name = _text(consumer["name"])
-            if name == self.name or consumer["pending"] or consumer["idle"] < self.config.forget_idle_ms:
-                continue
-            # DELCONSUMER drops the consumer's pending entries: only ever with none pending.
-            if await self.redis.xgroup_delconsumer(self.stream, P.GROUP, name) == 0:
-                removed.append(name)
-            else:  # it took a job meanwhile: it is alive after all
-                log.warning("queue %s: consumer %s held jobs when removed", self.stream, name)
-        if removed:
-            log.info("queue %s: removed %d dead consumer(s): %s", self.stream, len(removed), removed)
-        return removed
-
     async def _heartbeat_loop(self) -> None:
-        """Re-claim the jobs in hand so their idle time stays below claim_min_idle_ms."""
+        """Re-claim the jobs in hand so their idle time stays below claim_min_idle_ms, and refresh
+        this replica's presence entry."""
         while True:
             await asyncio.sleep(self.config.heartbeat_ms / 1000)
             held = list(self._held)
-            if not held:
-                continue
             try:
-                await self.redis.xclaim(self.stream, P.GROUP, self.name, 0, held, justid=True)
+                await self._refresh_presence()
+                if held:
+                    await self.redis.xclaim(self.stream, P.GROUP, self.name, 0, held, justid=True)
             except (redis.ResponseError, *_REDIS_DOWN) as err:
                 log.debug("queue %s: heartbeat failed: %s", self.stream, err)
 
     def _dispatch(self, entries: list) -> None:
         ids = [_text(entry_id) for entry_id, _ in entries]
         self._held.update(ids)
+        self._busy_update()
         task = asyncio.get_running_loop().create_task(self._process(entries))
         self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
             self._tasks.discard(t)
             self._held.difference_update(ids)
+            self._busy_update()
             self._freed.set()
             if not t.cancelled() and t.exception() is not None:
                 log.error("queue %s: job batch failed: %r", self.stream, t.exception())
@@ -387,11 +383,19 @@ class StreamConsumer(JobWrites):
         items = await loop.run_in_executor(self._decode, parse_all, blobs)
         # Score in parts whose images decode to at most max_decoded_bytes (from the headers); each
         # job finishes on its own, so its slot frees as soon as it is written.
+        # Each part reserves what it decodes to from the server's budget (shared with gRPC) until scored.
         for part in split_parts(list(zip(live, items, strict=True)), self.max_decoded_bytes):
-            decoded = await loop.run_in_executor(
-                self._decode, decode_all, [it for _, it in part], self.max_pixels
-            )
-            await asyncio.gather(*(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True)))
+            nbytes = part_decoded_bytes([it for _, it in part])
+            try:
+                async with self.decoded_budget.hold(nbytes, max(job.expires for job, _ in part)):
+                    decoded = await loop.run_in_executor(
+                        self._decode, decode_all, [it for _, it in part], self.max_pixels
+                    )
+                    await asyncio.gather(
+                        *(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True))
+                    )
+            except BudgetExceeded as err:  # the deadline passed waiting for memory: the client resubmits
+                await asyncio.gather(*(self._finish(job, err) for job, _ in part))
 
     async def _finish(self, job: _Job, decoded) -> None:
         """Score one job and write its outcome; then free its slot for the next read."""
@@ -419,10 +423,15 @@ class StreamConsumer(JobWrites):
                 await self._until_written(lambda: self._complete(job, result), job)
         finally:
             self._held.discard(job.entry_id)
+            self._busy_update()
             self._freed.set()
 
     async def _score(self, job: _Job, decoded) -> ItemOutcome | None:
         """Score one job's item through the batcher; None when it could not be scored here."""
+        if isinstance(decoded, BudgetExceeded):
+            return ItemOutcome(
+                math.nan, {}, f"deadline passed waiting for decoded memory: {decoded}", "expired"
+            )
         if isinstance(decoded, Exception):
             return ItemOutcome(math.nan, {}, str(decoded), "invalid_input")
         deadline = job.expires

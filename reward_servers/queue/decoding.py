@@ -7,7 +7,14 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from protos.spie.reward.v1 import reward_pb2 as pb
-from reward_servers.images import ImageError, clean_error, decode_item, item_decoded_bytes
+from reward_servers.images import (
+    ImageError,
+    clean_error,
+    decode_item,
+    decode_working_bytes,
+    item_decoded_bytes,
+    item_images,
+)
 
 
 def parse_all(blobs: list[bytes]) -> list:
@@ -36,6 +43,15 @@ def decode_all(items: list, max_pixels: int) -> list:
             bad.item_id = item.id
             out.append(bad)
     return out
+
+
+def part_decoded_bytes(items: list) -> int:
+    """What decoding a part's items holds at most: their decoded images plus the scratch of the largest
+    PNG (from the headers; items that already failed parsing count 0)."""
+    ok = [it for it in items if not isinstance(it, Exception)]
+    return sum(map(item_decoded_bytes, ok)) + decode_working_bytes(
+        [im for it in ok for im in item_images(it)]
+    )
 
 
 def split_parts(pairs: list, max_decoded_bytes: int) -> list[list]:

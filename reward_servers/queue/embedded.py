@@ -3,12 +3,14 @@
     with EmbeddedRedis() as server:            # unix socket in a private temp folder, random password
         client = connect(server.url, server.password)
 
-It listens on a unix socket (mode 700 folder) by default, or on 127.0.0.1 with `tcp=True`; never on
-another interface. It keeps nothing on disk (no RDB, no AOF). The process is removed on `stop()`, on
+It listens on a unix socket (mode 700 folder) by default, or on 127.0.0.1 with `tcp=True`; on
+another interface only when asked (`host`, e.g. a Ray head node's address, so reward replicas on
+other nodes reach it), and then only with a password. It keeps nothing on disk (no RDB, no AOF). The process is removed on `stop()`, on
 interpreter exit (atexit), on SIGTERM/SIGHUP to the launcher and on Ctrl-C (KeyboardInterrupt
-unwinds the `with`); on Linux the server also gets SIGKILL when its launcher dies (PR_SET_PDEATHSIG),
-so not even `kill -9` of the launcher leaves it behind (whichever thread started it: see
-`_popen`).
+unwinds the `with`); on Linux the server also gets SIGKILL when its launcher dies (PR_SET_PDEATHSIG,
+armed by a tiny exec wrapper: see `_server_argv`), so not even `kill -9` of the launcher leaves it
+behind (whichever thread started it: see `_popen`). `stop()` also removes the server's temp folder
+(config, log, socket), and so does a start that fails.
 """
 
 from __future__ import annotations
@@ -53,11 +55,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Runs in a fresh interpreter between our spawn and redis-server's exec: asks Linux for SIGKILL when
+# the launcher (its parent) dies, gives up if that already happened, then becomes redis-server.
+_EXEC_WITH_PDEATHSIG = """
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the launcher died before the signal was armed
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def _server_argv(argv: list[str]) -> list[str]:
+    """`argv` behind a tiny exec wrapper that arms the parent-death signal. The launcher spawns it
+    without a `preexec_fn`, so CPython forks with vfork and runs no fork handler: a launcher holding
+    gRPC channels used to abort the child (-6) in gRPC's post-fork code about 1 start in 60."""
+    return [sys.executable, "-I", "-S", "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv]
 
 
 _SPAWNER: ThreadPoolExecutor | None = None
@@ -66,7 +80,7 @@ _SPAWN_LOCK = threading.Lock()
 
 def _popen(argv: list[str], **kwargs) -> subprocess.Popen:
     """`subprocess.Popen` from a thread that lives as long as the process. Linux sends the
-    parent-death signal (`_die_with_parent`) when the *thread* that forked exits, so a server
+    parent-death signal (`_server_argv`) when the *thread* that forked exits, so a server
     started from a short-lived thread would die with it; the main thread, or one idle worker kept
     for the process's life, forks instead."""
     global _SPAWNER
@@ -107,16 +121,28 @@ class EmbeddedRedis:
 
     Args:
         password: AUTH password; None picks a random one, "" turns AUTH off.
-        tcp: listen on 127.0.0.1:`port` instead of a unix socket.
+        tcp: listen on `host`:`port` instead of a unix socket.
         port: TCP port (0: a free one).
+        host: address to bind with `tcp` (default 127.0.0.1); any other needs a password.
+        advertise: the address put in `url` (default: `host`; 127.0.0.1 for 0.0.0.0).
         startup_timeout_s: how long to wait for the server to answer PING.
     """
 
     def __init__(
-        self, password: str | None = None, tcp: bool = False, port: int = 0, startup_timeout_s: float = 10.0
+        self,
+        password: str | None = None,
+        tcp: bool = False,
+        port: int = 0,
+        startup_timeout_s: float = 10.0,
+        host: str = "127.0.0.1",
+        advertise: str = "",
     ) -> None:
         self.password = secrets.token_urlsafe(24) if password is None else password
         self.tcp = tcp
+        self.host = host or "127.0.0.1"
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.password:
+            raise UserError(f"embedded redis: binding {self.host} needs a password")
+        self.advertise = advertise or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
         self.port = (port or _free_port()) if tcp else 0
         self.startup_timeout_s = startup_timeout_s
         self.folder = Path(tempfile.mkdtemp(prefix="spie-redis-"))
@@ -127,14 +153,23 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """Connection URL without the password (pass `password` separately, or REDIS_PASSWORD)."""
-        return f"redis://127.0.0.1:{self.port}/0" if self.tcp else f"unix://{self.socket_path}"
+        host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
+        return f"redis://{host}:{self.port}/0" if self.tcp else f"unix://{self.socket_path}"
 
     def start(self) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING."""
+        """Start the server and wait until it answers PING; a start that fails stops the server and
+        removes its folder before raising."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> EmbeddedRedis:
         lines = [f"dir {self.folder}", 'save ""', "appendonly no", "daemonize no", "loglevel warning"]
         lines.append(f"logfile {self.folder / 'redis.log'}")
         if self.tcp:
-            lines += ["bind 127.0.0.1", f"port {self.port}", "protected-mode yes"]
+            lines += [f"bind {self.host}", f"port {self.port}", "protected-mode yes"]
         else:
             lines += ["port 0", f"unixsocket {self.socket_path}", "unixsocketperm 700"]
         if self.password:
@@ -143,11 +178,11 @@ class EmbeddedRedis:
         conf.touch(mode=0o600)
         conf.write_text("\n".join(lines) + "\n")
         self.process = _popen(
-            [redis_server_binary(), str(conf)],
+            _server_argv([redis_server_binary(), str(conf)]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            close_fds=True,
         )
         _LIVE.add(self)
         _install_handlers()
@@ -175,7 +210,6 @@ class EmbeddedRedis:
             except Exception as err:  # connection refused, socket not there yet, LOADING
                 last = f"{type(err).__name__}: {err}"
             time.sleep(0.02)
-        self.stop()
         raise UserError(f"embedded redis-server not ready after {self.startup_timeout_s:.0f}s ({last})")
 
     def _terminate(self, sig: int) -> None:

@@ -9,6 +9,10 @@ Per scorer S (shared by every run):
     spie:q:S:dead             stream jobs that failed `max_attempts` times, with their error
     spie:q:S:info             hash   version, higher_is_better, ... (written by every replica)
     spie:q:S:done             int    jobs completed, for throughput
+    spie:q:S:replicas         hash   replica name -> JSON presence (seen_ms, ttl_ms, started_ms,
+                                     completed, busy_s, draining), refreshed every heartbeat; removed
+                                     on a clean exit, ignored (and pruned) once seen_ms + ttl_ms passed
+    spie:q:S:scaling          stream an autoscaler's events (field "event": JSON), capped
 
 Per rollout batch B of run R (all expire after the client's TTL). B is unique per client attempt
 ("<random attempt id>-b<counter>"), so a resumed run that reuses R never meets its predecessor's keys:
@@ -55,6 +59,17 @@ def info_key(scorer: str) -> str:
 
 def done_key(scorer: str) -> str:
     return f"spie:q:{scorer}:done"
+
+
+def replicas_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:replicas"
+
+
+def scaling_key(scorer: str) -> str:
+    return f"spie:q:{scorer}:scaling"
+
+
+SCALING_MAXLEN = 200  # approximate cap on the events kept per scorer
 
 
 class BatchKeys:

@@ -1,14 +1,20 @@
 """Per-scorer queue figures for `spie queue stats`: stream length, pending, replicas, dead letters,
-throughput (completed jobs per second, from two samples of each scorer's `done` counter)."""
+throughput (completed jobs per second, from two samples of each scorer's `done` counter).
+
+Replicas are the live entries of the scorer's presence hash (`presence.live_replicas`): a replica
+counts from its start, before its first job, and stops counting once it exits or misses its
+heartbeats."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 
 import redis
 
 from reward_servers.queue import protocol as P
+from reward_servers.queue.presence import live_replicas
 
 ACTIVE_IDLE_MS = 60_000  # a consumer that talked to Redis within this long counts as active
 
@@ -20,6 +26,9 @@ class ScorerStats:
     pending: int  # jobs delivered to a replica and not yet acknowledged
     consumers: int  # replicas known to the group
     active_consumers: int  # of which seen in the last minute
+    replicas: int  # live replicas (registered, heartbeat within its TTL), draining ones included
+    draining: int  # of which finishing their jobs before they exit
+    last_scaling: dict | None  # an autoscaler's last event ({"action", "to", ..., "age_s"}), if any
     dead_letters: int  # entries in the dead-letter stream
     completed: int  # jobs completed since the stream was created
     throughput: float  # jobs completed per second over the sampling interval
@@ -47,12 +56,20 @@ def _snapshot(client: redis.Redis, scorer: str) -> ScorerStats:
             active = sum(c["idle"] < ACTIVE_IDLE_MS for c in client.xinfo_consumers(stream, P.GROUP))
     except redis.ResponseError:  # no stream or group yet
         pass
+    live = live_replicas(client, scorer)
+    last = None
+    for entry_id, fields in client.xrevrange(P.scaling_key(scorer), count=1):
+        last = json.loads(fields[b"event"])
+        last["age_s"] = round(max(0.0, time.time() - P.entry_ms(entry_id.decode()) / 1000), 1)
     return ScorerStats(
         scorer=scorer,
         stream_length=client.xlen(stream),
         pending=pending,
         consumers=consumers,
         active_consumers=active,
+        replicas=len(live),
+        draining=sum(bool(e.get("draining")) for e in live.values()),
+        last_scaling=last,
         dead_letters=client.xlen(P.dead_key(scorer)),
         completed=int(client.get(P.done_key(scorer)) or 0),
         throughput=0.0,
@@ -75,11 +92,19 @@ def collect(client: redis.Redis, interval_s: float = 1.0) -> list[ScorerStats]:
     return out
 
 
+def _scaled(event: dict | None) -> str:
+    """The last scaling event, short: "up->4,12s" (to 4 replicas, 12 s ago); "-" when none."""
+    if not event:
+        return "-"
+    to = f"->{event['to']}" if "to" in event else ""
+    return f"{event.get('action', '?')}{to},{event.get('age_s', 0):.0f}s"
+
+
 def format_table(rows: list[ScorerStats]) -> str:
-    header = ("scorer", "stream", "pending", "replicas", "dead", "completed", "items/s")
+    header = ("scorer", "stream", "pending", "replicas", "dead", "completed", "items/s", "scaled")
     lines = [header]
     for r in rows:
-        replicas = f"{r.active_consumers}/{r.consumers}"
+        replicas = f"{r.replicas} ({r.draining} draining)" if r.draining else str(r.replicas)
         lines.append(
             (
                 r.scorer,
@@ -89,6 +114,7 @@ def format_table(rows: list[ScorerStats]) -> str:
                 str(r.dead_letters),
                 str(r.completed),
                 f"{r.throughput:.1f}",
+                _scaled(r.last_scaling),
             )
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]

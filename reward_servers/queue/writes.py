@@ -89,6 +89,7 @@ class JobWrites:
             job.attempts_field,
         )
         self.completed += int(wrote)
+        self.scored_again += 1 - int(wrote)  # another replica wrote it first
 
     async def _ack(self, job: _Job) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from protos.spie.reward.v1 import reward_pb2 as pb
@@ -114,3 +115,38 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         load_serve_config(path)
+
+
+@pytest.mark.parametrize(
+    ("scorer", "options", "says"),
+    [
+        ("hpsv2", {}, 'the hpsv2 scorer needs open_clip: pip install -e ".[hps]"'),
+        ("depth_structure", {"model_id": "/nonexistent/depth-model"}, "no such folder"),
+    ],
+)
+def test_a_scorer_that_cannot_load_says_why_in_one_line(tmp_path, scorer, options, says):
+    """A failed load is one line on stderr naming the scorer and the fix, exit status 2: no traceback,
+    no event-loop warning (the gRPC server is stopped before the loop closes)."""
+    if scorer == "hpsv2":
+        pytest.importorskip("torch")
+        try:
+            import open_clip  # noqa: F401
+
+            pytest.skip("open_clip is installed: hpsv2 gets past the import")
+        except ImportError:
+            pass
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"scorer": options}))
+    done = subprocess.run(
+        [sys.executable, "-m", "reward_servers", "serve", scorer, "--port", "0", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"spie-reward serve: error: scorer {scorer} cannot load: ")
+    assert says in lines[0]

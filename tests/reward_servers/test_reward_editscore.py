@@ -103,6 +103,39 @@ def test_editscore_version_in_info_and_details(vlm_folders, serve, tmp_path):
     assert all(0 <= r.score <= 10 for r in response.results)
 
 
+def test_an_overlong_instruction_fails_its_item_alone_at_once(vlm_folders, serve):
+    """Issue 26 #6: one 64 KiB instruction took the tiny EditScore judge 154 s and 16 GB. The bytes
+    are capped before tokenising (`max_instruction_bytes`), the tokens after
+    (`max_instruction_tokens`); only that item fails, in one line, in under a second."""
+    import resource
+    import time
+
+    from reward_servers.images import make_item
+
+    scorer = judge(vlm_folders["qwen2_vl"], max_instruction_tokens=12)
+    batch = judge_batch(3)
+    st = serve(lambda: scorer, name="vlm_judge")
+    instructions = ["add a hat " * 6554, "add a hat " * 5, "add a hat"]  # 64 KiB, 15 tokens, fine
+    items = [
+        make_item(str(i), batch.edited[i], batch.sources[i], text) for i, text in enumerate(instructions)
+    ]
+    with st.client() as client:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.monotonic()
+        huge, many, fine = client.score(items).results
+        took = time.monotonic() - start
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    print(f"64 KiB instruction: {took:.2f} s with a good item, peak RSS grew {grew_mib:.0f} MiB")
+    assert huge.status == many.status == 2 and math.isnan(huge.score)
+    assert huge.error == "instruction of 65540 bytes exceeds max_instruction_bytes 8192"
+    assert many.error == "instruction of 15 tokens exceeds max_instruction_tokens 12"
+    assert fine.status == 1 and math.isfinite(fine.score), fine.error
+    assert took < 30 and grew_mib < 512
+    start = time.monotonic()
+    alone = scorer.score(ScoreBatch(batch.edited[:1], batch.sources[:1], instructions[:1]))
+    assert time.monotonic() - start < 1.0 and alone.errors[0] == huge.error
+
+
 def test_bad_editscore_prompt_files_fail_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     text = EDITSCORE_PROMPTS.read_text()

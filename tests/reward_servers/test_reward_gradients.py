@@ -155,6 +155,26 @@ def test_a_mis_shaped_edit_tensor_fails_its_item_alone():
         server.close()
 
 
+def test_an_edit_tensor_outside_the_image_range_fails_its_item_alone():
+    """Issue 26 #5: values of 5.0 (or NaN) are no image; the item fails in one line, the rest score."""
+    edits, batch = _batch(3)
+    server = _server("brightness")
+    try:
+        with server.client() as client:
+            items = [
+                make_item(str(i), batch.edited[i], batch.sources[i], tensor=t, want_gradient=True)
+                for i, t in enumerate([np.full_like(edits[0], 5.0), edits[1], np.full_like(edits[2], np.nan)])
+            ]
+            bright, good, nan = client.score(items).results
+        for bad in (bright, nan):
+            assert bad.status == pb.Result.STATUS_INVALID_INPUT and not bad.HasField("gradient")
+            assert "outside the image range [0, 1]" in bad.error and "\n" not in bad.error, bad.error
+        assert "[5, 5]" in bright.error
+        assert good.status == pb.Result.STATUS_OK and good.HasField("gradient")
+    finally:
+        server.close()
+
+
 def test_aesthetic_differentiable_form_follows_its_score(tmp_path):
     """The tiny seeded aesthetic model: the differentiable form (torch resize) is within 0.05 of the
     uint8 score (PIL resize) and has a gradient; the edits here are 48 px, resized to the tower's 32."""

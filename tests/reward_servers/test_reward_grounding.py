@@ -5,6 +5,8 @@ bad item and a server that cannot ground fail as documented."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -117,3 +119,42 @@ def test_ground_on_a_scorer_that_cannot_ground(serve, rng):
     with st.client() as client, pytest.raises(grpc.RpcError) as err:
         client.ground([make_ground_item("a", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "x")])
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "grounding" in err.value.details()
+
+
+def test_items_the_models_cannot_take_fail_alone(tiny, serve):
+    """Issue 26 #2: an image whose short side resizes to 0 px (1 x 2048, 2048 x 1), a phrase longer
+    than the text encoder's 16 tokens, and a 1 MiB phrase each failed the whole request (UNKNOWN),
+    taking the good item beside them down; now each fails alone, in one line."""
+    dino, sam = tiny
+    scorer = build_scorer("grounding", model_id=dino, sam_id=sam)
+    control(scorer)
+    st = serve(lambda: scorer, name="grounding")
+    items = [
+        make_ground_item("wide", np.full((1, 2048, 3), 30, np.uint8), "the red square"),
+        make_ground_item("tall", np.full((2048, 1, 3), 30, np.uint8), "the red square"),
+        make_ground_item("words", scene(), " ".join(["the red square"] * 67)),  # 200 words
+        make_ground_item("mib", scene(), "a" * 2**20),
+        make_ground_item("good", scene(), "the red square"),
+        # 3 rows: an (H, W, 3) array with H = 3 once read as channels-first in SAM's processor
+        make_ground_item("thin", np.random.default_rng(0).integers(0, 256, (3, 60, 3), np.uint8), "a dog"),
+    ]
+    with st.client() as client:
+        start = time.monotonic()
+        results = {r.id: r for r in client.ground(items).results}
+    assert time.monotonic() - start < 10
+    assert results["good"].status == 1, results["good"].error
+    np.testing.assert_array_equal(result_mask(results["good"]), box_mask((40, 60), SQUARE))
+    assert results["thin"].status == 1 and result_mask(results["thin"]).shape == (3, 60)
+    expected = {
+        "wide": "resizes to 0 px",
+        "tall": "resizes to 0 px",
+        "words": "max_text_len",
+        "mib": "max_phrase_bytes",
+    }
+    for name, fragment in expected.items():
+        assert results[name].status == 2 and fragment in results[name].error, results[name].error
+        assert "\n" not in results[name].error and len(results[name].error) < 200
+    # The score path (phrase from the instruction) checks the same way.
+    batch = ScoreBatch([scene(), scene()], [scene(), scene()], ["a" * 2**20, "the red square"])
+    result = scorer.score(batch)
+    assert "max_phrase_bytes" in result.errors[0] and result.errors[1] is None

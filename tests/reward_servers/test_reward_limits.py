@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.__main__ import main
+from reward_servers.base import TRUNCATED, ScoreResult, clean_texts
+from reward_servers.batcher import BatcherConfig
 from reward_servers.cli import TOKEN_ENV
 from reward_servers.images import make_item
 
@@ -109,3 +112,41 @@ def test_serve_binds_a_public_host_with_a_token_or_the_explicit_flag(how):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+class _TextScorer:
+    """Scores 1.0; each item's texts come from its instruction: "huge" (8 MiB of reasoning),
+    "surrogate" (a lone surrogate, which protobuf cannot encode) or anything else (a short text)."""
+
+    name, version, model_id, higher_is_better, max_batch_size = "texts", "1", "", True, 8
+
+    def score(self, batch):
+        texts = {"huge": {"reasoning": "x" * (8 * 2**20)}, "surrogate": {"reasoning": "ok \ud800 then"}}
+        return ScoreResult(
+            np.ones(len(batch)),
+            texts=[texts.get(t, {"reasoning": "fine"}) for t in batch.instructions],
+        )
+
+
+def test_texts_are_capped_and_a_bad_one_fails_no_other_item(serve, image):
+    """Issue 26 #7: an 8 MiB (once 100 MiB) reasoning text passed through whole; a text holding a
+    lone surrogate failed the whole request with UNKNOWN. Now texts are cut to batching.max_text_bytes
+    with a marker, and the surrogate is sent escaped; every item keeps its score."""
+    st = serve(_TextScorer, name="texts", batching=BatcherConfig(max_queue_delay_ms=2.0, max_text_bytes=4096))
+    good = image()
+    items = [make_item(name, good, good, name) for name in ("huge", "surrogate", "plain")]
+    with st.client() as client:
+        huge, surrogate, plain = client.score(items).results
+    assert [r.status for r in (huge, surrogate, plain)] == [OK] * 3 and huge.score == 1.0
+    text = huge.texts["reasoning"]
+    assert len(text.encode()) + len("reasoning") <= 4096
+    assert text.endswith(f"{TRUNCATED} {8 * 2**20} bytes, limit 4096 per item]") and text.startswith("xxx")
+    assert surrogate.texts["reasoning"] == "ok \\ud800 then"
+    assert plain.texts["reasoning"] == "fine"
+
+
+def test_clean_texts_cuts_at_a_character_boundary():
+    texts = clean_texts({"a": "é" * 1000, "b": "never sent"}, max_bytes=300)
+    assert list(texts) == ["a"] and len(b"a") + len(texts["a"].encode()) <= 300
+    texts["a"].encode("utf-8")  # whole characters only
+    assert clean_texts({"k": "short", "\udcff": "v"}) == {"k": "short", "\\udcff": "v"}

@@ -6,7 +6,8 @@ forms (`$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}`, `
 `${VAR:+alt}`, `${VAR+alt}`, `$$` for a literal `$`; the shell's environment wins over `.env`),
 and per service: `command`, `environment` (mapping or list), `env_file`, `depends_on` (list or
 mapping with `condition`), `healthcheck`, `deploy.replicas` / `scale`, `deploy.resources`
-(GPU reservations, reported only), `volumes`, `stop_grace_period`. Everything else (build, image
+(GPU reservations, reported only), `volumes`, `stop_grace_period`; Compose's merge tags `!reset`
+and `!override`, and `depends_on.<name>.required: false` (not waited for when not started). Everything else (build, image
 tags, networks, ports) belongs to containers and is ignored.
 """
 
@@ -149,13 +150,46 @@ def _normalise(svc: dict[str, Any]) -> dict[str, Any]:
     return svc
 
 
+class _Tag:
+    """A value tagged `!reset` (drop what earlier files set) or `!override` (replace, not merge)."""
+
+    def __init__(self, tag: str, value: Any) -> None:
+        self.tag, self.value = tag, value
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags `!reset` and `!override` (Compose >= 2.24.4)."""
+
+
+for _name in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(
+        _name,
+        lambda loader, node, _name=_name: _Tag(
+            _name,
+            loader.construct_mapping(node, deep=True)
+            if isinstance(node, yaml.MappingNode)
+            else loader.construct_sequence(node, deep=True)
+            if isinstance(node, yaml.SequenceNode)
+            else loader.construct_scalar(node),
+        ),
+    )
+
+
 def _merge(base: Any, extra: Any) -> Any:
-    """Compose's merge of override files: mappings merged key by key, anything else replaced."""
+    """Compose's merge of override files: mappings merged key by key, anything else replaced; a key
+    tagged `!reset` is removed, one tagged `!override` replaced whole."""
     if isinstance(base, dict) and isinstance(extra, dict):
         out = dict(base)
         for k, v in extra.items():
-            out[k] = _merge(out[k], v) if k in out else v
+            if isinstance(v, _Tag) and v.tag == "!reset":
+                out.pop(k, None)
+            elif isinstance(v, _Tag):
+                out[k] = _merge(None, v.value)
+            else:
+                out[k] = _merge(out[k], v) if k in out else _merge(None, v)
         return out
+    if isinstance(extra, dict):
+        return _merge({}, extra)  # strips tags nested in a new mapping
     return extra
 
 
@@ -197,6 +231,7 @@ class Service:
     image: str = ""
     volumes: list[tuple[str, str, str]] = field(default_factory=list)
     stop_grace_s: float = 10.0
+    optional: set[str] = field(default_factory=set)  # depends_on entries with `required: false`
 
     @property
     def kind(self) -> str:
@@ -276,7 +311,7 @@ def load_project(
         if not path.is_file():
             raise UserError(f"compose file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_ComposeLoader) or {}  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
         if not isinstance(data, dict) or not isinstance(data.get("services", {}), dict):
@@ -296,6 +331,8 @@ def load_project(
     for name in sorted(unset):
         print(f"[cluster] warning: {name} is not set; using an empty string")
     for svc in services.values():
+        for dep in [d for d in svc.depends_on if d not in services and d in svc.optional]:
+            del svc.depends_on[dep]  # `required: false` and not started: not waited for, as in Compose
         for dep in svc.depends_on:
             if dep not in services:
                 hint = (
@@ -315,12 +352,14 @@ def _service(name: str, svc: dict[str, Any], where: str, directory: Path, variab
         env.update(read_env_file(directory / path))
     for key, value in (svc.get("environment") or {}).items():
         env[key] = None if value is None else str(value)
-    depends = {}
+    depends, optional = {}, set()
     for dep, spec in (svc.get("depends_on") or {}).items():
         condition = (spec or {}).get("condition", "service_started")
         if condition not in CONDITIONS:
             raise UserError(f"{where}.depends_on.{dep}.condition: {condition!r} is not one of {CONDITIONS}")
         depends[dep] = condition
+        if (spec or {}).get("required", True) is False:
+            optional.add(dep)
     deploy = svc.get("deploy") or {}
     replicas = svc.get("scale", deploy.get("replicas", 1))
     try:
@@ -356,4 +395,5 @@ def _service(name: str, svc: dict[str, Any], where: str, directory: Path, variab
         image=str(svc.get("image", "")),
         volumes=volumes,
         stop_grace_s=grace,
+        optional=optional,
     )

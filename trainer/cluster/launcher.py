@@ -43,6 +43,7 @@ from trainer.cluster.processes import (
     free_port,
     get_flag,
     set_flag,
+    write_job_env,
 )
 from trainer.errors import UserError
 
@@ -91,7 +92,8 @@ class Launcher:
         self.ports: dict[tuple[str, int], int] = {}  # (service, port in the file) -> local port
         self.replica_ports: dict[str, list[int]] = {}
         self.ray_env: dict[str, dict[str, str]] = {}  # ray-head service -> its loopback variables
-        self.temp_dirs: list[Path] = []
+        self.temp_dirs: list[Path] = []  # Ray heads' temp dirs, and their .spie/<head>.env: removed on stop
+        self.env_files: list[Path] = []
         self.started: dict[str, list] = {}
         self.healthy: set[str] = set()
         self._stopping = False  # a signal while stopping only shortens the grace periods
@@ -324,12 +326,25 @@ class Launcher:
             elif all(self._probe(svc, i) for i in range(len(procs))):
                 self.healthy.add(name)
                 self.out(f"[cluster] {name}: healthy after {time.monotonic() - t0:.1f}s")
+                if svc.kind == "ray-head":
+                    self._announce_jobs(svc)
                 return
             if time.monotonic() > deadline:
                 raise UserError(
                     f"{name} did not become {condition.removeprefix('service_')} within {wait_s:.0f}s"
                 )
             time.sleep(0.5)
+
+    def _announce_jobs(self, svc: Service) -> None:
+        """Print a healthy head's job API (a free port) and write what `ray job submit` needs to .spie/."""
+        if (get_flag(svc.command, "--include-dashboard") or "true").lower() in ("false", "0"):
+            return
+        address = f"http://{LOCAL}:{self.ports[(svc.name, self._service_ports(svc)['--dashboard-port'])]}"
+        path = write_job_env(
+            self.project.directory, svc.name, address, self.environment(svc), self._health_deadline(svc)
+        )
+        self.env_files.append(path)
+        self.out(f"[cluster] {svc.name}: job API at {address}; `source {path}` before `ray job submit`")
 
     def _on_signal(self, signum, frame) -> None:
         if self._stopping:
@@ -420,4 +435,6 @@ class Launcher:
             count += len(procs)
         for temp in self.temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
+        for path in self.env_files:
+            path.unlink(missing_ok=True)
         self.out(f"[cluster] stopped {count} process(es)")

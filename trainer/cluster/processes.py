@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
+
+from trainer.errors import UserError
 
 LOCAL = "127.0.0.1"
 
@@ -152,3 +156,37 @@ class RedisProcess:
 
     def stop(self, grace_s: float) -> None:
         self.server.stop()
+
+
+def wait_http(url: str, timeout_s: float) -> bool:
+    """True once `url` answers HTTP at all (an error status counts: the server is up), False at the
+    deadline."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=3).close()
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    return False
+
+
+def write_job_env(directory: Path, name: str, address: str, env: dict[str, str], timeout_s: float) -> Path:
+    """Wait for a Ray head's job API at `address` to answer, then write what `ray job submit` needs,
+    `RAY_API_SERVER_ADDRESS` and, with token authentication, `RAY_AUTH_MODE` and `RAY_AUTH_TOKEN`, to
+    `<directory>/.spie/<name>.env` (mode 0600, for `source`); `UserError` at the deadline."""
+    values = {"RAY_API_SERVER_ADDRESS": address}
+    if env.get("RAY_AUTH_MODE") == "token" and env.get("RAY_AUTH_TOKEN"):
+        values.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
+    if not wait_http(address + "/api/version", timeout_s):
+        raise UserError(f"{name}: its job API did not answer at {address} within {timeout_s:.0f}s")
+    path = directory / ".spie" / f"{name}.env"
+    path.parent.mkdir(exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
+    return path

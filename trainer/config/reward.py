@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from trainer.config.reward_scaling import RayRewardConfig, check_reward_scaling
+
 
 @dataclass(frozen=True)
 class ScorerConfig:
@@ -88,6 +90,15 @@ class RewardConfig:
     launch_servers: bool = True
     # Local replicas per scorer when launch_servers is true.
     replicas: int = 1
+    # Where the queue's replicas run: "local" (child processes), "ray" (Ray actors placed and
+    # scaled per reward.ray) or "none" (elsewhere); launch_servers: false means "none".
+    launch: Literal["local", "ray", "none"] = "local"
+    # Address the run's embedded Redis binds with launch ray: 127.0.0.1 (one machine), or the head
+    # node's address on a cluster so replicas on other nodes reach it (always with a password);
+    # auto: the driver node's address as Ray sees it.
+    redis_host: str = "127.0.0.1"
+    # Ray replica actors: resources, restarts and autoscaling per scorer (trainer/config/reward_scaling.py).
+    ray: RayRewardConfig = field(default_factory=RayRewardConfig)
     # Seconds a local replica may take to load its model and start consuming.
     server_start_timeout_s: float = 120.0
     # Seconds to gather one rollout batch's scores before the missing jobs are resubmitted (the one
@@ -99,3 +110,6 @@ class RewardConfig:
     grpc: GrpcRewardsConfig = field(default_factory=GrpcRewardsConfig)
     # Grounded edit masks for data without masks (SPIE's Grounded-SAM step).
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
+
+    def __post_init__(self) -> None:
+        check_reward_scaling(self)

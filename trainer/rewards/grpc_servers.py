@@ -2,10 +2,14 @@
 `spie serve` server (`reward.grpc.servers`: scorer -> "host:port") directly, without a queue.
 
 A batch goes to every scorer's server at once, in Score requests of at most
-`reward.grpc.max_items_per_request` items, each with the deadline `reward.deadline_s`; a request
-that fails with UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED is sent again up to
-`reward.grpc.retries` times, any other failure stops scoring with one line naming the scorer and
-the server. Items the server could not score come back as per-item errors, as with the queue.
+`reward.grpc.max_items_per_request` items, each with the deadline `reward.deadline_s`. A request
+that fails with UNAVAILABLE (the server is down, restarting or still loading) is sent again with
+backoff (50 ms doubling to 1 s), waiting for the server to be reachable, for as long as
+`reward.deadline_s` allows from its first try: these retries do not count against
+`reward.grpc.retries`, so a server that restarts within the deadline is survived by default. One
+that fails with DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED (each try had a whole deadline) is sent
+again up to `reward.grpc.retries` times. Any other failure, or one left when those run out, stops
+scoring with one line naming the scorer and the server. Items the server could not score come back as per-item errors, as with the queue.
 The servers batch requests from several trainers themselves (`reward_servers.batcher`).
 """
 
@@ -110,25 +114,40 @@ class GrpcRewards:
         return Scores.from_results(results, self.higher)
 
     def ask(self, name: str, items: list[pb.Item]) -> list[pb.Result]:
-        """One Score request to `name`'s server, retried on the transient codes; N results in order."""
+        """One Score request to `name`'s server, retried as the module docstring says; N results in
+        order."""
         client, r = self.clients[name], self.config.reward
-        for attempt in range(r.grpc.retries + 1):
+        tries, counted, backoff = 0, 0, 0.05
+        window_end = time.monotonic() + r.deadline_s  # UNAVAILABLE is retried until then
+        unreachable = False
+        while True:
+            tries += 1
             self._count("grpc.requests")
+            timeout = r.deadline_s if not unreachable else max(0.05, window_end - time.monotonic())
             try:
-                results = list(client.score(items, timeout_s=r.deadline_s, scorer=name).results)
+                response = client.score(items, timeout_s=timeout, scorer=name, wait_for_ready=unreachable)
+                results = list(response.results)
             except grpc.RpcError as err:
-                if err.code() in RETRIED and attempt < r.grpc.retries:
-                    self._count("grpc.retries")
-                    time.sleep(min(1.0, 0.1 * 2**attempt))
-                    continue
-                raise UserError(
-                    f"scorer {name!r} at {client.target}: {_one_line(err)} "
-                    f"({attempt + 1} tries of reward.deadline_s={r.deadline_s:g}s)"
-                ) from err
+                left = window_end - time.monotonic()
+                gone = unreachable and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                if err.code() == grpc.StatusCode.UNAVAILABLE and left > 0:
+                    unreachable = True
+                elif err.code() in RETRIED and counted < r.grpc.retries and not gone:
+                    counted += 1
+                    window_end = time.monotonic() + r.deadline_s
+                else:
+                    why = "UNAVAILABLE for all of it" if gone else _one_line(err)
+                    raise UserError(
+                        f"scorer {name!r} at {client.target}: {why} "
+                        f"({tries} tries of reward.deadline_s={r.deadline_s:g}s)"
+                    ) from err
+                self._count("grpc.retries")
+                time.sleep(max(0.0, min(backoff, window_end - time.monotonic())))
+                backoff = min(1.0, backoff * 2)
+                continue
             if [x.id for x in results] != [x.id for x in items]:
                 raise UserError(f"scorer {name!r} at {client.target}: the results do not answer the items")
             return results
-        raise AssertionError("unreachable")
 
     def metrics(self) -> dict[str, int]:
         """Requests sent and retried since the last call (`grpc.requests`, `grpc.retries`)."""

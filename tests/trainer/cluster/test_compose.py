@@ -13,7 +13,8 @@ from trainer.cli import build_parser
 # Apache-2.0, tests/data/compose-spec.LICENSE), as provided in ../shared/schemas; a copy travels
 # with the tests so CI checks it on any checkout.
 SCHEMA = Path(__file__).resolve().parents[2] / "data" / "compose-spec.json"
-COMPOSE = yaml.safe_load(Path("docker-compose.yml").read_text())
+REPO = Path(__file__).resolve().parents[3]
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
 def test_compose_file_follows_the_compose_spec():
@@ -66,3 +67,23 @@ def test_the_trainer_drives_a_ray_head_that_publishes_nothing():
     assert trainer["depends_on"]["ray-head"] == {"condition": "service_healthy"}
     assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
     assert not any("ports" in s for s in services.values())  # nothing reachable from outside
+
+
+def test_the_cpu_profile_merges_with_reset_override_and_optional_dependencies():
+    """deploy/compose.cpu.yml over docker-compose.yml, as `spie cluster up` reads it: the GPU scorers
+    are in an inactive profile (their `required: false` dependencies dropped), `!reset` removes the
+    head's GPU reservation, and every command keeps its token and password."""
+    from trainer.cluster.compose import load_project
+
+    env = {"SPIE_REDIS_PASSWORD": "p", "SPIE_RAY_TOKEN": "r", "SPIE_REWARD_TOKEN": "t"}
+    files = [REPO / "docker-compose.yml", REPO / "deploy" / "compose.cpu.yml"]
+    project = load_project(files, [], env)
+    assert set(project.services) == {"redis", "brightness", "ray-head", "trainer"}
+    assert project.services["ray-head"].gpus == 0 and project.services["trainer"].gpus == 0
+    assert project.services["trainer"].depends_on == {
+        "redis": "service_healthy",
+        "brightness": "service_healthy",
+        "ray-head": "service_healthy",
+    }
+    with_gpu = load_project(files, [], env, profiles=["gpu"])
+    assert {"depth", "vlm-judge"} <= set(with_gpu.services["trainer"].depends_on)

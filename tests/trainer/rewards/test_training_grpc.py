@@ -4,7 +4,14 @@ in config, the token from SPIE_REWARD_TOKEN), with deadlines, retries and one-li
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +28,7 @@ from trainer.rewards.services import make_rewards
 from trainer.run.log import read_metrics
 
 TOKEN = "test-token-0123"
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Servers:
@@ -128,3 +136,61 @@ def test_deadlines_tokens_and_addresses_fail_with_one_line(servers, tiny_config)
         make_rewards(config, run_id="token")
     with pytest.raises(UserError, match=r"reward.grpc.servers has no address for brightness"):
         load_config("configs/tiny.yaml", ["reward.transport=grpc"])
+
+
+def _serve_process(port: int, config: Path, env: dict) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "reward_servers",
+        "serve",
+        "sleep",
+        "--port",
+        str(port),
+        "--config",
+        str(config),
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_server_killed_mid_request_and_restarted_on_its_port_is_survived(tiny_config, tmp_path):
+    """Issue 26 #9: a `spie serve` process killed while it scores a request and started again on the
+    same port 0.4 s later ended scoring with the default `reward.grpc.retries: 1` (the retry came
+    before the server was back). UNAVAILABLE is now retried with backoff within reward.deadline_s."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "serve.yaml"
+    config.write_text("scorer:\n  batch_seconds: 1.0\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPIE_REWARD_TOKEN", "REDIS_URL")}
+    env["PYTHONPATH"] = str(REPO)
+    first = _serve_process(port, config, env)
+    second = None
+    cfg = tiny_config(
+        "reward.scorers=[{name: sleep}]",
+        "reward.transport=grpc",
+        f"reward.grpc.servers={{sleep: '127.0.0.1:{port}'}}",
+        "reward.deadline_s=60",
+        "reward.server_start_timeout_s=60",
+    )
+    assert cfg.reward.grpc.retries == 1  # the default
+    rewards = make_rewards(cfg, run_id="restart")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            scoring = pool.submit(rewards.score, image_rollout(2))
+            time.sleep(0.5)  # the request is inside the scorer's 1 s sleep
+            assert not scoring.done()
+            first.kill()
+            first.wait(10)
+            time.sleep(0.4)
+            second = _serve_process(port, config, env)
+            scores = scoring.result(120)
+        assert scores.errors["sleep"] == [None, None]
+        assert all(0 <= v <= 1 for v in scores.values["sleep"].tolist())
+        assert rewards.metrics()["grpc.retries"] >= 1
+    finally:
+        rewards.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
