@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_one_submitted_job_runs_the_tiny_config_over_three_nodes(tmp_path):
         }
         sets = " ".join(f"--set '{k}={v}'" for k, v in overrides.items())
         job = client.submit_job(
-            entrypoint=f"python -m trainer.cli train --config configs/tiny.yaml --ray {sets}",
+            entrypoint=f"{sys.executable} -m trainer.cli train --config configs/tiny.yaml --ray {sets}",
             runtime_env={
                 "working_dir": str(REPO),
                 "excludes": [".git", "runs", "bench/out"],
