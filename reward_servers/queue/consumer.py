@@ -406,11 +406,13 @@ class StreamConsumer(JobWrites, ReplicaPresence):
             item_id = decoded.id if not isinstance(decoded, Exception) else getattr(decoded, "item_id", "")
             if outcome.kind == "expired":  # the client has moved on and resubmits if it still cares
                 await self._until_written(lambda: self._ack(job), job)
-            elif outcome.kind == "scorer_error" and job.attempt >= self.config.max_attempts:
+            elif outcome.kind == "scorer_error" and outcome.retry and job.attempt >= self.config.max_attempts:
                 await self._dead_letter(
                     job, f"dead-lettered after {job.attempt} attempts: {outcome.error}", item_id
                 )
-            elif outcome.kind == "scorer_error":
+            elif (
+                outcome.kind == "scorer_error" and outcome.retry
+            ):  # a replica may fail where another will not
                 await self._until_written(lambda: self._requeue(job, outcome.error), job)
             else:
                 result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])
