@@ -16,7 +16,13 @@ metric that is not a time, a throughput or a queue count), and the final weights
 injected, the retries (trainer side: `queue.*` counts; replica side: take-overs, group
 re-creations, Redis reconnects) and the time lost, and exits 1 if anything differs.
 
-Every fault waits until the scorer's stream holds jobs, so each lands in the middle of a gather.
+Every fault waits until the scorer's stream holds jobs, so each lands in the middle of a gather, and
+a kill waits (up to 5 s) for a replica that holds claimed jobs, so the take-over of a dead replica's
+jobs is in the comparison: the script prints how many kills hit a replica holding jobs and how many
+jobs were taken over, and fails if jobs were held but none was taken over. `--epochs 10 --max-faults
+4 --faults kill,freeze` on seed 0: 2 kills hit replicas holding 64 and 2 jobs, 66 jobs taken over,
+scores, losses and weights bit for bit the calm run's. (The table below predates this: its
+take-overs count log lines, and its kills did not wait for a holder.)
 
 Measured with the defaults (20 epochs of 64 edits, a fault every 3 s at most 12, 2 s freezes,
 deadline 30 s) on 2 CPU cores shared with other jobs' training runs:
@@ -59,6 +65,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -112,12 +119,21 @@ class Fabric:
 
     def events(self) -> dict[str, int]:
         lines = [line for r in self.replicas + self.retired for line in r.log]
-        return {name: sum(text in line for line in lines) for text, name in REPLICA_EVENTS.items()}
+        out = {name: sum(text in line for line in lines) for text, name in REPLICA_EVENTS.items()}
+        # "queue ...: took over N abandoned job(s)": count the jobs, not the lines.
+        taken = [re.search(r"took over (\d+) abandoned", line) for line in lines]
+        out["jobs taken over"] = sum(int(m[1]) for m in taken if m)
+        return out
 
     def close(self) -> None:
         for replica in self.replicas:
             replica.stop()
         self.redis.stop()
+
+
+def consumer_name(replica: LocalReplica) -> str:
+    """The replica's consumer name, from its "consuming <stream> as <name>" line."""
+    return next((line.rsplit(" as ", 1)[1] for line in replica.log if " consuming " in line), "")
 
 
 class Injector(threading.Thread):
@@ -135,6 +151,7 @@ class Injector(threading.Thread):
         self.t0 = time.monotonic()
         self.faults: list[tuple[float, str]] = []
         self.error: BaseException | None = None
+        self.held_at_kill: list[int] = []  # jobs each killed replica held when it died
 
     def run(self) -> None:
         self.t0 = time.monotonic()
@@ -168,13 +185,40 @@ class Injector(threading.Thread):
         self.faults.append((time.monotonic() - self.t0, what))
         print(f"[chaos] {self.faults[-1][0]:6.1f}s {what}", flush=True)
 
+    def holding(self) -> dict[str, int]:
+        """{consumer name: jobs it has claimed and not yet acknowledged}."""
+        from reward_servers.queue import protocol as P
+
+        redis = self.fabric.redis
+        client = P.connect(redis.url, redis.password, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            pending = client.xpending(P.jobs_key(SCORER), P.GROUP)
+            return {c["name"].decode(): int(c["pending"]) for c in pending["consumers"]}
+        except Exception:  # Redis restarting: nothing known to be held
+            return {}
+        finally:
+            client.close()
+
     def kill_replica(self) -> None:
-        victim = self.rng.choice(self.fabric.replicas)
+        """SIGKILL a replica while it holds claimed jobs (waiting up to 5 s for one to), so the
+        take-over of a dead replica's jobs runs in the comparison; any replica if none does."""
+        names = {r: consumer_name(r) for r in self.fabric.replicas}
+        victim, held, deadline = None, 0, time.monotonic() + 5.0
+        while victim is None and time.monotonic() < deadline and not self.stop.is_set():
+            holds = self.holding()
+            busy = [r for r, name in names.items() if holds.get(name, 0) > 0]
+            if busy:
+                victim = self.rng.choice(busy)
+                held = holds[names[victim]]
+            else:
+                time.sleep(0.002)
+        victim = victim or self.rng.choice(self.fabric.replicas)
         os.kill(victim.process.pid, signal.SIGKILL)
         victim.process.wait(10)
         self.fabric.replicas.remove(victim)
         self.fabric.retired.append(victim)
-        self.note(f"SIGKILL replica pid {victim.process.pid}")
+        self.held_at_kill.append(held)
+        self.note(f"SIGKILL replica pid {victim.process.pid} holding {held} job(s)")
         fresh = self.fabric.add_replica()
         print(f"[chaos] replica pid {fresh.process.pid} consuming", flush=True)
 
@@ -253,6 +297,7 @@ def run_once(name: str, args, work: Path, chaos: bool) -> dict:
         "records": records,
         "weights": load_file(str(last / "trainable.safetensors")),
         "faults": injector.faults if injector else [],
+        "held_at_kill": injector.held_at_kill if injector else [],
         "replica_events": fabric.events(),
     }
 
@@ -328,6 +373,14 @@ def main() -> None:
     print(f"faults injected: {len(chaos['faults'])} ({', '.join(f'{v} x {k}' for k, v in kinds.items())})")
     print(f"trainer retries: calm {counts(calm['records'])}; chaos {counts(chaos['records'])}")
     print(f"replica recoveries: calm {calm['replica_events']}; chaos {chaos['replica_events']}")
+    held = chaos["held_at_kill"]
+    taken = chaos["replica_events"]["jobs taken over"]
+    print(
+        f"take-overs: {sum(h > 0 for h in held)} of {len(held)} kills hit a replica holding jobs "
+        f"({sum(held)} jobs held); {taken} jobs taken over"
+    )
+    if any(held) and not taken:
+        diffs.append("a killed replica held jobs but none was taken over")
     lost = chaos["seconds"] - calm["seconds"]
     print(f"wall time: calm {calm['seconds']:.1f}s, chaos {chaos['seconds']:.1f}s (lost {lost:+.1f}s)")
     # On a shared machine the two runs' speeds differ; each run's epochs over its own median epoch

@@ -77,7 +77,8 @@ class BatcherConfig:
 @dataclass
 class ItemOutcome:
     """The result of one item: `kind` is "ok", "invalid_input" (the scorer rejected the item) or
-    "scorer_error" (the scorer raised)."""
+    "scorer_error" (the scorer raised, or returned NaN or inf). `retry` is False where trying again
+    cannot help (a NaN or inf score depends on the item alone): the queue fails the item at once."""
 
     score: float
     details: dict[str, float] = field(default_factory=dict)
@@ -85,6 +86,7 @@ class ItemOutcome:
     kind: str = "ok"
     gradient: np.ndarray | None = None  # (3, H, W) d score / d edit, for items that asked
     texts: dict[str, str] = field(default_factory=dict)  # named strings (a judge's reasoning)
+    retry: bool = True
 
 
 class _Request:
@@ -376,7 +378,11 @@ class DynamicBatcher:
             if error is not None:
                 outcomes.append(ItemOutcome(math.nan, {}, utf8_safe(str(error)), "invalid_input"))
             elif not np.isfinite(score):
-                outcomes.append(ItemOutcome(math.nan, {}, f"scorer returned {score}", "scorer_error"))
+                outcomes.append(
+                    ItemOutcome(
+                        math.nan, {}, f"scorer returned {score} for this item", "scorer_error", retry=False
+                    )
+                )
             else:
                 outcomes.append(
                     ItemOutcome(

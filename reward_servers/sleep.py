@@ -5,7 +5,8 @@ forward pass takes about the same time for any batch up to its size, and uses al
 score is the edit's mean brightness in [0, 1], so a test can check that each item got its own score.
 It is step-aware the simplest way: an item whose metadata carries SPO's `step` (the denoising step of
 a candidate, `trainer.stepwise`) gets it back as the detail `step`, so a test sees what arrived.
-An item whose instruction equals `poison` makes the call raise, as a model that fails on one input.
+An item whose instruction equals `poison` makes the call raise, as a model that fails on one input;
+one whose instruction equals `nan` gets a NaN score, as a model whose output is not a number.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ class SleepScorer:
         item_seconds: float = 0.0,
         max_batch_size: int = 8,
         poison: str = "__poison__",
+        nan: str = "__nan__",
     ) -> None:
         if batch_seconds < 0 or item_seconds < 0 or max_batch_size < 1:
             raise ValueError("sleep: batch_seconds and item_seconds must be >= 0, max_batch_size >= 1")
         self.batch_seconds = batch_seconds
         self.item_seconds = item_seconds
         self.max_batch_size = max_batch_size
-        self.poison = poison
+        self.poison, self.nan = poison, nan
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
         time.sleep(self.batch_seconds + self.item_seconds * len(batch))
@@ -46,6 +48,10 @@ class SleepScorer:
             if self.poison and instruction == self.poison:
                 raise RuntimeError(f"sleep: poison item ({self.poison!r})")
         scores = [float(np.mean(image, dtype=np.float64) / 255.0) for image in batch.edited]  # no float copy
+        scores = [
+            np.nan if self.nan and t == self.nan else s
+            for s, t in zip(scores, batch.instructions, strict=True)
+        ]
         steps = [batch.meta(i).get("step") for i in range(len(batch))]
         details = [{"step": float(s)} if isinstance(s, int | float) else {} for s in steps]
         return ScoreResult(np.array(scores), details)

@@ -53,7 +53,7 @@ from reward_servers.images import (
 )
 from reward_servers.queue import protocol as P
 from reward_servers.queue.decoding import decode_all, parse_all, part_decoded_bytes, split_parts
-from reward_servers.queue.presence import ReplicaPresence
+from reward_servers.queue.presence import ReplicaPresence, presence_interval_ms
 from reward_servers.queue.writes import _REDIS_DOWN, WRITE_GRACE_S, JobWrites, _Job
 
 log = logging.getLogger("spie.queue")
@@ -295,12 +295,14 @@ class StreamConsumer(JobWrites, ReplicaPresence):
     async def _heartbeat_loop(self) -> None:
         """Re-claim the jobs in hand so their idle time stays below claim_min_idle_ms, and refresh
         this replica's presence entry."""
+        tick_s, claimed = presence_interval_ms(self.config.heartbeat_ms) / 1000, time.monotonic()
         while True:
-            await asyncio.sleep(self.config.heartbeat_ms / 1000)
+            await asyncio.sleep(tick_s)
             held = list(self._held)
             try:
-                await self._refresh_presence()
-                if held:
+                await self._refresh_presence()  # every second: replica counts resolve in seconds
+                if held and time.monotonic() - claimed >= self.config.heartbeat_ms / 1000 - 1e-3:
+                    claimed = time.monotonic()
                     await self.redis.xclaim(self.stream, P.GROUP, self.name, 0, held, justid=True)
             except (redis.ResponseError, *_REDIS_DOWN) as err:
                 log.debug("queue %s: heartbeat failed: %s", self.stream, err)
@@ -406,11 +408,13 @@ class StreamConsumer(JobWrites, ReplicaPresence):
             item_id = decoded.id if not isinstance(decoded, Exception) else getattr(decoded, "item_id", "")
             if outcome.kind == "expired":  # the client has moved on and resubmits if it still cares
                 await self._until_written(lambda: self._ack(job), job)
-            elif outcome.kind == "scorer_error" and job.attempt >= self.config.max_attempts:
+            elif outcome.kind == "scorer_error" and outcome.retry and job.attempt >= self.config.max_attempts:
                 await self._dead_letter(
                     job, f"dead-lettered after {job.attempt} attempts: {outcome.error}", item_id
                 )
-            elif outcome.kind == "scorer_error":
+            elif (
+                outcome.kind == "scorer_error" and outcome.retry
+            ):  # a replica may fail where another will not
                 await self._until_written(lambda: self._requeue(job, outcome.error), job)
             else:
                 result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])

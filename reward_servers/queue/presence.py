@@ -25,11 +25,17 @@ from reward_servers.queue import protocol as P
 
 log = logging.getLogger("spie.queue")
 DEREGISTER_S = 3.0  # most seconds a clean exit spends deregistering
-MIN_TTL_MS = 5_000  # a replica missing this long (and 3 heartbeats) counts as gone
+MIN_TTL_MS = 5_000  # a replica missing this long (and 3 presence refreshes) counts as gone
+PRESENCE_MS = 1_000  # presence is refreshed this often (or every heartbeat_ms, if shorter)
+
+
+def presence_interval_ms(heartbeat_ms: int) -> int:
+    return min(PRESENCE_MS, heartbeat_ms)
 
 
 def presence_ttl_ms(heartbeat_ms: int) -> int:
-    return max(MIN_TTL_MS, 3 * heartbeat_ms)
+    """How long an entry stays live without a refresh: a few seconds, whatever the claim heartbeat."""
+    return max(MIN_TTL_MS, 3 * presence_interval_ms(heartbeat_ms))
 
 
 def redis_now_ms(client: redis.Redis) -> int:

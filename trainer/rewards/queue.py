@@ -37,6 +37,7 @@ import redis
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.queue import protocol as P
+from reward_servers.queue.presence import live_replicas
 from trainer.config.schema import DEFAULT_DEADLINE_S, QueueConfig
 from trainer.errors import UserError
 from trainer.rewards.scores import Scores
@@ -45,8 +46,6 @@ log = logging.getLogger("spie.reward_client")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Seconds the diagnosis and the cleanup after a deadline may each take (one connection, one pipeline).
 GRACE_S = 1.0
-# A consumer idle longer than this (seconds) is not counted as a live replica in error messages.
-LIVE_IDLE_S = 60.0
 
 
 class _Late(Exception):
@@ -391,17 +390,11 @@ class RewardClient:
                 continue
             try:
                 _set_timeout(self.redis, GRACE_S)
-                with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xlen(P.jobs_key(scorer))
-                    pipe.xinfo_consumers(P.jobs_key(scorer), P.GROUP)
-                    length, consumers = pipe.execute()
-                live = sum(1 for c in consumers if c["idle"] < LIVE_IDLE_S * 1000)
-                idle = (
-                    f" ({len(consumers) - live} more idle over {LIVE_IDLE_S:g}s)"
-                    if len(consumers) > live
-                    else ""
-                )
-                parts.append(f"{scorer}: {length} job(s) in its stream, {live} replica(s) in its group{idle}")
+                length = self.redis.xlen(P.jobs_key(scorer))
+                live = len(
+                    live_replicas(self.redis, scorer, prune=False)
+                )  # from heartbeats, ~5 s old at most
+                parts.append(f"{scorer}: {length} job(s) in its stream, {live} live replica(s)")
             except (redis.ResponseError, *_REDIS_DOWN) as err:
                 parts.append(f"{scorer}: stream unavailable ({type(err).__name__})")
                 if not isinstance(err, redis.ResponseError):

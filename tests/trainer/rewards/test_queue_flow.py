@@ -129,4 +129,37 @@ def test_no_replica_fails_with_a_clear_error_within_the_deadline(redis_server):
         elapsed = time.monotonic() - start
     assert elapsed < 3.0
     assert "scorer 'sleep': 1 of 1 items (lonely)" in message
-    assert "0 replica(s)" in message or "stream unavailable" in message
+    assert "0 live replica(s)" in message or "stream unavailable" in message
+
+
+def test_a_killed_replica_stops_counting_within_seconds(redis_server, replicas):
+    """Issue 26 #4: replica counts come from heartbeats (a refresh every second, 5 s to lapse), not
+    from the consumer group's idle time (60 s): 7 s after the only replica is SIGKILLed, a deadline's
+    error says 0 live replicas."""
+    replica = replicas(scorer_kwargs={"batch_seconds": 0.05})
+    items, _ = brightness_items(1)
+    with _client(redis_server, deadline_s=20, resubmits=0) as client:
+        client.score_items(items)  # the replica is up and consuming
+    replica.process.kill()
+    replica.process.wait(10)
+    time.sleep(7.0)
+    with _client(redis_server, deadline_s=0.6, resubmits=0) as client:
+        try:
+            client.score_items(items)
+            raise AssertionError("scored without a replica")
+        except RuntimeError as err:
+            assert "sleep: " in str(err) and "0 live replica(s)" in str(err), str(err)
+
+
+def test_a_nan_score_fails_its_item_at_once_without_retries(redis_server, rdb, replicas):
+    """A NaN or inf score depends on the item alone: one attempt, its own reason, no dead letter."""
+    replicas(scorer_kwargs={"batch_seconds": 0.05, "nan": "nan"}, queue_cfg={"max_attempts": 3})
+    items, expected = brightness_items(4)
+    items[2].instruction = "nan"
+    with _client(redis_server, deadline_s=20, resubmits=0) as client:
+        scores = client.score_items(items)
+    errors = scores.errors["sleep"]
+    assert [e is None for e in errors] == [True, True, False, True]
+    assert errors[2].startswith("scorer returned nan for this item"), errors[2]
+    np.testing.assert_allclose(scores.values["sleep"][[0, 1, 3]], expected[[0, 1, 3]])
+    assert rdb.xlen(P.dead_key("sleep")) == 0
