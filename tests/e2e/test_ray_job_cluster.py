@@ -23,6 +23,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def submit_tiny(client, out: Path) -> tuple:
+    """Submit the tiny run (reward replicas pinned to `reward_slot`, the rollout worker to
+    `rollout_slot`) writing to `out`; wait for it; (status, logs)."""
+    from ray.job_submission import JobStatus
+
+    overrides = {
+        "run.num_epochs": "2",
+        "run.output_dir": str(out),
+        "reward.transport": "queue",
+        "reward.launch": "ray",
+        "reward.ray.scorers": "[{scorer: brightness, num_cpus: 0.5, resources: {reward_slot: 1}}]",
+        "ray.worker_resources": "{rollout_slot: 1}",
+    }
+    sets = " ".join(f"--set '{k}={v}'" for k, v in overrides.items())
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} -m trainer.cli train --config configs/tiny.yaml --ray {sets}",
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": [".git", "runs", "bench/out"],
+            "env_vars": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        },
+    )
+    deadline = time.monotonic() + 600
+    done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    while (status := client.get_job_status(job)) not in done:
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-4000:]
+        time.sleep(2)
+    return status, client.get_job_logs(job)
+
+
 @pytest.mark.slow
 def test_one_submitted_job_runs_the_tiny_config_over_three_nodes(tmp_path):
     from ray.cluster_utils import Cluster
@@ -52,33 +82,14 @@ def test_one_submitted_job_runs_the_tiny_config_over_three_nodes(tmp_path):
             except ConnectionError:
                 assert time.monotonic() < deadline, "the job API never answered"
                 time.sleep(1)
-        out = tmp_path / "runs"
-        overrides = {
-            "run.num_epochs": "2",
-            "run.output_dir": str(out),
-            "reward.transport": "queue",
-            "reward.launch": "ray",
-            "reward.ray.scorers": "[{scorer: brightness, num_cpus: 0.5, resources: {reward_slot: 1}}]",
-            "ray.worker_resources": "{rollout_slot: 1}",
-        }
-        sets = " ".join(f"--set '{k}={v}'" for k, v in overrides.items())
-        job = client.submit_job(
-            entrypoint=f"{sys.executable} -m trainer.cli train --config configs/tiny.yaml --ray {sets}",
-            runtime_env={
-                "working_dir": str(REPO),
-                "excludes": [".git", "runs", "bench/out"],
-                "env_vars": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-            },
-        )
-        deadline = time.monotonic() + 600
-        while (status := client.get_job_status(job)) not in (
-            JobStatus.SUCCEEDED,
-            JobStatus.FAILED,
-            JobStatus.STOPPED,
-        ):
-            assert time.monotonic() < deadline, client.get_job_logs(job)[-4000:]
-            time.sleep(2)
-        logs = client.get_job_logs(job)
+        for attempt in range(2):
+            out = tmp_path / f"runs-{attempt}"
+            status, logs = submit_tiny(client, out)
+            # Once, on a machine loaded by other runs, the job's unpacked working dir lacked a module
+            # the driver imported late (ModuleNotFoundError from Ray's runtime_resources copy); a
+            # second job is what a user would submit. Any other failure fails the test at once.
+            if status == JobStatus.SUCCEEDED or "ModuleNotFoundError" not in logs:
+                break
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
         lines = (out / "tiny" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2 and json.loads(lines[-1])["reward/brightness/replicas"] >= 1
