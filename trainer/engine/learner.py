@@ -24,6 +24,13 @@ from trainer.errors import UserError
 from trainer.registry import make_objective
 
 
+def record(stats: dict[str, list[float]], loss: torch.Tensor, info: dict) -> None:
+    """Append one micro-batch's loss and diagnostics to the pass's lists."""
+    stats["loss"].append(float(loss.detach()))
+    for key, value in info.items():
+        stats[key].append(float(value))
+
+
 class Learner:
     """Owns the optimizer and runs the objective on rollouts.
 
@@ -156,15 +163,8 @@ class Learner:
                     j = plan[index, k]
                     with self.accelerator.accumulate(unet), self.accelerator.autocast():
                         loss, info = self._step_loss(batch, j, local_rank)
-                        if torch.isfinite(loss):
-                            self.accelerator.backward(loss)
-                        else:
-                            self.nonfinite_skipped += 1
-                        if self.accelerator.sync_gradients:
-                            self._apply_update()
-                    stats["loss"].append(float(loss.detach()))
-                    for key, value in info.items():
-                        stats[key].append(float(value))
+                        self.backward(loss)
+                    record(stats, loss, info)
                     bar.update()
         bar.close()
         unet.eval()
@@ -186,6 +186,16 @@ class Learner:
             loss = loss + t.kl_coef * kl
             info["kl"] = kl.detach()
         return loss, info
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Inside `accelerator.accumulate`: backpropagate a finite loss (a non-finite one is counted
+        and skipped), and step once the accumulated micro-batches are complete."""
+        if torch.isfinite(loss):
+            self.accelerator.backward(loss)
+        else:
+            self.nonfinite_skipped += 1
+        if self.accelerator.sync_gradients:
+            self._apply_update()
 
     def _apply_update(self) -> None:
         """Clip and step, unless a gradient is non-finite (then skip the step and count it)."""

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from sampler.rollout import Rollout
 from trainer.algo.nft import nft_loss
 from trainer.algo.signals import attach_group_advantages
+from trainer.engine.learner import record
 from trainer.objectives.base import Objective
 from trainer.registry import register_objective
 from trainer.rewards.scores import Scores
@@ -85,15 +86,8 @@ def train_nft(
                             ref = policy.forward_x0(batch, index, noise[mb, j])
                         info["kl"] = ((pred.float() - ref.float()) ** 2).mean()
                         loss = loss + t.kl_coef * info["kl"]
-                    if torch.isfinite(loss):
-                        learner.accelerator.backward(loss)
-                    else:
-                        learner.nonfinite_skipped += 1
-                    if learner.accelerator.sync_gradients:
-                        learner._apply_update()
-                stats["loss"].append(float(loss.detach()))
-                for key, value in info.items():
-                    stats[key].append(float(value))
+                    learner.backward(loss)
+                record(stats, loss, info)
                 bar.update()
     bar.close()
     model.eval()
