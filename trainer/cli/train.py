@@ -30,6 +30,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build every model at its real architecture on the meta device, check the LoRA targets and "
+        "one full-size train step, and print a memory plan per process (no weights, hub or GPU)",
+    )
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for --dry-run's plan (GiB)")
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="report bad input items (one line each, on stderr) and train on the good ones",
@@ -101,6 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UserError("--config is required (e.g. --config configs/tiny.yaml)")
+    if args.dry_run:
+        from trainer.plan import dry_run
+
+        print(dry_run(load_config(args.config, overrides), gpu_gib=args.gpu_gib))
+        return 0
     train(load_config(args.config, overrides))
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -28,6 +28,9 @@ class ModelConfig:
     lora_rank: int = 8
     # LoRA alpha (scale = alpha / rank).
     lora_alpha: float = 8.0
+    # Module names LoRA adapts (a name matches modules whose name equals it or ends with ".name");
+    # empty: the editor family's attention projections (`LORA_TARGETS` of its `sampler.editors` module).
+    lora_targets: list[str] = field(default_factory=list)
     # SPIE exemplar conditioning: 4 zero-initialised extra conv_in channels plus the
     # cross-attention pre-conv module. Needs exemplar images in the data.
     exemplar_conditioning: bool = False

@@ -10,6 +10,7 @@ import torch
 
 from sampler.editors.flow_base import FlowEditPolicy
 from trainer.config import Config
+from trainer.engine.lora import add_lora, lora_targets
 from trainer.errors import UserError
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,7 +27,7 @@ def _model_path(config: Config, editor: ModuleType) -> str:
 def build_flow_policy(config: Config, editor: ModuleType, device: torch.device) -> FlowEditPolicy:
     """Load a flow-matching editor (`sampler.editors.load_editor`) and wrap it for SDE sampling
     with log-probs."""
-    m, s = config.model, config.sample
+    m = config.model
     if m.exemplar_conditioning:
         raise UserError(f"model.exemplar_conditioning is InstructPix2Pix only (model.editor={editor.FAMILY})")
     # The frozen parts in the run's precision with LoRA (peft keeps the adapters in float32); full
@@ -38,21 +39,18 @@ def build_flow_policy(config: Config, editor: ModuleType, device: torch.device) 
         raise UserError(
             f"model.pretrained: cannot load {m.pretrained!r}: {str(err).splitlines()[0]}"
         ) from err
+    return wrap_flow_policy(config, editor, pipe, device)
+
+
+def wrap_flow_policy(config: Config, editor: ModuleType, pipe, device: torch.device) -> FlowEditPolicy:
+    """The policy of a loaded pipeline with LoRA per config (also what `spie train --dry-run` runs on a
+    pipeline built on the meta device)."""
+    m, s = config.model, config.sample
     factor = int(pipe.vae_scale_factor) * 2
     if m.resolution % factor:
         raise UserError(f"model.resolution must be a multiple of {factor} for this model, got {m.resolution}")
     if m.use_lora:
-        from peft import LoraConfig
-
-        torch.manual_seed(config.run.seed)
-        pipe.transformer.add_adapter(
-            LoraConfig(
-                r=m.lora_rank,
-                lora_alpha=m.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(editor.LORA_TARGETS),
-            )
-        )
+        add_lora(pipe.transformer, config, lora_targets(config, editor))
     common = dict(
         num_steps=s.num_steps,
         noise_level=s.noise_level,

@@ -13,6 +13,7 @@ from sampler.editors import editor_family, load_editor
 from sampler.exemplar import ExemplarPreconv, expand_conv_in
 from sampler.policy import EditPolicy
 from trainer.config import Config
+from trainer.engine.lora import add_lora, lora_targets
 from trainer.errors import UserError
 
 
@@ -30,7 +31,7 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
     `model.editor` (or the model's `model_index.json`) picks the family, whose editor module
     (`sampler.editors.load_editor`) gives the loader and the LoRA targets: the UNet editors here, the
     flow-matching ones in `trainer.engine.flow_policy`."""
-    m, s = config.model, config.sample
+    m = config.model
     try:
         family = editor_family(m.pretrained, m.editor, m.revision)
     except (OSError, ValueError) as err:
@@ -52,6 +53,13 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
         raise UserError(
             f"model.pretrained: cannot load {m.pretrained!r}: {str(err).splitlines()[0]}"
         ) from err
+    return wrap_policy(config, editor, components, device or resolve_device(config.run.device))
+
+
+def wrap_policy(config: Config, editor, components, device: torch.device) -> EditPolicy:
+    """The InstructPix2Pix policy of loaded components, with exemplar parts and LoRA per config (also
+    what `spie train --dry-run` runs on components built on the meta device)."""
+    m, s = config.model, config.sample
     exemplar = None
     if m.exemplar_conditioning:
         expand_conv_in(components.unet, 4)
@@ -62,17 +70,7 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
             text_dim=text_dim, inner_dim=max(heads * 8, 320 if text_dim >= 320 else text_dim), heads=heads
         )
     if m.use_lora:
-        from peft import LoraConfig
-
-        torch.manual_seed(config.run.seed)
-        components.unet.add_adapter(
-            LoraConfig(
-                r=m.lora_rank,
-                lora_alpha=m.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(editor.LORA_TARGETS),
-            )
-        )
+        add_lora(components.unet, config, lora_targets(config, editor))
     return EditPolicy(
         components,
         scheduler=m.scheduler,
@@ -82,7 +80,7 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
         image_guidance_scale=s.image_guidance_scale,
         exemplar_guidance_scale=s.exemplar_guidance_scale,
         exemplar=exemplar,
-        device=device or resolve_device(config.run.device),
+        device=device,
     )
 
 
