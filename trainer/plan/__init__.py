@@ -66,8 +66,9 @@ def _by_dtype(modules) -> dict[str, int]:
 
 def _editor_roles(config: Config, lines: list[str]) -> list[Role]:
     m, t = config.model, config.train
-    try:
-        family = editor_family(m.pretrained, m.editor, m.revision)
+    kept = arch_folder(m.pretrained) if m.pretrained not in TINY_FAMILIES else None
+    try:  # the family from the architecture on file: no hub lookup
+        family = editor_family(str(kept) if kept else m.pretrained, m.editor, m.revision)
     except (OSError, ValueError) as err:
         raise UserError(f"model.pretrained: {str(err).splitlines()[0]}") from err
     editor = load_editor(family)
