@@ -38,6 +38,45 @@ def looks_local(pretrained: str) -> bool:
     return pretrained.startswith(("/", "./", "../", "~")) or len(Path(pretrained).parts) > 2
 
 
+def hub_problem(model_id: str, revision: str | None = None, timeout_s: float = 5.0) -> str | None:
+    """Why a model the run names cannot be loaded, asked once before any download (None: go ahead).
+
+    A local folder, or a hub id whose `model_index.json` / `config.json` is in the local hub cache,
+    is fine. Otherwise: a name whose first part is a folder here is a mistyped path (said before any
+    hub lookup); `HF_HUB_OFFLINE` set means no lookup at all; else the hub is asked once, with
+    `timeout_s` and no retries (`huggingface_hub.model_info`), instead of the downloads' five retries
+    per file. Returns one line: the model, the reason, and how to point at a local folder.
+    """
+    import os
+
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return None
+    local_hint = (
+        f"download it where the hub is reachable (`hf download {model_id} --local-dir DIR`) and set "
+        "model.pretrained to DIR"
+    )
+    parts = Path(model_id).parts
+    if looks_local(model_id) or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        return f"model folder not found: {model_id} (from {Path.cwd()}); a path is not looked up on the hub"
+    try:
+        from huggingface_hub import constants, model_info, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        return None
+    for name in ("model_index.json", "config.json"):
+        if isinstance(try_to_load_from_cache(model_id, name, revision=revision), str):
+            return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline or constants.HF_HUB_OFFLINE:
+        return f"model {model_id!r}: not in the local hub cache and HF_HUB_OFFLINE is set; {local_hint}"
+    try:
+        model_info(model_id, revision=revision, timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - any failure is reported in one line
+        reason = (str(err).splitlines() or [""])[0][:160]
+        return f"model {model_id!r}: the hub cannot serve it ({type(err).__name__}: {reason}); {local_hint}"
+    return None
+
+
 def load_components(pretrained: str, revision: str | None = None, scheduler: str = "ddim") -> Components:
     """Load unet, vae, text encoder, tokenizer and a `scheduler`-kind scheduler with `from_pretrained`.
 

@@ -113,7 +113,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(dry_run(load_config(args.config, overrides), gpu_gib=args.gpu_gib))
         return 0
-    train(load_config(args.config, overrides))
+    config = load_config(args.config, overrides)
+    from trainer.engine.policy import check_models
+
+    check_models(config)  # a model that cannot be had fails here, in one line, before Ray starts
+    train(config)
     return 0
 
 

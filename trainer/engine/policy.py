@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from sampler.editors import editor_family, load_editor
+from sampler.editors import TINY_FAMILIES, editor_family, load_editor
 from sampler.exemplar import ExemplarPreconv, expand_conv_in
+from sampler.models import hub_problem
 from sampler.policy import EditPolicy
 from trainer.config import Config
 from trainer.engine.lora import add_lora, lora_targets
@@ -25,6 +26,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_models(config: Config) -> None:
+    """Fail in one line, before anything starts, when a model the run names cannot be had: the editor
+    (`model.pretrained`) and each scorer's `model_id` (`sampler.models.hub_problem`)."""
+    names = (
+        [("model.pretrained", config.model.pretrained)]
+        if config.model.pretrained not in TINY_FAMILIES
+        else []
+    )
+    for s in config.reward.scorers:
+        if isinstance(s.kwargs.get("model_id"), str):
+            names.append((f"reward scorer {s.name}", s.kwargs["model_id"]))
+    for where, name in names:
+        problem = hub_problem(name, config.model.revision if where == "model.pretrained" else None)
+        if problem:
+            raise UserError(f"{where}: {problem}")
+
+
 def build_policy(config: Config, device: torch.device | None = None) -> EditPolicy:
     """Load the base model and wrap it for sampling; adds LoRA adapters and exemplar parts per config.
 
@@ -32,6 +50,10 @@ def build_policy(config: Config, device: torch.device | None = None) -> EditPoli
     (`sampler.editors.load_editor`) gives the loader and the LoRA targets: the UNet editors here, the
     flow-matching ones in `trainer.engine.flow_policy`."""
     m = config.model
+    if m.pretrained not in TINY_FAMILIES:
+        problem = hub_problem(m.pretrained, m.revision)
+        if problem:
+            raise UserError(problem)
     try:
         family = editor_family(m.pretrained, m.editor, m.revision)
     except (OSError, ValueError) as err:

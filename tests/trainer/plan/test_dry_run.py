@@ -47,7 +47,9 @@ def test_lora_target_that_matches_nothing_is_named(tmp_path):
         ROOT / "configs" / "tiny.yaml",
         ["model.use_lora=true", 'model.lora_targets=["to_q", "attn_proj_x"]', f"model.tiny_dir={tmp_path}"],
     )
-    with pytest.raises(UserError, match=r"LoRA targets match nothing in UNet2DConditionModel: attn_proj_x \("):
+    with pytest.raises(
+        UserError, match=r"LoRA targets match nothing in UNet2DConditionModel: attn_proj_x \("
+    ):
         dry_run(config)
 
 
@@ -109,8 +111,12 @@ def test_plan_within_20_percent_of_measured_peak(tmp_path):
     params = list(trainable_parameters(real, True).values())
     opt = torch.optim.AdamW(params, lr=1e-4)
     batch = fake_rollout(meta, "instruct_pix2pix", config, 8)
-    batch = type(batch)(**{k: (torch.zeros(v.shape, dtype=v.dtype) if torch.is_tensor(v) and v.is_meta else v)
-                           for k, v in vars(batch).items()})
+    batch = type(batch)(
+        **{
+            k: (torch.zeros(v.shape, dtype=v.dtype) if torch.is_tensor(v) and v.is_meta else v)
+            for k, v in vars(batch).items()
+        }
+    )
     real._null = real.encode_text([""])
     kept = {}
 
