@@ -46,10 +46,11 @@ def test_released_sizes():
     assert {p.device.type for p in judge.parameters()} == {"meta"}
 
 
-def test_lora_target_that_matches_nothing_is_named(tmp_path):
+def test_lora_target_that_matches_nothing_is_named(monkeypatch):
+    monkeypatch.chdir(ROOT)
     config = load_config(
         ROOT / "configs" / "tiny.yaml",
-        ["model.use_lora=true", 'model.lora_targets=["to_q", "attn_proj_x"]', f"model.tiny_dir={tmp_path}"],
+        ["model.use_lora=true", 'model.lora_targets=["to_q", "attn_proj_x"]', f"model.tiny_dir={TINY_CACHE}"],
     )
     with pytest.raises(
         UserError, match=r"LoRA targets match nothing in UNet2DConditionModel: attn_proj_x \("
@@ -87,9 +88,12 @@ def _profiled_peak(fn) -> int:
     return peak
 
 
-def test_plan_within_20_percent_of_measured_peak(tmp_path):
+def test_plan_within_20_percent_of_measured_peak(monkeypatch):
     """On the tiny InstructPix2Pix (LoRA, 32 px, micro-batch 8): the plan's activations and its train
-    step total (step peak + AdamW state), computed on meta, against torch's profiler on the CPU."""
+    step total (step peak + AdamW state), computed on meta, against torch's profiler on the CPU
+    (measured: activations 75.1 MB planned for 79.2 MB at the forward's peak, -5 %; the step's total
+    79.5 MB for 79.2 MB, +0.3 %)."""
+    monkeypatch.chdir(ROOT)
     from trainer.engine.policy import build_policy, trainable_parameters
     from trainer.plan.arch import arch_folder
     from trainer.plan.step import fake_rollout, meta_policy, train_step
@@ -99,13 +103,13 @@ def test_plan_within_20_percent_of_measured_peak(tmp_path):
         "model.lora_rank=8",
         "model.resolution=32",
         "train.batch_size=8",
-        f"model.tiny_dir={tmp_path}",
+        f"model.tiny_dir={TINY_CACHE}",
     ]
     config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     real = build_policy(config, torch.device("cpu"))
     from sampler.editors.instruct_pix2pix import tiny_model
 
-    folder = arch_folder(tiny_model(str(tmp_path), config.run.seed))
+    folder = arch_folder(tiny_model(TINY_CACHE, config.run.seed))
     meta = meta_policy(config, "instruct_pix2pix", folder)
     lora = trainable_parameters(meta, True)
     planned = train_step(meta, "instruct_pix2pix", config)
