@@ -28,12 +28,18 @@ from trainer.plan.measure import GpuAttention, LiveBytes, SavedBytes
 META = torch.device("meta")
 
 
-def meta_policy(config: Config, family: str, folder):
-    """The run's policy on meta: components from `folder`'s configs, LoRA per config (its targets checked)."""
+def meta_policy(config: Config, family: str, folder, device: torch.device = META):
+    """The run's policy on meta: components from `folder`'s configs, LoRA per config (its targets
+    checked). With another `device` the weights are made there, random (N(0, 0.02)): for timings
+    and measured peaks on a GPU, where speed does not depend on the weights."""
     editor = load_editor(family)
     lora = config.model.use_lora
     dtype = DTYPES[config.run.mixed_precision] if (lora and editor.FLOW_MATCHING) else torch.float32
     pipe_class, parts = build_pipeline_components(folder, dtype)
+    if device.type != "meta":
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                _materialize(part, device)
     if not editor.FLOW_MATCHING:
         from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
@@ -42,9 +48,9 @@ def meta_policy(config: Config, family: str, folder):
         ]
         sched = kind.from_config(parts["scheduler"].config)  # as `load_components` picks the class
         components = Components(parts["unet"], parts["vae"], parts["text_encoder"], None, sched)
-        policy = wrap_policy(config, editor, components, META)
+        policy = wrap_policy(config, editor, components, device)
         te = parts["text_encoder"].config
-        policy._null = torch.zeros(1, te.max_position_embeddings, te.hidden_size, device=META)
+        policy._null = torch.zeros(1, te.max_position_embeddings, te.hidden_size, device=device)
         return policy
     import diffusers
 
@@ -52,7 +58,20 @@ def meta_policy(config: Config, family: str, folder):
     pipe = getattr(diffusers, pipe_class)(**parts, **absent)
     if hasattr(pipe, "tokenizer_2"):  # KontextPolicy reads the T5 tokenizer's length only
         object.__setattr__(pipe, "tokenizer_2", SimpleNamespace(model_max_length=512))
-    return wrap_flow_policy(config, editor, pipe, META)
+    return wrap_flow_policy(config, editor, pipe, device)
+
+
+def _materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Meta parameters and buffers made real on `device`: weights N(0, 0.02), norms' weights 1."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if not t.is_floating_point():
+                t.zero_()
+            elif t.ndim == 1 and "norm" in name:
+                t.fill_(1.0)
+            else:
+                t.normal_(0, 0.02)
 
 
 def _init_names(pipe_class: str) -> set[str]:
@@ -67,20 +86,21 @@ def _cond(policy, family: str, config: Config, b: int) -> dict[str, torch.Tensor
     """Conditioning of B items as the encoders would give it (zeros of the right shapes and dtypes)."""
     m = config.model
     c = policy.c
+    dev = policy.device
     _, h, w = policy.latent_shape(m.resolution)
     if family == "instruct_pix2pix":
         te = c.text_encoder.config
         return {
-            "text_embeds": torch.zeros(b, te.max_position_embeddings, te.hidden_size, device=META),
-            "image_latents": torch.zeros(b, 4, h, w, device=META),
+            "text_embeds": torch.zeros(b, te.max_position_embeddings, te.hidden_size, device=dev),
+            "image_latents": torch.zeros(b, 4, h, w, device=dev),
         }
     if family == "flux_kontext":
         return {
             "text_embeds": torch.zeros(
-                b, policy.max_text_length, c.text_encoder_2.config.d_model, device=META
+                b, policy.max_text_length, c.text_encoder_2.config.d_model, device=dev
             ),
-            "pooled_embeds": torch.zeros(b, c.text_encoder.config.hidden_size, device=META),
-            "image_latents": torch.zeros(b, c.vae.config.latent_channels, h, w, device=META),
+            "pooled_embeds": torch.zeros(b, c.text_encoder.config.hidden_size, device=dev),
+            "image_latents": torch.zeros(b, c.vae.config.latent_channels, h, w, device=dev),
         }
     if family == "qwen_image_edit":
         from sampler.editors.qwen_edit import condition_size
@@ -90,9 +110,9 @@ def _cond(policy, family: str, config: Config, b: int) -> dict[str, torch.Tensor
         dim = c.text_encoder.config.text_config.hidden_size
         f = policy.vae_factor
         return {
-            "text_embeds": torch.zeros(b, k, length, dim, device=META),
+            "text_embeds": torch.zeros(b, k, length, dim, device=dev),
             "text_mask": torch.ones(b, k, length),  # on the CPU: the policy reads its lengths
-            "image_latents": torch.zeros(b, c.vae.config.z_dim, hc // f, wc // f, device=META),
+            "image_latents": torch.zeros(b, c.vae.config.z_dim, hc // f, wc // f, device=dev),
         }
     raise ValueError(f"no dry-run conditioning for editor family {family!r}")
 
@@ -100,15 +120,16 @@ def _cond(policy, family: str, config: Config, b: int) -> dict[str, torch.Tensor
 def fake_rollout(policy, family: str, config: Config, b: int) -> Rollout:
     """B recorded trajectories of meta tensors at the run's resolution and step count."""
     t = config.sample.num_steps
+    dev = policy.device
     ch, h, w = policy.latent_shape(config.model.resolution)
     res = config.model.resolution
     return Rollout(
-        latents=torch.zeros(b, t + 1, ch, h, w, device=META),
-        step_index=torch.zeros(b, t, dtype=torch.long, device=META),
-        log_probs=torch.zeros(b, t, device=META),
+        latents=torch.zeros(b, t + 1, ch, h, w, device=dev),
+        step_index=torch.zeros(b, t, dtype=torch.long, device=dev),
+        log_probs=torch.zeros(b, t, device=dev),
         stochastic=torch.ones(t, dtype=torch.bool),
-        images=torch.zeros(b, 3, res, res, device=META),
-        sources=torch.zeros(b, 3, res, res, device=META),
+        images=torch.zeros(b, 3, res, res, device=dev),
+        sources=torch.zeros(b, 3, res, res, device=dev),
         group=torch.zeros(b, dtype=torch.long),
         instructions=[""] * b,
         **_cond(policy, family, config, b),
