@@ -141,3 +141,18 @@ def test_plan_within_20_percent_of_measured_peak(monkeypatch):
     total = _profiled_peak(lambda: (forward(), step()))
     assert abs(planned.saved - activations) <= 0.2 * activations, (planned.saved, activations)
     assert abs(planned_total - total) <= 0.2 * total, (planned_total, total)
+
+
+def test_readme_shows_the_plan_that_the_dry_run_prints(monkeypatch):
+    """The README's abridged plan of configs/spie-a100.yaml: every line of its text block is a line of
+    `spie train --config configs/spie-a100.yaml --dry-run`'s output."""
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("spie train --config configs/spie-a100.yaml --dry-run\n```", 1)[1]
+    shown = after.split("```text\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    printed = {
+        line.strip() for line in dry_run(load_config(ROOT / "configs" / "spie-a100.yaml")).splitlines()
+    }
+    assert shown and all(line.strip() in printed for line in shown), [
+        line for line in shown if line.strip() not in printed
+    ]
