@@ -61,6 +61,9 @@ def build_flow_policy(config: Config, editor: ModuleType, device: torch.device) 
         device=device,
     )
     try:
-        return editor.make_policy(pipe, m, s, **common)
+        policy = editor.make_policy(pipe, m, s, **common)
     except ValueError as err:
         raise UserError(str(err)) from err
+    policy.cps_log_prob = s.cps_log_prob
+    policy._init_caches()  # schedules are built with it
+    return policy
