@@ -76,6 +76,10 @@ class AlignPropSettings:
     backprop_max_steps: int = 1
     # AlignProp: recompute each UNet call in the backward pass instead of storing its activations.
     gradient_checkpointing: bool = True
+    # AlignProp's `loss_coeff`: the reward loss is scaled by it (theirs: 0.01 in every preset). Adam
+    # undoes a constant scale, but gradient clipping (`max_grad_norm`) sees it, so the paper preset
+    # sets 0.01; 1 (the default) leaves the loss -mean(weighted reward).
+    alignprop_loss_coeff: float = 1.0
 
 
 @dataclass(frozen=True)
