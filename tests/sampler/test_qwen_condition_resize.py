@@ -49,3 +49,28 @@ def test_condition_image_is_the_pipelines_lanczos_resize(qwen_pipe):
         0, 1
     )
     assert (bicubic - theirs).abs().max() > 2 / 255
+
+
+def test_edit_of_a_non_square_source_equals_the_pipeline(qwen_pipe, monkeypatch):
+    """At noise level 0 (the ODE), a 32 x 64 source conditioned at 32 x 96: our edit = the pipeline's
+    (measured 0.0; bound 1e-4), the pipeline seeing the same condition area (its 1024 * 1024 patched
+    to 64 * 64). One PIL image, as the pipeline is called: given a list, its `image_processor.resize`
+    returns the list unresized (line 662), so Qwen2.5-VL would read the sources at their own size
+    while the VAE reads them resized (0.002 apart here)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+    original = module.calculate_dimensions
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: original(AREA, ratio))
+    sources = _sources(1)
+    policy = QwenEditPolicy(
+        qwen_pipe, num_steps=3, noise_level=0.0, true_cfg_scale=1.0, condition_area=AREA,
+        max_text_length=48, resolution=H,
+    )  # fmt: skip
+    ours = policy.rollout(sources, ["make it red"], generator=torch.Generator().manual_seed(0))
+    pil = Image.fromarray((sources[0].permute(1, 2, 0) * 255).round().byte().numpy())
+    theirs = qwen_pipe(
+        image=pil, prompt="make it red", true_cfg_scale=1.0, height=H, width=W, num_inference_steps=3,
+        output_type="pt", generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    assert ours.images.shape == theirs.shape == (1, 3, H, W)
+    assert (ours.images - theirs).abs().max() < 1e-4
