@@ -284,13 +284,16 @@ class EditPolicy:
         )
         return self.sched.step(eps, index, x_t.to(self.device), prev_sample=x_prev.to(self.device)).log_prob
 
-    def forward_x0(self, batch: Rollout, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward_x0(
+        self, batch: Rollout, index: torch.Tensor, noise: torch.Tensor, with_output: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Noise each final latent to step `index`'s level on the forward process and predict it back.
 
         DDIM: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t);
         Euler-ancestral: x = x0 + sigma eps, x0_hat = x - sigma eps_hat. With the policy's guidance (at
         scales 1 the (instruction, source) branch alone, the CFG-free model DiffusionNFT trains).
-        Shapes: index (B,), noise (B, 4, h, w) -> (B, 4, h, w), with grad.
+        Shapes: index (B,), noise (B, 4, h, w) -> (B, 4, h, w), with grad; with `with_output`,
+        (x0_hat, eps_hat).
         """
         x0 = batch.latents[:, -1].to(self.device)
         noise = noise.to(self.device)
@@ -301,9 +304,8 @@ class EditPolicy:
             sigma = self.sched.sigmas[index].view(-1, 1, 1, 1)
             x = x0 + sigma * noise
         eps = self.guided_noise(x, index, batch.text_embeds, batch.image_latents, batch.exemplar_latents)
-        if self.kind == "ddim":
-            return (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return x - sigma * eps
+        x0_hat = (x - (1 - a).sqrt() * eps) / a.sqrt() if self.kind == "ddim" else x - sigma * eps
+        return (x0_hat, eps) if with_output else x0_hat
 
     @contextlib.contextmanager
     def eval_mode(self):

@@ -29,18 +29,32 @@ class StepOutput:
         log_prob: (B,) mean per-dimension log N(prev_sample; mean, std^2).
         mean: (B, C, h, w) the Gaussian's mean.
         std: (B, 1, 1, 1) its standard deviation.
+        kl_std: (B, 1, 1, 1) the std Flow-GRPO's KL divides by (`FlowMatchSDE.kl_std`; flow steps only).
     """
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    kl_std: torch.Tensor | None = None
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Mean over non-batch dims of log N(x; mean, std^2); 0 where std == 0.  Shapes: (B, ...) -> (B,)."""
     safe = torch.where(std > 0, std, torch.ones_like(std))
     lp = -((x.detach() - mean) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+    lp = torch.where(std > 0, lp, torch.zeros_like(lp))
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def squared_error_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's CPS log-prob: -mean over non-batch dims of (x - mean)^2, the Gaussian log-density
+    without its 1 / (2 std^2) factor and constants; 0 where std == 0.  Shapes: (B, ...) -> (B,).
+
+    `yifan123/flow_grpo` `flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`, lines 85-86 at commit
+    54809b5 (sde_type "cps": "remove all constants").
+    """
+    lp = -((x.detach() - mean) ** 2)
     lp = torch.where(std > 0, lp, torch.zeros_like(lp))
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 

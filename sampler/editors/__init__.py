@@ -27,7 +27,9 @@ Qwen-Image-Edit; the flow families share `sampler.editors.flow_base.FlowEditPoli
 - `step_log_prob(batch, j) -> (B,)`: any recorded step's log-prob under the current weights (with grad).
 - `forward_x0(batch, index, noise) -> (B, C, h, w)`: the final latents noised to step `index`'s
   level on the forward process and predicted back (with grad): the likelihood-free objectives'
-  (DiffusionNFT) one model call.
+  (DiffusionNFT) one model call; with `with_output=True`, (x0, the network's output: velocity or
+  noise), whose squared distance to the reference's is DiffusionNFT's KL (needed only with
+  `train.kl_coef > 0`).
 - `denoiser` (settable) and `denoiser_name`: the trained network ("unet" / "transformer"), whose
   parameters the learner and checkpoints name `<denoiser_name>.<parameter>`.
 - `sched.step_is_stochastic() -> (T,) bool`, `latent_shape(resolution) -> (C, h, w)`, `eval_mode()`,

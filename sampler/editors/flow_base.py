@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from sampler.editors.flow_sde import FlowMatchSDE
 from sampler.policy import randn
 from sampler.rollout import Rollout
+from sampler.schedulers import StepOutput
 
 
 class FlowEditPolicy:
@@ -27,6 +28,8 @@ class FlowEditPolicy:
     denoiser_name = "transformer"
     exemplar = None  # no exemplar conditioning on the flow families
     COND_FIELDS: tuple[str, ...] = ("text_embeds", "image_latents")  # the Rollout fields `velocity` reads
+    # With sde_kind "cps": Flow-GRPO's log-prob or the exact Gaussian one (`sample.cps_log_prob`).
+    cps_log_prob: str = "flow_grpo"
 
     def _init_caches(self) -> None:
         self._schedules: dict[int, FlowMatchSDE] = {}
@@ -53,7 +56,12 @@ class FlowEditPolicy:
         seq_len = (h // 2) * (w // 2)
         if seq_len not in self._schedules:
             self._schedules[seq_len] = FlowMatchSDE(
-                self.c.scheduler, self.num_steps, seq_len, self.sde_kind, self.noise_level
+                self.c.scheduler,
+                self.num_steps,
+                seq_len,
+                self.sde_kind,
+                self.noise_level,
+                cps_log_prob=self.cps_log_prob,
             ).to(self.device)
         return self._schedules[seq_len]
 
@@ -156,6 +164,11 @@ class FlowEditPolicy:
 
     def step_log_prob(self, batch: Rollout, j: torch.Tensor | int) -> torch.Tensor:
         """(B,) log-probs under the current weights of recorded step `j` (an int or (B,) long), with grad."""
+        return self.step_output(batch, j).log_prob
+
+    def step_output(self, batch: Rollout, j: torch.Tensor | int) -> StepOutput:
+        """Recorded step `j` (an int or (B,) long) rescored under the current weights, with grad: its
+        log-prob (B,), mean (B, C, h, w) and the stds (Flow-GRPO's KL reads the mean and `kl_std`)."""
         b = len(batch)
         j = (
             torch.as_tensor(j, device=batch.latents.device).expand(b)
@@ -166,15 +179,18 @@ class FlowEditPolicy:
         x, x_next = batch.latents[rows, j].to(self.device), batch.latents[rows, j + 1].to(self.device)
         index = batch.step_index[rows, j].to(self.device)
         v = self.velocity(x, index, self._cond(batch))
-        return self.schedule(*x.shape[2:]).step(v, index, x, prev_sample=x_next).log_prob
+        return self.schedule(*x.shape[2:]).step(v, index, x, prev_sample=x_next)
 
-    def forward_x0(self, batch: Rollout, index: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward_x0(
+        self, batch: Rollout, index: torch.Tensor, noise: torch.Tensor, with_output: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Noise each final latent to step `index`'s level on the forward process and predict it back.
 
         x_sigma = (1 - sigma) x0 + sigma eps, x0_hat = x_sigma - sigma v (rectified flow), with grad.
-        Shapes: index (B,), noise (B, C, h, w) -> (B, C, h, w).
+        Shapes: index (B,), noise (B, C, h, w) -> (B, C, h, w); with `with_output`, (x0_hat, v).
         """
         x0 = batch.latents[:, -1].to(self.device)
         sigma = self.schedule(*x0.shape[2:]).sigmas[index].view(-1, 1, 1, 1)
         x = (1 - sigma) * x0 + sigma * noise.to(self.device)
-        return x - sigma * self.velocity(x, index, self._cond(batch))
+        v = self.velocity(x, index, self._cond(batch))
+        return (x - sigma * v, v) if with_output else x - sigma * v

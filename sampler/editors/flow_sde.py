@@ -18,11 +18,15 @@ Each step draws x_next ~ N(mean, std^2 I):
 - noise level 0 (either kind) is the Euler ODE x_next = x + v dt, diffusers' own step: use it to
   evaluate.
 
+Log-probabilities. "sde" takes the Gaussian log-density averaged over latent dimensions, as
+upstream. "cps" follows upstream by default (`cps_log_prob="flow_grpo"`; `flow_grpo/diffusers_patch/
+sd3_sde_with_logprob.py`, lines 85-86 at commit 54809b5): log_prob = -mean((x_next - mean)^2), the
+density without its 1 / (2 std^2) factor. That is not a rescaling of the whole ratio: the factor
+changes from step to step (0.65 to 149 for Kontext at 28 steps, noise 0.7), so the exact density
+(`cps_log_prob="gaussian"`) weighs the late, low-noise steps far more in the ratio and in clipping.
+
 What changed from upstream: stateless functions of a per-item step index (a training batch mixes
-steps), the sample taken is passed in to score a recorded step, and the log-probability is the exact
-Gaussian log-density averaged over latent dimensions for both kinds (upstream's CPS drops the
-1 / (2 std^2) factor and the constants; the std does not depend on the weights, so only the scale
-of the log-ratio differs).
+steps) and the sample taken is passed in to score a recorded step.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import math
 import numpy as np
 import torch
 
-from sampler.schedulers import StepOutput, gaussian_log_prob
+from sampler.schedulers import StepOutput, gaussian_log_prob, squared_error_log_prob
 
 SDE_KINDS = ("sde", "cps")
+CPS_LOG_PROBS = ("flow_grpo", "gaussian")
 
 
 def calculate_shift(seq_len: int, config) -> float:
@@ -58,6 +63,8 @@ class FlowMatchSDE:
         kind: "sde" or "cps".
         noise_level: a in the formulas above; 0 gives the ODE.
         sigmas: custom sigmas (T,) as a pipeline takes them; default linspace(1, 1 / T, T) as FLUX does.
+        cps_log_prob: with kind "cps", "flow_grpo" (upstream's -mean((x - mean)^2)) or "gaussian"
+            (the exact log-density); ignored by "sde".
     """
 
     def __init__(
@@ -68,10 +75,14 @@ class FlowMatchSDE:
         kind: str = "sde",
         noise_level: float = 0.7,
         sigmas: np.ndarray | None = None,
+        cps_log_prob: str = "flow_grpo",
     ) -> None:
         if kind not in SDE_KINDS:
             raise ValueError(f"unknown flow sampler kind {kind!r} (expected one of {SDE_KINDS})")
+        if cps_log_prob not in CPS_LOG_PROBS:
+            raise ValueError(f"unknown CPS log-prob {cps_log_prob!r} (expected one of {CPS_LOG_PROBS})")
         self.kind = kind
+        self.cps_log_prob = cps_log_prob
         self.noise_level = float(noise_level)
         self.num_steps = num_steps
         sched = copy.deepcopy(scheduler)
@@ -98,6 +109,15 @@ class FlowMatchSDE:
         sigma_max = self.sigmas[1]
         s = (sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))).sqrt() * self.noise_level
         return s * (sigma - sigma_next).sqrt()
+
+    def kl_std(self, index: torch.Tensor) -> torch.Tensor:
+        """(B,) the `std_dev_t` Flow-GRPO's step returns and its KL divides by: "cps" the step's std,
+        "sde" s = a sqrt(sigma / (1 - sigma)) without the sqrt(-dt) of the step's std
+        (`flow_grpo/diffusers_patch/sd3_sde_with_logprob.py` at 54809b5, lines 50 and 71)."""
+        if self.kind == "cps":
+            return self._std(index).expand(index.shape)
+        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
+        return self._std(index) / (sigma - sigma_next).sqrt()
 
     def step_is_stochastic(self) -> torch.Tensor:
         """(T,) bool: which steps inject noise (and so have a log-probability)."""
@@ -135,4 +155,8 @@ class FlowMatchSDE:
             mean = (1 - sigma_next) * x0_hat + (sigma_next**2 - std**2).clamp(min=0).sqrt() * x1_hat
         if prev_sample is None:
             prev_sample = mean if noise is None else mean + std * noise.to(mean)
-        return StepOutput(prev_sample.float(), gaussian_log_prob(prev_sample.float(), mean, std), mean, std)
+        density = gaussian_log_prob
+        if self.kind == "cps" and self.cps_log_prob == "flow_grpo":
+            density = squared_error_log_prob
+        kl_std = self._bcast(self.kl_std(index), x)
+        return StepOutput(prev_sample.float(), density(prev_sample.float(), mean, std), mean, std, kl_std)

@@ -115,11 +115,22 @@ class QwenEditPolicy(FlowEditPolicy):
     # ------------------------------------------------------------------ encoders
 
     def condition_images(self, sources: torch.Tensor) -> torch.Tensor:
-        """(M, 3, H, W) in [0, 1] -> (M, 3, h_c, w_c) at the condition size (unchanged if already there)."""
+        """(M, 3, H, W) in [0, 1] -> (M, 3, h_c, w_c) at the condition size (unchanged if already there).
+
+        Resized as `QwenImageEditPipeline.__call__` does (diffusers v0.42, `image_processor.resize` of
+        the PIL input: PIL's Lanczos, the `VaeImageProcessor`'s default `resample`), from the 8-bit
+        image, so a model trained here sees the condition diffusers' inference gives it.
+        """
+        from PIL import Image
+
         h, w = condition_size(self.condition_area, *sources.shape[-2:])
         if tuple(sources.shape[-2:]) == (h, w):
             return sources.float()
-        return F.interpolate(sources.float(), size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)
+        arrays = (
+            (sources.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        )
+        resized = [np.asarray(self.c.image_processor.resize(Image.fromarray(a), h, w)) for a in arrays]
+        return (torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255).to(sources.device)
 
     @torch.no_grad()
     def encode_text(self, instructions: list[str], images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,8 +66,11 @@ def _flow_grpo_step(v, x, sigma, sigma_prev, sigma_max, a, kind, z):
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 def test_step_matches_flow_grpo_and_the_gaussian_closed_form(kontext_pipe, kind):
     """On fixed numbers, each item at its own step: the mean and std are Flow-GRPO's, and the log-prob
-    is the Gaussian log-density of the sample taken, averaged over dimensions."""
-    sched = FlowMatchSDE(kontext_pipe.scheduler, num_steps=4, seq_len=16, kind=kind, noise_level=0.7)
+    is the Gaussian log-density of the sample taken, averaged over dimensions (CPS's option
+    `cps_log_prob="gaussian"`; its default, Flow-GRPO's, is tested in test_cps_logprob.py)."""
+    sched = FlowMatchSDE(
+        kontext_pipe.scheduler, num_steps=4, seq_len=16, kind=kind, noise_level=0.7, cps_log_prob="gaussian"
+    )
     assert float(sched.sigmas[0]) == 1.0 and float(sched.sigmas[-1]) == 0.0
     g = torch.Generator().manual_seed(3)
     x, v, z = (torch.randn(3, 4, 2, 2, generator=g) for _ in range(3))

@@ -159,4 +159,6 @@ def test_paper_preset_has_alignprop_s_settings():
     assert c.sample.batch_size * c.sample.num_batches_per_epoch == 256  # samples per epoch
     assert c.sample.batch_size * c.train.gradient_accumulation_steps == 128  # total batch size
     assert c.model.use_lora and c.train.gradient_checkpointing and not c.ray.enabled
-    assert [(s.name, s.weight) for s in c.reward.scorers] == [("hpsv2", 0.01)]  # loss_coeff 0.01
+    # AlignProp's loss 0.01 x (1 - cos): our hpsv2 is 100 x cos, so weight 0.01 and loss_coeff 0.01.
+    assert [(s.name, s.weight) for s in c.reward.scorers] == [("hpsv2", 0.01)]
+    assert c.train.alignprop_loss_coeff == 0.01

@@ -26,13 +26,17 @@ def backprop_steps(k_min: int, k_max: int, num_steps: int, generator: torch.Gene
 
 
 def reward_loss(
-    rewards: dict[str, torch.Tensor], weights: dict[str, float]
+    rewards: dict[str, torch.Tensor], weights: dict[str, float], loss_coeff: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, reward): reward = sum_s weight_s x reward_s, (N,); loss = -mean(reward), a scalar.
+    """(loss, reward): reward = sum_s weight_s x reward_s, (N,); loss = -loss_coeff x mean(reward).
+
+    `loss_coeff` is AlignProp's `config.train.loss_coeff` (`mihirp1998/AlignProp` `main.py`, lines
+    505-507 at commit 7f4503f; `alignprop_trainer.py`, lines 330-331 at b22918a: loss.mean() x 0.01).
 
     Args:
         rewards: scorer -> (N,) differentiable rewards, higher is better.
         weights: scorer -> weight.
+        loss_coeff: the loss's scale (`train.alignprop_loss_coeff`).
     """
     total = sum(weights[name] * r for name, r in rewards.items())
-    return -total.mean(), total
+    return -loss_coeff * total.mean(), total

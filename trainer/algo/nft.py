@@ -67,3 +67,25 @@ def nft_loss(
             "old_deviate": ((x0_pred - x0_old) ** 2).mean(),
         }
     return loss, info
+
+
+# DiffusionNFT's schedules of the old policy's decay, `return_decay` (`NVlabs/DiffusionNFT`
+# `scripts/train_nft_sd3.py`, lines 169-189 at commit 24af555): (flat, rate, cap) per `decay_type`.
+DECAY_SCHEDULES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
+
+
+def old_policy_decay(step: int, decay_type: int) -> float:
+    """The weight of the old policy's weights in their update after an epoch, old <- d old + (1 - d)
+    current (upstream lines 1034-1039), at `step` optimizer steps so far: 0 for `step` < flat, then
+    min((step - flat) rate, cap). Type 0 is always 0 (the old policy is the current one, the one that
+    sampled); type 1 (upstream's default) grows to an even average over 500 steps."""
+    flat, rate, cap = DECAY_SCHEDULES[decay_type]
+    return 0.0 if step < flat else min((step - flat) * rate, cap)
+
+
+def output_kl(output: torch.Tensor, ref_output: torch.Tensor) -> torch.Tensor:
+    """DiffusionNFT's KL term: the squared distance of the network's outputs (velocities for a flow
+    model) to the reference's, averaged over the non-batch dims, then over the batch (upstream lines
+    966-970). (B, ...) x 2 -> scalar."""
+    per_item = ((output - ref_output.detach()) ** 2).mean(dim=tuple(range(1, output.ndim)))
+    return per_item.mean()

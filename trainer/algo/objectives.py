@@ -186,3 +186,18 @@ def plackett_luce_loss(
 def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
     """Per-step KL estimate to the reference, 0.5 E[(log pi - log pi_ref)^2]. (B,) -> scalar."""
     return 0.5 * ((log_prob - ref_log_prob) ** 2).mean()
+
+
+def step_mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, kl_std: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's KL to the reference for a flow editor's step: mean over non-batch dims of
+    (mean - mean_ref)^2, divided by 2 std_t^2, then averaged over the batch (`yifan123/flow_grpo`
+    `scripts/train_sd3.py`, lines 895-896 at commit ac4c86e, the same lines at 54809b5); std_t is
+    the step function's `std_dev_t` (`FlowMatchSDE.kl_std`); 0 where it is 0.
+
+    Shapes: mean, ref_mean (B, C, h, w) (ref_mean without grad), kl_std (B, 1, 1, 1) -> scalar.
+    """
+    dims = tuple(range(1, mean.ndim))
+    sq = ((mean - ref_mean.detach()) ** 2).mean(dim=dims, keepdim=True)
+    safe = torch.where(kl_std > 0, kl_std, torch.ones_like(kl_std))
+    kl = torch.where(kl_std > 0, sq / (2 * safe**2), torch.zeros_like(sq))
+    return kl.mean()

@@ -27,15 +27,24 @@ def reconstruction_mse(rollout: Rollout) -> torch.Tensor | None:
     return (sq.sum(dim=(1, 2, 3)) / keep.sum(dim=(1, 2, 3))).cpu().double()
 
 
-def sampling_batches(rollout: Rollout) -> list[torch.Tensor]:
-    """Index tensors of the rollout's sampling batches (shards), from the item ids "e<E>-b<B>-i<I>";
-    the whole rollout as one batch when the ids do not say."""
+def sampling_batches(rollout: Rollout, batches_per_process: int | None = None) -> list[torch.Tensor]:
+    """Index tensors of the rollout's sampling steps, from the item ids "e<E>-b<B>-i<I>"; the whole
+    rollout as one batch when the ids do not say.
+
+    Without `batches_per_process`, each shard B is its own batch. With it (= sample.num_batches_per_epoch),
+    shard B is sampling batch B mod it of learner B // it (the learners train contiguous shares,
+    `trainer.engine.ray.learners.split_for_learners`), and the shards of one sampling batch across the
+    learners form one gathered batch, as SPIE gathers one sampling batch from every process
+    (`ebenarous/SPIE` `scripts/train.py`, lines 355 and 358, commit 4c87694). With one learner every
+    shard is still alone (B mod it = B), in the same order.
+    """
     keys = []
     for item in rollout.item_ids:
         parts = item.split("-")
-        if len(parts) != 3 or not parts[1].startswith("b"):
+        if len(parts) != 3 or not parts[1].startswith("b") or not parts[1][1:].isdigit():
             return [torch.arange(len(rollout))]
-        keys.append(parts[0] + "-" + parts[1])
+        b = int(parts[1][1:])
+        keys.append(parts[0] + "-" + str(b if batches_per_process is None else b % batches_per_process))
     if len(keys) != len(rollout):
         return [torch.arange(len(rollout))]
     order = list(dict.fromkeys(keys))
@@ -71,18 +80,23 @@ def attach_group_advantages(config: Config, rollout: Rollout, scores: Scores, st
 
 
 def spie_signals(
-    config: RewardConfig, train: TrainConfig, scores: Scores, rollout: Rollout
+    config: RewardConfig,
+    train: TrainConfig,
+    scores: Scores,
+    rollout: Rollout,
+    batches_per_process: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(structural, semantic) per-edit signals for SPIE's ranking, as SPIE computes them.
 
     SPIE (scripts/train.py, lines 343-359; reward_modeling/score_functions.py, line 127): the
     semantic score gets `rec_lambda` x the RAW reconstruction MSE outside the edit mask (SPIE's scores
     are distances, lower is better, so it adds; ours are oriented higher-is-better, so we subtract),
-    and then each score is standardised once, over its sampling batch. Each scorer of a role gives
+    and then each score is standardised once, over its sampling batch gathered from every process
+    (`sampling_batches` with `batches_per_process`: over the learners with Ray). Each scorer of a role gives
     `weight` x that standardised score (weight 1 and one scorer per role is exactly SPIE); several
     scorers of one role are summed. `ranking_from_scores` adds them without standardising again.
     """
-    batches = sampling_batches(rollout)
+    batches = sampling_batches(rollout, batches_per_process)
     rec = reconstruction_mse(rollout) if train.rec_lambda > 0 else None
     out = {}
     for role in ("structural", "semantic"):

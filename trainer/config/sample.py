@@ -20,6 +20,10 @@ class SampleConfig:
     noise_level: float = 0.7
     # Flow editors: "sde" (Flow-GRPO's SDE) or "cps" (coefficients-preserving sampling, arXiv 2509.05952).
     sde_kind: Literal["sde", "cps"] = "sde"
+    # With sde_kind "cps", the step's log-prob: "flow_grpo" (Flow-GRPO's -mean((x - mean)^2), its
+    # `sd3_sde_with_logprob.py` lines 85-86 at 54809b5) or "gaussian" (the exact log-density; its
+    # 1 / (2 std^2) factor grows as the noise falls, so late steps weigh more in the ratio).
+    cps_log_prob: Literal["flow_grpo", "gaussian"] = "flow_grpo"
     # Qwen-Image-Edit: the negative prompt of true CFG (" " as its model card and Flow-GRPO use).
     negative_prompt: str = " "
     # Source-image classifier-free guidance scale.

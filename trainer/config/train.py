@@ -76,6 +76,10 @@ class AlignPropSettings:
     backprop_max_steps: int = 1
     # AlignProp: recompute each UNet call in the backward pass instead of storing its activations.
     gradient_checkpointing: bool = True
+    # AlignProp's `loss_coeff`: the reward loss is scaled by it (theirs: 0.01 in every preset). Adam
+    # undoes a constant scale, but gradient clipping (`max_grad_norm`) sees it, so the paper preset
+    # sets 0.01; 1 (the default) leaves the loss -mean(weighted reward).
+    alignprop_loss_coeff: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class NFTSettings:
     # DiffusionNFT: the guidance strength beta of the implicit positive / negative policies
     # v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v (their `config.beta`: 1.0 or 0.1).
     nft_beta: float = 1.0
+    # DiffusionNFT's old policy (their `decay_type`, `return_decay`): after each epoch the old weights
+    # become d old + (1 - d) current, d = 0 for 0 (the old policy is the one that sampled the batch),
+    # min(0.001 step, 0.5) for 1 (their default: an average of recent weights), 75 flat steps then
+    # min(0.0075 (step - 75), 0.999) for 2; step = optimizer steps so far. Rollouts still sample with
+    # the current weights (upstream samples with the old ones).
+    nft_decay_type: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,9 @@ class TrainConfig(NFTSettings, AlignPropSettings, RankingSettings, PPOSettings):
     filter_min_std: float = 0.0
     filter_max_mean: float = float("inf")
     # Weight of a per-step KL penalty to the frozen reference (0: off). With nft: on the squared
-    # difference of the x0 predictions (DiffusionNFT's `config.train.beta`).
+    # difference of the network's outputs (velocities; DiffusionNFT's `config.train.beta`, 1e-4);
+    # with a flow editor under ppo / spie_ranking: Flow-GRPO's, |mean - mean_ref|^2 / (2 std_t^2)
+    # of the step's Gaussian means (its `train.beta`); with InstructPix2Pix: 0.5 (log-ratio)^2.
     kl_coef: float = 0.0
     # SPO's pools, threshold and beta (objective "spo").
     spo: SPOConfig = field(default_factory=SPOConfig)

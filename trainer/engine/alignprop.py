@@ -103,7 +103,7 @@ def alignprop_epoch(
             )
             rollout = record_of(sample, shard, config, policy, learner.version)
             rewards = reward(sample.images, rollout)
-            loss, total = reward_loss(rewards, weights)
+            loss, total = reward_loss(rewards, weights, t.alignprop_loss_coeff)
         if torch.isfinite(loss):
             (loss / accum).backward()
         else:

@@ -59,6 +59,9 @@ def wrap_flow_policy(config: Config, editor: ModuleType, pipe, device: torch.dev
         device=device,
     )
     try:
-        return editor.make_policy(pipe, m, s, **common)
+        policy = editor.make_policy(pipe, m, s, **common)
     except ValueError as err:
         raise UserError(str(err)) from err
+    policy.cps_log_prob = s.cps_log_prob
+    policy._init_caches()  # schedules are built with it
+    return policy

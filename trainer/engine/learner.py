@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sampler.policy import EditPolicy
 from sampler.rollout import Rollout
-from trainer.algo.objectives import kl_penalty, ranking_of
+from trainer.algo.objectives import kl_penalty, ranking_of, step_mean_kl
 from trainer.config import Config
 from trainer.engine.policy import trainable_parameters
 from trainer.errors import UserError
@@ -175,14 +175,20 @@ class Learner:
 
     def _step_loss(self, batch, j, local_rank):
         t = self.config.train
-        log_prob = self.policy.step_log_prob(batch, j)
-        ref = None
+        # A flow editor's KL is Flow-GRPO's, on the step's Gaussian means (`step_mean_kl`); the
+        # others' is on the log-probs (`kl_penalty`).
+        flow_kl = t.kl_coef > 0 and hasattr(self.policy, "step_output")
+        step = self.policy.step_output if flow_kl else self.policy.step_log_prob
+        out = step(batch, j)
+        log_prob = out.log_prob if flow_kl else out
+        ref = ref_out = None
         if self.needs_reference:
             with torch.no_grad(), self._reference():
-                ref = self.policy.step_log_prob(batch, j)
+                ref_out = step(batch, j)
+            ref = ref_out.log_prob if flow_kl else ref_out
         loss, info = self.objective.loss(log_prob, ref, batch, j, local_rank)
         if t.kl_coef > 0:
-            kl = kl_penalty(log_prob, ref)
+            kl = step_mean_kl(out.mean, ref_out.mean, out.kl_std) if flow_kl else kl_penalty(log_prob, ref)
             loss = loss + t.kl_coef * kl
             info["kl"] = kl.detach()
         return loss, info

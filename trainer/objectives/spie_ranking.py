@@ -34,7 +34,9 @@ class SpieRanking(Objective):
         """`rollout.ranks` (N,): each edit's place in its group's ranking (structural and semantic
         scores, weighted by `train.score_alpha`)."""
         t = self.config.train
-        structural, semantic = spie_signals(self.config.reward, t, scores, rollout)
+        # Standardised over each sampling batch gathered from every learner, as SPIE over its processes.
+        per_process = self.config.sample.num_batches_per_epoch
+        structural, semantic = spie_signals(self.config.reward, t, scores, rollout, per_process)
         ranking = ranking_from_scores(structural, semantic, rollout.group, t.score_alpha)
         rollout.ranks = ranks_of(ranking, len(rollout))
 
