@@ -129,6 +129,13 @@ class TrainConfig(NFTSettings, AlignPropSettings, RankingSettings, PPOSettings):
     adam_epsilon: float = 1e-8
     # Gradient-norm clipping threshold.
     max_grad_norm: float = 1.0
+    # The learner's per-step denoiser calls (every objective but AlignProp, whose differentiable
+    # sampling has its own `gradient_checkpointing`): recompute each UNet / transformer block in the
+    # backward pass instead of keeping its activations (diffusers' `enable_gradient_checkpointing`;
+    # sampling runs without gradients and is unaffected). Off by default: the tiny CPU presets do not
+    # need it. The full-size presets that set it do not fit an 80 GB GPU without it (`spie train
+    # --dry-run`, docs/gpu-plan.md): Kontext's learner step 50 GiB -> 5 GiB at micro-batch 4, 512 px.
+    denoiser_checkpointing: bool = False
     # Passes over each epoch's samples.
     num_inner_epochs: int = 1
     # Fraction of the denoising steps trained on per trajectory (random subset each pass).

@@ -51,6 +51,8 @@ def wrap_flow_policy(config: Config, editor: ModuleType, pipe, device: torch.dev
         raise UserError(f"model.resolution must be a multiple of {factor} for this model, got {m.resolution}")
     if m.use_lora:
         add_lora(pipe.transformer, config, lora_targets(config, editor))
+    if config.train.denoiser_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     common = dict(
         num_steps=s.num_steps,
         noise_level=s.noise_level,

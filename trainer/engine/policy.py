@@ -93,6 +93,8 @@ def wrap_policy(config: Config, editor, components, device: torch.device) -> Edi
         )
     if m.use_lora:
         add_lora(components.unet, config, lora_targets(config, editor))
+    if config.train.denoiser_checkpointing:
+        components.unet.enable_gradient_checkpointing()
     return EditPolicy(
         components,
         scheduler=m.scheduler,

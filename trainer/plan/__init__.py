@@ -108,7 +108,7 @@ def _editor_roles(config: Config, lines: list[str]) -> list[Role]:
     lora_bytes = sum(p.numel() * 4 for p in trainable)
     weights["float32"] = weights.get("float32", 0) - (lora_bytes if m.use_lora else 0)
     weight_parts = {f"weights {k}": v for k, v in weights.items() if v > 0}
-    ckpt_on = getattr(t, "gradient_checkpointing", False) and t.objective == "alignprop"
+    ckpt_on = t.gradient_checkpointing if t.objective == "alignprop" else t.denoiser_checkpointing
     step = ckpt if ckpt_on else plain
     learner = Role("learner", config.ray.num_gpus_per_learner if config.ray.enabled else 1.0)
     learner.parts.update(weight_parts)

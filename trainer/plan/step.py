@@ -144,13 +144,20 @@ class StepBytes:
     peak: int
 
 
+def _checkpointing(denoiser, on: bool) -> None:
+    if on:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
+
+
 def train_step(policy, family: str, config: Config, checkpointing: bool = False) -> StepBytes:
     """One forward and backward of the learner's model call at `train.batch_size` (meta or real tensors)."""
     b = config.train.batch_size
     batch = fake_rollout(policy, family, config, b)
     den = policy.denoiser
-    if checkpointing:
-        den.enable_gradient_checkpointing()
+    was = den.is_gradient_checkpointing  # the run's own setting (`train.denoiser_checkpointing`)
+    _checkpointing(den, checkpointing)
     den.train()
     try:
         with GpuAttention(), LiveBytes() as live:
@@ -162,8 +169,7 @@ def train_step(policy, family: str, config: Config, checkpointing: bool = False)
                     out = policy.step_log_prob(batch, 0)
             out.float().sum().backward()
     finally:
-        if checkpointing:
-            den.disable_gradient_checkpointing()
+        _checkpointing(den, was)
     return StepBytes(saved.total, live.peak)
 
 
