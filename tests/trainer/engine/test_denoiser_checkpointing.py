@@ -20,7 +20,8 @@ def _grads_and_saved(checkpointing: bool, monkeypatch):
     monkeypatch.chdir(ROOT)
     overrides = ["model.use_lora=true", "model.resolution=32", f"model.tiny_dir={TINY_CACHE}"]
     config = load_config(
-        ROOT / "configs" / "tiny.yaml", [*overrides, f"train.denoiser_checkpointing={str(checkpointing).lower()}"]
+        ROOT / "configs" / "tiny.yaml",
+        [*overrides, f"train.denoiser_checkpointing={str(checkpointing).lower()}"],
     )
     policy = build_policy(config, torch.device("cpu"))
     assert policy.denoiser.is_gradient_checkpointing is checkpointing
