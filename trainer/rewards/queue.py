@@ -46,6 +46,8 @@ log = logging.getLogger("spie.reward_client")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 # Seconds the diagnosis and the cleanup after a deadline may each take (one connection, one pipeline).
 GRACE_S = 1.0
+# Most bytes of blobs one submission call carries (Redis buffers a call's arguments whole).
+SUBMIT_CHUNK_BYTES = 64 * 2**20
 
 
 class _Late(Exception):
@@ -273,14 +275,17 @@ class RewardClient:
             self._bound(deadline)
             # One MULTI/EXEC: a replica blocked on the stream wakes to every job of the batch at
             # once, not to the first XADDs of a plain pipeline (its batcher then fills its batches).
+            # The jobs go as one script call per chunk of at most SUBMIT_CHUNK_BYTES of blobs (each
+            # call one reply, not four per job; Redis holds one call's arguments at a time).
+            head = [ttl, scorer, keys.run, keys.batch, deadline_ms, budget_ms, self._gen]
             with self.redis.pipeline(transaction=True) as pipe:
-                for i in take:
-                    if i not in uploaded:
-                        pipe.set(keys.blob(i), blobs[i], ex=ttl)
-                    pipe.sadd(keys.need(i), scorer)
-                    pipe.expire(keys.need(i), ttl)
-                    fields = P.job_fields(keys.run, keys.batch, i, deadline_ms, budget_ms, self._gen)
-                    pipe.xadd(P.jobs_key(scorer), fields)
+                for chunk in _chunks(take, lambda i: 0 if i in uploaded else len(blobs[i])):
+                    names, args = [P.jobs_key(scorer)], list(head)
+                    for i in chunk:
+                        up = i not in uploaded
+                        names += [keys.blob(i), keys.need(i)]
+                        args += [i, "1" if up else "0", blobs[i] if up else b""]
+                    pipe.eval(P.SUBMIT_LUA, len(names), *names, *args)
                 pipe.execute()
             # Only now are they sent: a pipeline cut off by a Redis error (restart, freeze) keeps
             # its jobs queued, and the next try sends them again (a job that did get through is
@@ -400,6 +405,20 @@ class RewardClient:
                 if not isinstance(err, redis.ResponseError):
                     break  # Redis stopped answering: the next scorer would only wait as long
         return "; " + "; ".join(parts) if parts else ""
+
+
+def _chunks(indices: list[int], size, limit: int = SUBMIT_CHUNK_BYTES, most: int = 256) -> list[list[int]]:
+    """`indices` in runs of at most `most` whose `size(i)` add up to at most `limit` (a larger one alone)."""
+    out, current, used = [], [], 0
+    for i in indices:
+        if current and (used + size(i) > limit or len(current) >= most):
+            out.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += size(i)
+    if current:
+        out.append(current)
+    return out
 
 
 def _set_timeout(client, seconds: float) -> None:
