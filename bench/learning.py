@@ -184,6 +184,8 @@ def main() -> None:
             "run.num_epochs=1",
             "sample.batch_size=2",
             "sample.num_batches_per_epoch=1",
+            "train.batch_size=8",
+            "train.gradient_accumulation_steps=1",
             *args.overrides,
         ]
         args.out = os.path.join(

@@ -94,6 +94,7 @@ def main() -> None:
             "sample.num_batches_per_epoch=1",
             "sample.num_steps=3",
             "train.batch_size=4",
+            "model.use_lora=true",
             *args.set,
         ]
     overrides = [
@@ -156,6 +157,11 @@ def main() -> None:
             f"[check] epoch-0 inputs re-sampled after training: {key} {a.mean():.4f} -> {b.mean():.4f} "
             f"({diff.mean():+.4f} +- {1.96 * se:.4f})"
         )
+    if not config.model.use_lora and getattr(engine.learner, "_reference_unet", None) is None:
+        print("[check] no frozen reference (full fine-tuning without KL): log-ratio report skipped")
+        print(f"[check] {time.perf_counter() - t0:.0f}s")
+        print(load_line())
+        return
     lr = step_log_probs(engine, r1) - step_log_probs(engine, r1, reference=True)
     eps = config.train.eps
     out = ((lr > math.log(1 + eps)) | (lr < math.log(1 - eps))).double().mean()

@@ -63,11 +63,10 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--items", type=int, default=64, help="inputs (one chain each)")
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--smoke", action="store_true", help="2 inputs, 3 steps (the smoke test)")
+    ap.add_argument("--smoke", action="store_true", help="2 inputs (the smoke test)")
     args = ap.parse_args()
     if args.smoke:
         args.items = 2
-        args.set = ["sample.num_steps=3", *args.set]
     print(load_line("load before"))
     over = ["ray.enabled=false", "reward.transport=inprocess", "sample.nb_gen=1", SPO_JUDGE]
     over += [f"sample.batch_size={args.items}", "sample.num_batches_per_epoch=1", *args.set]

@@ -44,11 +44,10 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64, help="inputs (one edit each)")
     ap.add_argument("--repeats", type=int, default=2, help="re-draws per step")
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--smoke", action="store_true", help="2 inputs, 3 steps, 1 re-draw (the smoke test)")
+    ap.add_argument("--smoke", action="store_true", help="2 inputs, 1 re-draw (the smoke test)")
     args = ap.parse_args()
     if args.smoke:
         args.items, args.repeats = 2, 1
-        args.set = ["sample.num_steps=3", *args.set]
     print(load_line("load before"))
     over = ["ray.enabled=false", "reward.transport=inprocess", "sample.nb_gen=1"]
     over += [f"sample.batch_size={args.items}", "sample.num_batches_per_epoch=1", *args.set]

@@ -23,6 +23,7 @@ SMOKE = {
     "loop_check.py": (["--smoke"], 240, True),
     "overlap.py": (["--smoke"], 300, True),
     "queue.py": (["--smoke"], 240, True),
+    "redis_scale.py": (["--smoke"], 240, True),
     "reward_grad.py": (["--smoke"], 300, True),
     "reward_server.py": (["--smoke"], 300, True),
     "spo.py": (["--smoke"], 300, True),

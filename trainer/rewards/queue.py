@@ -220,18 +220,23 @@ class RewardClient:
                 return
             try:
                 self._bound(deadline)
-                if not self.redis.exists(keys.live):  # new batch, or Redis lost our data: start over
-                    self._bound(deadline)
-                    self.redis.set(keys.live, "1", ex=self.config.blob_ttl_s)
-                    if uploaded:
-                        log.warning(
-                            "reward queue: batch %s lost (Redis restarted?); resubmitting", keys.batch
-                        )
-                        self._gen += 1
-                        queued = {s: [i for i, r in enumerate(results[s]) if r is None] for s in todo}
-                        self.stats.resubmitted += sum(map(len, queued.values()))
-                        uploaded.clear()
-                self._submit(keys, blobs, queued, uploaded, deadline)
+                # One round trip: mark the batch live (set only if absent: a new batch, or Redis
+                # lost our data) and read the lengths of the streams still to submit to.
+                pending = [s for s, v in queued.items() if v]
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(keys.live, "1", ex=self.config.blob_ttl_s, nx=True)
+                    for scorer in pending:
+                        pipe.xlen(P.jobs_key(scorer))
+                    created, *lengths = pipe.execute()
+                if created and uploaded:  # Redis lost our data (restarted?): start over
+                    log.warning("reward queue: batch %s lost (Redis restarted?); resubmitting", keys.batch)
+                    self._gen += 1
+                    queued = {s: [i for i, r in enumerate(results[s]) if r is None] for s in todo}
+                    self.stats.resubmitted += sum(map(len, queued.values()))
+                    uploaded.clear()
+                self._submit(
+                    keys, blobs, queued, uploaded, deadline, dict(zip(pending, lengths, strict=True))
+                )
                 wait = max(0.01, min(self.config.poll_s, deadline - time.monotonic()))
                 signalled = self._wait_signals(keys, wait, deadline)
                 sweep = time.monotonic() >= next_sweep
@@ -257,12 +262,18 @@ class RewardClient:
         left += extra_s
         _set_timeout(self.redis, left)
 
-    def _submit(self, keys, blobs, queued: dict[str, list[int]], uploaded: set[int], deadline: float) -> None:
+    def _submit(
+        self, keys, blobs, queued: dict[str, list[int]], uploaded: set[int], deadline: float, lengths=None
+    ) -> None:
+        """Submit the queued jobs each stream has room for; `lengths`: the streams' lengths if just read."""
         for scorer, indices in queued.items():
             if not indices:
                 continue
-            self._bound(deadline)
-            length = self.redis.xlen(P.jobs_key(scorer))
+            if lengths is not None and scorer in lengths:
+                length = lengths[scorer]
+            else:
+                self._bound(deadline)
+                length = self.redis.xlen(P.jobs_key(scorer))
             peak = self.stats.max_stream_len
             peak[scorer] = max(peak.get(scorer, 0), length)
             room = self.config.max_in_flight - length
