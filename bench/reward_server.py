@@ -167,18 +167,25 @@ def closed_loop(target: str, requests: list, seconds: float) -> tuple[float, flo
     return sum(done) / elapsed, statistics.median(x for lat in latencies for x in lat)
 
 
-def bench_batching(folder: str, batch_seconds: float, seconds: float, clients: int = 32) -> float:
+def bench_batching(
+    folder: str,
+    batch_seconds: float,
+    seconds: float,
+    clients: int = 32,
+    expect_ms: float = 20.0,
+    size: int = 256,
+) -> float:
     print(
-        f"\n1a. Dynamic batching: {clients} concurrent single-item clients, 256x256 raw images, "
+        f"\n1a. Dynamic batching: {clients} concurrent single-item clients, {size}x{size} raw images, "
         f"latency-bound `sleep` scorer ({batch_seconds * 1000:.0f} ms per batch of up to 32, a GPU stand-in)"
     )
-    pool = images(clients, seed=1)
+    pool = images(clients, size=size, seed=1)
     requests = [pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[i], "x")]) for i in range(clients)]
     results = {}
-    for label, size in (("off", 1), ("on", 32)):
-        port = 9460 + size
+    for label, most in (("off", 1), ("on", 32)):
+        port = 9460 + most
         proc, target = start_server(
-            folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 32}, size, port
+            folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 32}, most, port, expect_ms
         )
         try:
             results[label], _ = closed_loop(target, requests, seconds)
@@ -345,11 +352,20 @@ def main() -> int:
         help="part 2's image sides, comma-separated (a small one shows the server's own overhead "
         "without the transfer of 12 MiB requests)",
     )
+    parser.add_argument(
+        "--batching-sizes",
+        type=int,
+        nargs="+",
+        default=[256, 64],
+        help="part 1a's image sides (64: no wire limit)",
+    )
+    parser.add_argument("--expect-ms", type=float, default=20.0, help="part 1a's max_expect_delay_ms")
     parser.add_argument("--client-batches", type=int, nargs="+", default=[1, 4, 16], help="part 1b's b")
     parser.add_argument("--smoke", action="store_true", help="short runs, 2 pairs, small images, no model")
     args = parser.parse_args()
     if args.smoke:
         args.batching_seconds, args.pairs, args.repeats, args.client_batches = 0.5, 2, 1, [4]
+        args.batching_sizes = [64]
         args.image_sizes, args.skip_model = "64", True
     from reward_servers.depth import save_tiny
 
@@ -358,7 +374,10 @@ def main() -> int:
     print(f"cpus: {os.cpu_count()}, torch threads: {__import__('torch').get_num_threads()}")
     with tempfile.TemporaryDirectory() as folder:
         if args.part in ("1", "all"):
-            bench_batching(folder, args.batch_seconds, args.batching_seconds)
+            for side in args.batching_sizes:
+                bench_batching(
+                    folder, args.batch_seconds, args.batching_seconds, expect_ms=args.expect_ms, size=side
+                )
             bench_clients(folder, args.batch_seconds, args.batching_seconds, sizes=args.client_batches)
             bench_single(folder, args.batch_seconds, args.batching_seconds)
         if args.part in ("2", "all"):
