@@ -62,11 +62,6 @@ class BatcherConfig:
     max_batch_size: int = 32
     # How long the oldest queued item may wait for the batch to fill, in milliseconds (0: no waiting).
     max_queue_delay_ms: float = 5.0
-    # How long after the last batch was answered the next one may wait for the requests the batcher
-    # expects (as many as were outstanding at once: their callers come back once answered), in
-    # milliseconds; the batch goes as soon as they are all in (or it is full). 0: no such wait
-    # (max_queue_delay_ms alone).
-    max_expect_delay_ms: float = 20.0
     # Most items that may wait in the queue; a request that does not fit gets QueueFull.
     max_queue_size: int = 1024
     # Successful outcomes kept in the score cache, keyed by (scorer, version, item inputs); 0: no cache.
@@ -74,6 +69,11 @@ class BatcherConfig:
     # Most UTF-8 bytes of texts (a judge's reasoning) one item's result carries; longer ones are cut
     # with a "[truncated: ...]" marker (base.clean_texts).
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    # How long after the last batch was answered the next one may wait for the requests the batcher
+    # expects (as many as were outstanding at once: their callers come back once answered), in
+    # milliseconds; the batch goes as soon as they are all in (or it is full). 0: no such wait
+    # (max_queue_delay_ms alone). Last, so positional construction keeps its meaning.
+    max_expect_delay_ms: float = 20.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
