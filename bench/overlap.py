@@ -148,6 +148,8 @@ def overlap(args, out: Path) -> None:
     verdict = "PASS" if ratio <= 1.15 else "FAIL"
     print(f"\nasync / max(rollout, scoring), paired by round: {spread(paired)} (target <= 1.15): {verdict}")
     print(f"async / sync, paired by round: {spread([x['async'] / x['sync'] for x in rows])}")
+    own = [x["async"] / max(x["a_sampling"], x["a_scoring"]) for x in rows]
+    print(f"async / max(the async run's own sampling, scoring), by round: {spread(own)}")
 
 
 def scaling(args, out: Path) -> None:
