@@ -39,6 +39,7 @@ import time  # noqa: E402
 
 import ray  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
 from reward_servers.images import make_item  # noqa: E402
 from reward_servers.queue.embedded import EmbeddedRedis  # noqa: E402
 from trainer.config.reward_scaling import RayRewardConfig, ScorerReplicas  # noqa: E402
@@ -135,7 +136,16 @@ def main() -> None:
     parser.add_argument("--interval-s", type=float, default=0.25)
     parser.add_argument("--events", action="store_true", help="print each run's scaling events")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one short epoch of each configuration, 2 replicas at most (the smoke test)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.burst, args.learn_s, args.cycles, args.repeats, args.batch_s = 16, 0.5, 1, 1, 0.05
+        args.max_replicas, args.num_cpus = 2, 2
+    print(load_line("load before"))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     configs = [("fixed 1", 1, 1), (f"fixed {args.max_replicas}", args.max_replicas, args.max_replicas)]
     configs.append(("autoscaled", 1, args.max_replicas))
@@ -172,3 +182,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(load_line("load after"))

@@ -75,6 +75,7 @@ import time  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
 from reward_servers.queue.embedded import EmbeddedRedis  # noqa: E402
 from trainer.rewards.services import LocalReplica  # noqa: E402
 
@@ -351,7 +352,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1200.0, help="longest one training run, seconds")
     p.add_argument("--tiny-dir", default="runs/.tiny-ip2p", help="model.tiny_dir (built once, reused)")
     p.add_argument("--keep", action="store_true", help="keep the runs' folder")
+    p.add_argument("--smoke", action="store_true", help="2 epochs, one replica kill (the smoke test)")
     args = p.parse_args()
+    if args.smoke:
+        args.epochs, args.max_faults, args.period, args.freeze, args.faults = 2, 1, 1.0, 0.5, "kill"
+    print(load_line("load before"))
     if args.freeze >= args.deadline:
         raise SystemExit("--freeze must be less than --deadline")
     from sampler.models import resolve_pretrained
@@ -399,3 +404,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(load_line("load after"))

@@ -31,6 +31,7 @@ import tempfile  # noqa: E402
 import torch  # noqa: E402
 
 from bench.interleaved import ratio_line, time_against_pipeline  # noqa: E402
+from bench.paired import load_line  # noqa: E402
 
 
 def real_size_folder(folder: Path) -> Path:
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    print(load_line("load before"))
 
     from sampler.editors import editor_family
     from sampler.scenes import shapes_batch
@@ -163,3 +165,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(load_line("load after"))

@@ -32,6 +32,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
+
 os.chdir(ROOT)  # configs/ and models/ are relative to the checkout
 
 # Per-objective settings on top of the demo config (same budget of edits: epochs x edits per epoch).
@@ -170,7 +172,26 @@ def main() -> None:
     parser.add_argument("--eval-items", type=int, default=200)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="bench/results/learning.json")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="PPO, seed 0, 1 epoch of 2 inputs, 4 held-out items, results in a temporary folder (the smoke test)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.objectives, args.seeds, args.eval_items = ["ppo"], [0], 4
+        args.overrides = [
+            "run.num_epochs=1",
+            "sample.batch_size=2",
+            "sample.num_batches_per_epoch=1",
+            "train.batch_size=8",
+            "train.gradient_accumulation_steps=1",
+            *args.overrides,
+        ]
+        args.out = os.path.join(
+            os.environ.get("SPIE_BENCH_OUT", tempfile.gettempdir()), "learning-smoke.json"
+        )
+    print(load_line("load before"))
     results = []
     with tempfile.TemporaryDirectory(prefix="spie-learning-") as tmp:
         for objective in args.objectives:
@@ -193,3 +214,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(load_line("load after"))

@@ -7,7 +7,12 @@
    inputs from the same noise: the edits should now score higher (paired difference).
 3. Report how far the policy's per-step log-ratio to the reference sits from SPIE's clamp.
 
+The check is for the objectives that learn from a signal on sampled edits (`--objective`: `ppo`, the
+default, or `spie_ranking`), whatever the config's own objective is (the demo's is AlignProp, which
+backpropagates the reward instead and has no per-edit signal to check).
+
     .venv/bin/python bench/loop_check.py --config configs/demo.yaml --epochs 8 --set train.learning_rate=1e-3
+    .venv/bin/python bench/loop_check.py --smoke   # the tiny preset, 2 epochs of one batch (the smoke test)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
 from trainer.algo.objectives import group_advantages, ranking_from_scores, ranks_of  # noqa: E402
 from trainer.algo.signals import ppo_rewards, spie_signals  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -73,8 +79,30 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument(
+        "--objective",
+        choices=("ppo", "spie_ranking"),
+        default="ppo",
+        help="the objective whose loop is checked",
+    )
+    ap.add_argument("--smoke", action="store_true", help="configs/tiny.yaml, 2 epochs of one small batch")
     args = ap.parse_args()
-    overrides = ["ray.enabled=false", "reward.transport=inprocess", *args.set]
+    if args.smoke:
+        args.config, args.epochs = "configs/tiny.yaml", 2
+        args.set = [
+            "sample.batch_size=2",
+            "sample.num_batches_per_epoch=1",
+            "sample.num_steps=3",
+            "train.batch_size=4",
+            "model.use_lora=true",
+            *args.set,
+        ]
+    overrides = [
+        "ray.enabled=false",
+        "reward.transport=inprocess",
+        f"train.objective={args.objective}",
+        *args.set,
+    ]
     config = load_config(args.config, overrides)
     t0 = time.perf_counter()
     engine = LocalEngine(config)
@@ -107,7 +135,7 @@ def main() -> None:
         shards = plan_epoch(inputs, config, epoch, gen, engine.latent_shape)
         r = engine.sample(shards, False)
         s = rewards.score(r)
-        signal(config, r, s)
+        signal(config, r, s, engine.learner.objective.grouped)
         m = engine.learn(r, gen, False)
         succ = s.details.get(f"{sem}.success")
         print(
@@ -129,6 +157,11 @@ def main() -> None:
             f"[check] epoch-0 inputs re-sampled after training: {key} {a.mean():.4f} -> {b.mean():.4f} "
             f"({diff.mean():+.4f} +- {1.96 * se:.4f})"
         )
+    if not config.model.use_lora and getattr(engine.learner, "_reference_unet", None) is None:
+        print("[check] no frozen reference (full fine-tuning without KL): log-ratio report skipped")
+        print(f"[check] {time.perf_counter() - t0:.0f}s")
+        print(load_line())
+        return
     lr = step_log_probs(engine, r1) - step_log_probs(engine, r1, reference=True)
     eps = config.train.eps
     out = ((lr > math.log(1 + eps)) | (lr < math.log(1 - eps))).double().mean()
@@ -137,6 +170,7 @@ def main() -> None:
         f"max |.| {float(lr.abs().max()):.3g}, outside the clamp [1-eps, 1+eps]: {float(out):.1%}"
     )
     print(f"[check] {time.perf_counter() - t0:.0f}s")
+    print(load_line())
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Queue-fabric benchmarks (`python bench/queue.py`), on an embedded Redis with `spie serve` replicas.
 
-1. Added latency: the same batch (8 items, 64x64 raw) scored again and again, one at a time, through
-   a direct gRPC call and through the queue (`RewardClient.score_items`) against the same replica of
-   the `sleep` scorer with no sleep. Reports p50 and p99 of both and of their difference. A report,
-   not a target.
-2. Scaling: the `sleep` scorer with a fixed 100 ms per batch of 8 (a stand-in for a GPU), with 1, 2
-   and 4 replicas. Throughput is measured in steady state, between 10% and 90% of a large rollout
-   batch's completions (warm-up and tail excluded). Target: 4 replicas >= 3.6x one replica.
+Each part runs at every `--batch` size (default 8 and 64).
+
+1. Added latency: the same batch (64x64 raw) scored again and again, one at a time, through a direct
+   gRPC call and through the queue (`RewardClient.score_items`) against the same replica of the
+   `sleep` scorer with no sleep, in pairs whose order alternates, after 5 warm-ups of each. Reports
+   p50 and p99 of both, of the per-pair differences (what the queue added to each batch), and the
+   median and spread of the per-pair ratios (aim at batch 64: queue / direct <= 1.3).
+2. Scaling: the `sleep` scorer with a fixed 100 ms per batch (a stand-in for a GPU), with 1, 2 and 4
+   replicas. Throughput is measured in steady state, between 10% and 90% of a large rollout batch's
+   completions (warm-up and tail excluded). Aims: 2 replicas >= 1.8x and 4 >= 3.6x one replica.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench.paired import load_line, paired_times, ratios, spread, timer  # noqa: E402
 from reward_servers.client import ScorerClient  # noqa: E402
 from reward_servers.images import make_item  # noqa: E402
 from reward_servers.queue import protocol as P  # noqa: E402
@@ -77,37 +81,35 @@ def items(n: int, size: int, seed: int = 0):
     ]
 
 
-def latency(redis: EmbeddedRedis, folder: Path, repeats: int) -> None:
-    process, target = start_replica(redis, folder, batch_seconds=0.0, max_batch_size=8)
-    batch = items(8, 64)
+def latency(redis: EmbeddedRedis, folder: Path, repeats: int, batch_size: int) -> None:
+    process, target = start_replica(redis, folder, batch_seconds=0.0, max_batch_size=batch_size)
+    batch = items(batch_size, 64)
     config = QueueClientConfig(url=redis.url, deadline_s=30, poll_s=0.05)
-    direct, queued = [], []
     try:
         with ScorerClient(target) as grpc_client, RewardClient(["sleep"], config, redis.password) as client:
-            for _ in range(5):  # warm-up
-                grpc_client.score(batch)
-                client.score_items(batch)
-            for _ in range(repeats):  # interleaved, so both see the same machine load
-                t = time.perf_counter()
-                grpc_client.score(batch)
-                direct.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                client.score_items(batch)
-                queued.append(time.perf_counter() - t)
+            direct, queued = paired_times(
+                timer(lambda: grpc_client.score(batch)),
+                timer(lambda: client.score_items(batch)),
+                repeats,
+                warmup=5,
+            )
     finally:
         process.terminate()
         process.wait(30)
     d, q = np.array(direct) * 1000, np.array(queued) * 1000
+    diff = q - d  # per pair: what the queue added to that batch
     print(
-        f"\n1. Added latency per batch of 8 (64x64 raw), {repeats} sequential batches, sleep scorer at 0 ms"
+        f"\n1. Added latency per batch of {batch_size} (64x64 raw), {repeats} sequential pairs (order alternating, "
+        "5 warm-ups of each), sleep scorer at 0 ms"
     )
     print("| path | p50 ms | p99 ms |")
     print("|---|---|---|")
     print(f"| direct gRPC | {np.percentile(d, 50):.2f} | {np.percentile(d, 99):.2f} |")
     print(f"| Redis queue | {np.percentile(q, 50):.2f} | {np.percentile(q, 99):.2f} |")
     print(
-        f"| added by the queue | {np.percentile(q, 50) - np.percentile(d, 50):.2f} | {np.percentile(q, 99) - np.percentile(d, 99):.2f} |"
+        f"| added by the queue (paired differences) | {np.percentile(diff, 50):.2f} | {np.percentile(diff, 99):.2f} |"
     )
+    print(f"queue / direct gRPC, paired: {spread(ratios(queued, direct))}")
 
 
 def steady_throughput(redis: EmbeddedRedis, n: int) -> tuple[float, float]:
@@ -133,17 +135,21 @@ def steady_throughput(redis: EmbeddedRedis, n: int) -> tuple[float, float]:
     client.close()
     counter.close()
     assert not box["scores"].failed(), "some items failed"
-    (t0, d0), (t1, d1) = marks[0.1], marks[0.9]
+    end = (start + total, n)  # a short run can finish between two looks at the counter
+    (t0, d0), (t1, d1) = marks.get(0.1, (start, 0)), marks.get(0.9, end)
     return (d1 - d0) / (t1 - t0), n / total
 
 
-def scaling(redis: EmbeddedRedis, folder: Path, seconds: float) -> None:
+def scaling(redis: EmbeddedRedis, folder: Path, seconds: float, batch_size: int, counts=(1, 2, 4)) -> None:
     processes, rows = [], []
+    per_replica = batch_size / 0.1  # ideal items/s of one replica: a batch per 100 ms
     try:
-        for replicas in (1, 2, 4):
+        for replicas in counts:
             while len(processes) < replicas:
-                processes.append(start_replica(redis, folder, batch_seconds=0.1, max_batch_size=8)[0])
-            n = int(80 * replicas * seconds)  # about `seconds` of work at the ideal rate
+                processes.append(
+                    start_replica(redis, folder, batch_seconds=0.1, max_batch_size=batch_size)[0]
+                )
+            n = int(per_replica * replicas * seconds)  # about `seconds` of work at the ideal rate
             steady, end_to_end = steady_throughput(redis, n)
             rows.append((replicas, n, steady, end_to_end))
     finally:
@@ -152,13 +158,19 @@ def scaling(redis: EmbeddedRedis, folder: Path, seconds: float) -> None:
         for process in processes:
             process.wait(30)
     one = rows[0][2]
-    print("\n2. Scaling, sleep scorer: 100 ms per batch of 8 (ideal: 80 items/s per replica)")
+    print(
+        f"\n2. Scaling, sleep scorer: 100 ms per batch of {batch_size} (ideal: {per_replica:.0f} items/s per replica)"
+    )
     print("| replicas | items | steady items/s | end-to-end items/s | steady / 1 replica |")
     print("|---|---|---|---|---|")
     for replicas, n, steady, end_to_end in rows:
         print(f"| {replicas} | {n} | {steady:.1f} | {end_to_end:.1f} | {steady / one:.2f}x |")
-    ratio = rows[-1][2] / one
-    print(f"\n4 replicas / 1 replica = {ratio:.2f}x (target >= 3.6x): {'PASS' if ratio >= 3.6 else 'FAIL'}")
+    for replicas, _, steady, _ in rows[1:]:
+        aim = {2: 1.8, 4: 3.6}.get(replicas, 0.9 * replicas)
+        ratio = steady / one
+        print(
+            f"{replicas} replicas / 1 replica = {ratio:.2f}x (aim >= {aim}x): {'PASS' if ratio >= aim else 'FAIL'}"
+        )
 
 
 def main() -> int:
@@ -167,10 +179,25 @@ def main() -> int:
     )
     parser.add_argument("--repeats", type=int, default=200, help="batches timed for the latency report")
     parser.add_argument("--seconds", type=float, default=4.0, help="ideal seconds of work per scaling run")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[8, 64], help="batch sizes (each: both parts)"
+    )
+    parser.add_argument(
+        "--replicas", type=int, nargs="+", default=[1, 2, 4], help="replica counts (first: 1)"
+    )
+    parser.add_argument("--part", choices=("1", "2", "all"), default="all")
+    parser.add_argument("--smoke", action="store_true", help="20 pairs, batch 8, 1 and 2 replicas, 1 s")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.seconds, args.batch, args.replicas = 20, 1.0, [8], [1, 2]
+    print(load_line("load before"))
     with EmbeddedRedis() as redis, tempfile.TemporaryDirectory() as tmp:
-        latency(redis, Path(tmp), args.repeats)
-        scaling(redis, Path(tmp), args.seconds)
+        for batch_size in args.batch:
+            if args.part in ("1", "all"):
+                latency(redis, Path(tmp), args.repeats, batch_size)
+            if args.part in ("2", "all"):
+                scaling(redis, Path(tmp), args.seconds, batch_size, tuple(args.replicas))
+    print(load_line("load after"))
     return 0
 
 

@@ -6,9 +6,14 @@ shared CPU a model-backed scorer is compute-bound instead (a batch of 32 costs a
 items), so batching cannot help it and its timings follow the machine's load; its figures are
 printed beside, labelled as CPU model-backed.
 
-1. Dynamic batching: 32 concurrent single-item clients against a `spie serve sleep` subprocess with
-   batching on (max_batch_size 32, 5 ms delay) and off (max_batch_size 1). Throughput, the on/off
-   ratio (aim: at least 8x) and the server's batch-size histogram (its Prometheus metrics).
+1. Dynamic batching, closed-loop clients (each sends its next request once answered) against a
+   `spie serve sleep` subprocess (max_queue_delay_ms 5, max_expect_delay_ms 20):
+   a. 32 single-item clients, batching on (max_batch_size 32) and off (1): throughput, the on/off
+      ratio (aim: at least 24x; ideal 32 x sleep / (sleep + 5 ms), 29x at 50 ms) and the server's
+      batch-size histogram (its Prometheus metrics);
+   b. 4 clients at batch 1, 4 and 16 (max_batch_size 64): throughput against the ideal of one batch
+      per round of requests (aim: at least 0.8), with the batcher's expectation and without it;
+   c. one client at batch 8: its median call time with the expectation and without it.
 2. Transport: items/s through gRPC (the subprocess on loopback, raw 256x256 images, requests encoded
    once beforehand as the trainer's client does) against calling the same scorer on the same images
    in this process, at batch 32. gRPC is measured one request at a time (latency: the transfer adds
@@ -22,6 +27,7 @@ printed beside, labelled as CPU model-backed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -41,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from bench.paired import load_line  # noqa: E402
 from protos.spie.reward.v1 import reward_pb2 as pb  # noqa: E402
 from reward_servers.base import ScoreBatch, build_scorer  # noqa: E402
 from reward_servers.client import ScorerClient  # noqa: E402
@@ -59,12 +66,20 @@ def images(n: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def start_server(folder: str, scorer: str, kwargs: dict, max_batch_size: int, metrics_port: int = 0):
+def start_server(
+    folder: str,
+    scorer: str,
+    kwargs: dict,
+    max_batch_size: int,
+    metrics_port: int = 0,
+    expect_ms: float = 20.0,
+):
     """A `spie serve` subprocess; returns (process, "host:port") once it is SERVING."""
-    config = Path(folder) / f"serve_{scorer}_{max_batch_size}.yaml"
+    config = Path(folder) / f"serve_{scorer}_{max_batch_size}_{expect_ms:g}.yaml"
     args = ", ".join(f"{k}: {v}" for k, v in kwargs.items())
     config.write_text(
-        f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: 5, max_queue_size: 4096}}\n"
+        f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: 5, max_queue_size: 4096, "
+        f"max_expect_delay_ms: {expect_ms}}}\n"
         f"server: {{metrics_port: {metrics_port}}}\nscorer: {{{args}}}\n"
     )
     return launch_server(scorer, config)
@@ -123,54 +138,124 @@ def batch_histogram(metrics_port: int) -> dict[str, int]:
     return hist
 
 
-def bench_batching(folder: str, batch_seconds: float, seconds: float, clients: int = 32) -> float:
+def closed_loop(target: str, requests: list, seconds: float) -> tuple[float, float]:
+    """One thread per request in `requests`, each sending it again and again for `seconds` (each
+    waits for its answer before the next); returns (items/s, median seconds per call)."""
+    n = len(requests)
+    done, latencies = [0] * n, [[] for _ in range(n)]
+    barrier, stop_at = threading.Barrier(n + 1), [0.0]
+    with ScorerClient(target, timeout_s=120) as client:
+        client.score_request(requests[0])  # warm-up
+
+        def worker(k: int) -> None:
+            barrier.wait()
+            while time.perf_counter() < stop_at[0]:
+                t = time.perf_counter()
+                client.score_request(requests[k])
+                latencies[k].append(time.perf_counter() - t)
+                done[k] += len(requests[k].items)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        stop_at[0] = time.perf_counter() + seconds
+        start = time.perf_counter()
+        barrier.wait()
+        for t in threads:
+            t.join(seconds + 120)
+        elapsed = time.perf_counter() - start
+    return sum(done) / elapsed, statistics.median(x for lat in latencies for x in lat)
+
+
+def bench_batching(
+    folder: str,
+    batch_seconds: float,
+    seconds: float,
+    clients: int = 32,
+    expect_ms: float = 20.0,
+    size: int = 256,
+) -> float:
     print(
-        f"\n1. Dynamic batching: {clients} concurrent single-item clients, 256x256 raw images, "
+        f"\n1a. Dynamic batching: {clients} concurrent single-item clients, {size}x{size} raw images, "
         f"latency-bound `sleep` scorer ({batch_seconds * 1000:.0f} ms per batch of up to 32, a GPU stand-in)"
     )
-    pool = images(clients, seed=1)
+    pool = images(clients, size=size, seed=1)
+    requests = [pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[i], "x")]) for i in range(clients)]
     results = {}
-    for label, size in (("off", 1), ("on", 32)):
-        port = 9460 + size
+    for label, most in (("off", 1), ("on", 32)):
+        port = 9460 + most
         proc, target = start_server(
-            folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 32}, size, port
+            folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 32}, most, port, expect_ms
         )
         try:
-            with ScorerClient(target, timeout_s=120) as client:
-                requests = [
-                    pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[i], "x")]) for i in range(clients)
-                ]
-                client.score_request(requests[0])  # warm-up
-                done = [0] * clients
-                barrier = threading.Barrier(clients + 1)
-                stop_at = [0.0]
-
-                def worker(k: int, barrier=barrier, stop_at=stop_at, requests=requests, done=done) -> None:
-                    barrier.wait()
-                    while time.perf_counter() < stop_at[0]:
-                        client.score_request(requests[k])
-                        done[k] += 1
-
-                threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-                for t in threads:
-                    t.start()
-                stop_at[0] = time.perf_counter() + seconds
-                start = time.perf_counter()
-                barrier.wait()
-                for t in threads:
-                    t.join(seconds + 120)
-                elapsed = time.perf_counter() - start
-                results[label] = sum(done) / elapsed
-                print(
-                    f"  batching {label:>3}: {results[label]:8.1f} items/s, batches by size {batch_histogram(port)}"
-                )
+            results[label], _ = closed_loop(target, requests, seconds)
+            print(
+                f"  batching {label:>3}: {results[label]:8.1f} items/s, batches by size {batch_histogram(port)}"
+            )
         finally:
             stop_server(proc)
     ratio = results["on"] / results["off"]
-    print(
-        f"  on/off throughput ratio: {ratio:.2f}x (aim >= 8x; ideal {32 * batch_seconds / (batch_seconds + 0.005):.0f}x)"
-    )
+    ideal = 32 * batch_seconds / (batch_seconds + 0.005)
+    print(f"  on/off throughput ratio: {ratio:.2f}x (aim >= 24x; ideal {ideal:.0f}x)")
     return ratio
+
+
+def bench_clients(
+    folder: str, batch_seconds: float, seconds: float, sizes=(1, 4, 16), clients: int = 4
+) -> None:
+    """`clients` closed-loop clients sending batches of b items to a server batching up to 64: the
+    ideal is every round of requests scored as one batch, min(clients x b, 64) / batch_seconds items/s.
+    With the batcher's expectation (max_expect_delay_ms 20) and without it (0: the 5 ms window alone)."""
+    print(
+        f"\n1b. Dynamic batching: {clients} closed-loop clients at batch b, 64x64 raw, `sleep` scorer "
+        f"{batch_seconds * 1000:.0f} ms per batch of up to 64, max_queue_delay_ms 5"
+    )
+    print("| b | ideal items/s | expectation on: items/s (/ ideal), median call ms | off (window alone) |")
+    print("|---|---|---|---|")
+    worst = math.inf
+    for b in sizes:
+        pool = images(clients * b, size=64, seed=b)
+        requests = [
+            pb.ScoreRequest(
+                items=[make_item(f"{k}-{i}", pool[k * b + i], pool[k * b + i], "x") for i in range(b)]
+            )
+            for k in range(clients)
+        ]
+        ideal = min(clients * b, 64) / batch_seconds
+        cells = []
+        for expect in (20.0, 0.0):
+            proc, target = start_server(
+                folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 64}, 64, 0, expect
+            )
+            try:
+                rate, lat = closed_loop(target, requests, seconds)
+            finally:
+                stop_server(proc)
+            cells.append(f"{rate:.0f} ({rate / ideal:.2f}), {lat * 1000:.1f} ms")
+            if expect:
+                worst = min(worst, rate / ideal)
+        print(f"| {b} | {ideal:.0f} | {cells[0]} | {cells[1]} |")
+    print(f"  worst / ideal with the expectation: {worst:.2f} (aim >= 0.8)")
+
+
+def bench_single(folder: str, batch_seconds: float, seconds: float) -> None:
+    """One closed-loop client at batch 8: its median call time with and without the expectation."""
+    pool = images(8, size=64, seed=3)
+    request = pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[i], "x") for i in range(8)])
+    cells = []
+    for expect in (20.0, 0.0):
+        proc, target = start_server(
+            folder, "sleep", {"batch_seconds": batch_seconds, "max_batch_size": 64}, 64, 0, expect
+        )
+        try:
+            _, lat = closed_loop(target, [request], seconds)
+        finally:
+            stop_server(proc)
+        cells.append(lat * 1000)
+    print(
+        f"\n1c. One client at batch 8: median call {cells[0]:.1f} ms with the expectation, {cells[1]:.1f} ms "
+        f"without (sleep {batch_seconds * 1000:.0f} ms; aim: at most max_expect_delay_ms 20 more)"
+    )
 
 
 def pipelined(call, payload: bytes, in_flight: int, calls: int) -> float:
@@ -267,13 +352,34 @@ def main() -> int:
         help="part 2's image sides, comma-separated (a small one shows the server's own overhead "
         "without the transfer of 12 MiB requests)",
     )
+    parser.add_argument(
+        "--batching-sizes",
+        type=int,
+        nargs="+",
+        default=[256, 64],
+        help="part 1a's image sides (64: no wire limit)",
+    )
+    parser.add_argument("--expect-ms", type=float, default=20.0, help="part 1a's max_expect_delay_ms")
+    parser.add_argument("--client-batches", type=int, nargs="+", default=[1, 4, 16], help="part 1b's b")
+    parser.add_argument("--smoke", action="store_true", help="short runs, 2 pairs, small images, no model")
     args = parser.parse_args()
+    if args.smoke:
+        args.batching_seconds, args.pairs, args.repeats, args.client_batches = 0.5, 2, 1, [4]
+        args.batching_sizes = [64]
+        args.image_sizes, args.skip_model = "64", True
     from reward_servers.depth import save_tiny
+
+    print(load_line("load before"))
 
     print(f"cpus: {os.cpu_count()}, torch threads: {__import__('torch').get_num_threads()}")
     with tempfile.TemporaryDirectory() as folder:
         if args.part in ("1", "all"):
-            bench_batching(folder, args.batch_seconds, args.batching_seconds)
+            for side in args.batching_sizes:
+                bench_batching(
+                    folder, args.batch_seconds, args.batching_seconds, expect_ms=args.expect_ms, size=side
+                )
+            bench_clients(folder, args.batch_seconds, args.batching_seconds, sizes=args.client_batches)
+            bench_single(folder, args.batch_seconds, args.batching_seconds)
         if args.part in ("2", "all"):
             print(f"\n2. gRPC vs in-process at batch 32, raw images, {args.pairs} interleaved pairs")
             ms = args.transport_batch_seconds * 1000
@@ -292,6 +398,7 @@ def main() -> int:
                     args.pairs,
                     1,
                 )
+    print(load_line("load after"))
     return 0
 
 

@@ -1,9 +1,11 @@
 """Sampler overhead: our log-prob rollout against diffusers' InstructPix2Pix pipeline.
 
 Both run the same tiny model (or `--model PATH`), batch, steps and scheduler in this process; the
-figure is the median over `--runs` of (our time / pipeline time). Target: <= 1.10.
+figure is the median over `--runs` interleaved pairs (order alternating, two warm-ups of each) of
+(our time / pipeline time), with its spread and the load average. Target: <= 1.10.
 
     python bench/sampler_overhead.py [--batch 8] [--steps 20] [--runs 5] [--scheduler ddim]
+    python bench/sampler_overhead.py --smoke   # batch 2, 2 steps, 2 runs: the smoke test's setting
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import statistics  # noqa: E402
 import torch  # noqa: E402
 
 from bench.interleaved import ratio_line, time_against_pipeline  # noqa: E402
+from bench.paired import load_line  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +35,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--scheduler", choices=["ddim", "euler_ancestral"], default="ddim")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="batch 2, 2 steps, 2 runs (the smoke test)")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.steps, args.runs = 2, 2, 2
 
     from diffusers import (
         DDIMScheduler,
@@ -70,6 +76,7 @@ def main() -> None:
             output_type="pt",
         )
 
+    print(load_line("load before"))
     t_ours, t_theirs, ratios = time_against_pipeline(policy, sources, prompts, theirs, args.runs, args.device)
     print(
         f"device={args.device} model={args.model} batch={args.batch} steps={args.steps} scheduler={args.scheduler}"
@@ -81,6 +88,7 @@ def main() -> None:
         f"diffusers pipeline:    median {statistics.median(t_theirs) * 1e3:.1f} ms  runs {[round(x * 1e3, 1) for x in t_theirs]}"
     )
     print(ratio_line(ratios))
+    print(load_line("load after"))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
+
 os.chdir(ROOT)  # configs/ and the tiny model cache are relative to the checkout
 
 
@@ -103,7 +105,15 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=5.0, help="the replica's max_queue_delay_ms")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="2 inputs x 1 shard, 2 steps, pool 2, 10 ms judge, 2 rounds (the smoke test)",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.shards, args.steps, args.pool, args.sleep, args.rounds = 2, 1, 2, 2, 0.01, 2
+    print(load_line("load before"))
 
     import torch
 
@@ -219,4 +229,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    print(load_line("load after"))
+    sys.exit(code)

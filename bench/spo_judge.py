@@ -43,6 +43,7 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
 from sampler.step_pool import lookahead_x0  # noqa: E402
 from trainer.algo.spo import judge_values  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -62,7 +63,11 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--items", type=int, default=64, help="inputs (one chain each)")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--smoke", action="store_true", help="2 inputs (the smoke test)")
     args = ap.parse_args()
+    if args.smoke:
+        args.items = 2
+    print(load_line("load before"))
     over = ["ray.enabled=false", "reward.transport=inprocess", "sample.nb_gen=1", SPO_JUDGE]
     over += [f"sample.batch_size={args.items}", "sample.num_batches_per_epoch=1", *args.set]
     config = load_config(str(ROOT / args.config), over)
@@ -129,3 +134,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(load_line("load after"))

@@ -30,6 +30,7 @@ import dataclasses  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.paired import load_line  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data.inputs import load_inputs  # noqa: E402
 from trainer.engine.local import LocalEngine  # noqa: E402
@@ -43,7 +44,11 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64, help="inputs (one edit each)")
     ap.add_argument("--repeats", type=int, default=2, help="re-draws per step")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--smoke", action="store_true", help="2 inputs, 1 re-draw (the smoke test)")
     args = ap.parse_args()
+    if args.smoke:
+        args.items, args.repeats = 2, 1
+    print(load_line("load before"))
     over = ["ray.enabled=false", "reward.transport=inprocess", "sample.nb_gen=1"]
     over += [f"sample.batch_size={args.items}", "sample.num_batches_per_epoch=1", *args.set]
     config = load_config(args.config, over)
@@ -102,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(load_line("load after"))

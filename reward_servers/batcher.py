@@ -1,6 +1,15 @@
 """A dynamic batcher in the manner of Triton's: requests wait up to `max_queue_delay_ms` to be merged
 into one scorer call of at most `max_batch_size` items.
 
+It also waits for the requests it can expect: callers answered by a batch usually send their next
+request at once, a few milliseconds later. So the batcher counts the most requests outstanding at
+once (queued or being scored) while a batch is scored, and the next batch waits until that many
+requests are queued (or it is full), for at most `max_expect_delay_ms` after the last batch was
+answered. Clients in lock-step (a training loop's workers, many single-item callers) then fill
+batches instead of each missing the window by a round trip (or splitting into groups that take
+turns); a lone caller's batch goes as soon as its request is in. Where callers leave, one batch
+waits up to `max_expect_delay_ms` in vain, and the next expects fewer.
+
 It is transport-independent: the gRPC servicer and the Redis consumer both hand it a `ScoreBatch`
 per request and await one `ItemOutcome` per item. The scorer runs on one worker thread (one device),
 so the event loop keeps admitting requests while a batch is scored; whatever queues up meanwhile
@@ -60,12 +69,19 @@ class BatcherConfig:
     # Most UTF-8 bytes of texts (a judge's reasoning) one item's result carries; longer ones are cut
     # with a "[truncated: ...]" marker (base.clean_texts).
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    # How long after the last batch was answered the next one may wait for the requests the batcher
+    # expects (as many as were outstanding at once: their callers come back once answered), in
+    # milliseconds; the batch goes as soon as they are all in (or it is full). 0: no such wait
+    # (max_queue_delay_ms alone). Last, so positional construction keeps its meaning.
+    max_expect_delay_ms: float = 20.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_expect_delay_ms < 0:
+            raise ValueError(f"max_expect_delay_ms must be >= 0, got {self.max_expect_delay_ms}")
         if self.max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         if self.cache_items < 0:
@@ -170,6 +186,12 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._flush = False  # drain mode: no waiting for batches to fill
         self._closed = False
+        # The expectation (see the module's docstring): requests queued since the last batch was
+        # taken, requests left queued then, requests in the batch being scored, the most requests
+        # outstanding at once since then, and when the last batch was answered.
+        self._arrivals = self._leftover = self._scoring = self._peak = 0
+        self._expected = 0
+        self._answered_at = 0.0
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -226,6 +248,8 @@ class DynamicBatcher:
         for i in range(n):
             if i not in cached:
                 self._queue.append(_Entry(request, i, _slice(batch, i), now, keys[i]))
+        self._arrivals += 1
+        self._peak = max(self._peak, self._leftover + self._arrivals + self._scoring)
         self._set_depth()
         self._arrived.set()
         try:
@@ -300,11 +324,18 @@ class DynamicBatcher:
                 continue
             taken.append(entry)
         self._set_depth()
+        self._arrivals = 0
+        self._scoring = len({id(e.request) for e in taken})
+        self._leftover = len({id(e.request) for e in self._queue})
+        self._peak = self._scoring + self._leftover
         return taken
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.config.max_queue_delay_ms / 1000.0
+        expect = (
+            max(delay, self.config.max_expect_delay_ms / 1000.0) if self.config.max_expect_delay_ms else 0.0
+        )
         while True:
             if not self._queue:
                 if self._closed:
@@ -312,9 +343,16 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            # Wait for the batch to fill, at most `delay` after the oldest item arrived.
+            # Wait for the batch to fill, at most `delay` after the oldest item arrived; or, when
+            # requests are expected, until they are all in, at most `expect` after it.
             while len(self._queue) < self.config.max_batch_size and not self._flush:
-                remaining = self._queue[0].enqueued + delay - time.monotonic()
+                waiting = self._expected > 0 and expect > 0
+                if waiting and self._leftover + self._arrivals >= self._expected:
+                    break
+                until = self._queue[0].enqueued + delay
+                if waiting:  # the callers answered last come back within `expect` of their answer
+                    until = max(until, self._answered_at + expect)
+                remaining = until - time.monotonic()
                 if remaining <= 0:
                     break
                 self._arrived.clear()
@@ -334,6 +372,9 @@ class DynamicBatcher:
                 if self.cache is not None and entry.key is not None and outcome.kind == "ok":
                     self.cache.put(entry.key, outcome)
                 entry.request.resolve(entry.index, outcome)
+            # Expect as many requests as were outstanding at once during this batch.
+            self._expected, self._scoring = self._peak, 0
+            self._answered_at = time.monotonic()
             # Drop the batch before waiting for the next one: its decoded images count against the
             # server's decoded budget until their requests give them back (budget.py).
             del entries, outcomes

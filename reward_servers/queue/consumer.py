@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import socket
@@ -41,27 +40,17 @@ from dataclasses import dataclass
 
 import redis
 
-from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.base import Scorer
-from reward_servers.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, ItemOutcome, QueueFull
+from reward_servers.batcher import DynamicBatcher
 from reward_servers.budget import BudgetExceeded, DecodedBytesBudget
-from reward_servers.gradients import encode_tensor
-from reward_servers.images import (
-    DEFAULT_MAX_DECODED_MB,
-    DEFAULT_MAX_PIXELS,
-    to_batch,
-)
+from reward_servers.images import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_PIXELS
 from reward_servers.queue import protocol as P
 from reward_servers.queue.decoding import decode_all, parse_all, part_decoded_bytes, split_parts
+from reward_servers.queue.finishing import JobFinishing
 from reward_servers.queue.presence import ReplicaPresence, presence_interval_ms
 from reward_servers.queue.writes import _REDIS_DOWN, WRITE_GRACE_S, JobWrites, _Job
 
 log = logging.getLogger("spie.queue")
-_STATUS = {
-    "ok": pb.Result.STATUS_OK,
-    "invalid_input": pb.Result.STATUS_INVALID_INPUT,
-    "scorer_error": pb.Result.STATUS_SCORER_ERROR,
-}
 
 
 @dataclass(frozen=True)
@@ -119,7 +108,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class StreamConsumer(JobWrites, ReplicaPresence):
+class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
     """Pulls jobs of one scorer from Redis into a `DynamicBatcher`.
 
     Args:
@@ -234,6 +223,7 @@ class StreamConsumer(JobWrites, ReplicaPresence):
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(P.info_key(self.scorer_name), mapping=info)
             pipe.sadd(P.SCORERS_KEY, self.scorer_name)
+            pipe.script_load(P.COMPLETE_MANY_LUA)  # results are written by EVALSHA (writes.py)
             await pipe.execute()
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -331,6 +321,11 @@ class StreamConsumer(JobWrites, ReplicaPresence):
         for entry_id, fields in entries:
             f = {_text(k): _text(v) for k, v in fields.items()}
             try:
+                f = P.parse_job_entry(f)
+            except ValueError as err:
+                malformed.append((_text(entry_id), f, f"malformed job: {err}"))
+                continue
+            try:
                 keys = P.BatchKeys(f["run"], f["batch"])
                 expires, budget_ms = self._expires(_text(entry_id), f)
                 jobs.append(
@@ -355,20 +350,18 @@ class StreamConsumer(JobWrites, ReplicaPresence):
             await self._process_jobs(jobs)
 
     async def _process_jobs(self, jobs: list[_Job]) -> None:
-        async def start() -> list:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job in jobs:
-                    pipe.hincrby(job.keys.attempts, job.attempts_field, 1)
-                    pipe.expire(job.keys.attempts, self.config.result_ttl_s)
-                    pipe.hget(job.keys.attempts, P.error_field(self.scorer_name, job.index))
-                    pipe.get(job.keys.blob(job.index))
-                return await pipe.execute()
+        async def start() -> list:  # one script call: an attempt counted, last error, blob (protocol.py)
+            names, args = [], [self.config.result_ttl_s]
+            for job in jobs:
+                names += [job.keys.attempts, job.keys.blob(job.index)]
+                args += [job.attempts_field, P.error_field(self.scorer_name, job.index)]
+            return await self.redis.eval(P.START_LUA, len(names), *names, *args)
 
         replies = await self._bounded(start(), max(job.expires for job in jobs), WRITE_GRACE_S)
         now = time.monotonic()
         live, blobs = [], []
         for k, job in enumerate(jobs):
-            job.attempt, last_error, blob = int(replies[4 * k]), replies[4 * k + 2], replies[4 * k + 3]
+            job.attempt, last_error, blob = int(replies[3 * k]), replies[3 * k + 1], replies[3 * k + 2]
             if job.attempt > self.config.max_attempts:
                 reason = _text(last_error) if last_error else "its replica died while scoring it"
                 await self._dead_letter(job, f"gave up after {job.attempt - 1} attempts: {reason}")
@@ -383,8 +376,8 @@ class StreamConsumer(JobWrites, ReplicaPresence):
             return
         loop = asyncio.get_running_loop()
         items = await loop.run_in_executor(self._decode, parse_all, blobs)
-        # Score in parts whose images decode to at most max_decoded_bytes (from the headers); each
-        # job finishes on its own, so its slot frees as soon as it is written.
+        # Score in parts whose images decode to at most max_decoded_bytes (from the headers); a
+        # part is one batcher request and one pipelined write (finishing.py).
         # Each part reserves what it decodes to from the server's budget (shared with gRPC) until scored.
         for part in split_parts(list(zip(live, items, strict=True)), self.max_decoded_bytes):
             nbytes = part_decoded_bytes([it for _, it in part])
@@ -393,58 +386,6 @@ class StreamConsumer(JobWrites, ReplicaPresence):
                     decoded = await loop.run_in_executor(
                         self._decode, decode_all, [it for _, it in part], self.max_pixels
                     )
-                    await asyncio.gather(
-                        *(self._finish(job, d) for (job, _), d in zip(part, decoded, strict=True))
-                    )
+                    await self._finish_part([job for job, _ in part], decoded)
             except BudgetExceeded as err:  # the deadline passed waiting for memory: the client resubmits
-                await asyncio.gather(*(self._finish(job, err) for job, _ in part))
-
-    async def _finish(self, job: _Job, decoded) -> None:
-        """Score one job and write its outcome; then free its slot for the next read."""
-        try:
-            outcome = await self._score(job, decoded)
-            if outcome is None:
-                return  # left pending: another replica takes it over
-            item_id = decoded.id if not isinstance(decoded, Exception) else getattr(decoded, "item_id", "")
-            if outcome.kind == "expired":  # the client has moved on and resubmits if it still cares
-                await self._until_written(lambda: self._ack(job), job)
-            elif outcome.kind == "scorer_error" and outcome.retry and job.attempt >= self.config.max_attempts:
-                await self._dead_letter(
-                    job, f"dead-lettered after {job.attempt} attempts: {outcome.error}", item_id
-                )
-            elif (
-                outcome.kind == "scorer_error" and outcome.retry
-            ):  # a replica may fail where another will not
-                await self._until_written(lambda: self._requeue(job, outcome.error), job)
-            else:
-                result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])
-                result.details.update(outcome.details)
-                result.texts.update(outcome.texts)
-                if outcome.error:
-                    result.error = outcome.error
-                if outcome.gradient is not None:
-                    result.gradient.CopyFrom(encode_tensor(outcome.gradient))
-                await self._until_written(lambda: self._complete(job, result), job)
-        finally:
-            self._held.discard(job.entry_id)
-            self._busy_update()
-            self._freed.set()
-
-    async def _score(self, job: _Job, decoded) -> ItemOutcome | None:
-        """Score one job's item through the batcher; None when it could not be scored here."""
-        if isinstance(decoded, BudgetExceeded):
-            return ItemOutcome(
-                math.nan, {}, f"deadline passed waiting for decoded memory: {decoded}", "expired"
-            )
-        if isinstance(decoded, Exception):
-            return ItemOutcome(math.nan, {}, str(decoded), "invalid_input")
-        deadline = job.expires
-        while True:
-            try:
-                return (await self.batcher.submit(to_batch([decoded]), deadline))[0]
-            except QueueFull:
-                await asyncio.sleep(0.02)  # gRPC traffic filled the queue; the job waits its turn
-            except DeadlineExpired:
-                return ItemOutcome(math.nan, {}, "deadline passed", "expired")
-            except BatcherClosed:
-                return None
+                await self._finish_part([job for job, _ in part], [err] * len(part))

@@ -4,8 +4,9 @@ fields, connection settings and the Lua script that completes a job.
 Per scorer S (shared by every run):
 
     spie:q:scorers            set    names of scorers that have (had) a replica
-    spie:q:S:jobs             stream one entry per job (run, batch, index, deadline, budget, gen);
-                                     group "replicas"
+    spie:q:S:jobs             stream one entry per job: field "j" = "run batch index deadline_ms
+                                     budget_ms gen" (`job_entry`; entries of older clients, with
+                                     those six fields apart, are read too); group "replicas"
     spie:q:S:dead             stream jobs that failed `max_attempts` times, with their error
     spie:q:S:info             hash   version, higher_is_better, ... (written by every replica)
     spie:q:S:done             int    jobs completed, for throughput
@@ -108,6 +109,27 @@ def job_fields(
     return fields
 
 
+def job_entry(
+    run: str, batch: str, index: int, deadline_unix_ms: int, budget_ms: int | None = None, gen: int = 0
+) -> dict[str, str]:
+    """A job's stream entry: `job_fields` in one field "j" ("run batch index deadline_ms budget_ms
+    gen", budget_ms empty when unknown), so a replica parses one field per job, not six. Replicas
+    read both forms (entries of older clients have the six fields)."""
+    budget = "" if budget_ms is None else str(max(0, int(budget_ms)))
+    return {"j": f"{run} {batch} {index} {deadline_unix_ms} {budget} {gen}"}
+
+
+def parse_job_entry(fields: dict[str, str]) -> dict[str, str]:
+    """A job entry's fields in `job_fields`' form, whichever form it was written in."""
+    if "j" not in fields:
+        return fields
+    run, batch, index, deadline_ms, budget_ms, gen = fields["j"].split(" ")
+    out = {"run": run, "batch": batch, "index": index, "deadline_ms": deadline_ms, "gen": gen}
+    if budget_ms:
+        out["budget_ms"] = budget_ms
+    return out
+
+
 def entry_ms(entry_id: str) -> int:
     """The Redis server time (unix ms) at which a stream entry with an auto id was added."""
     return int(entry_id.split("-", 1)[0])
@@ -138,6 +160,65 @@ redis.call('XACK', KEYS[5], ARGV[5], ARGV[6])
 redis.call('XDEL', KEYS[5], ARGV[6])
 redis.call('HDEL', KEYS[6], ARGV[7])
 if wrote then return 1 else return 0 end
+"""
+
+
+# The same for many jobs in one call (one reply instead of one per job): job j's keys are
+# KEYS[7(j-1)+1 .. 7j] and its arguments ARGV[7(j-1)+1 .. 7j], in COMPLETE_LUA's order. Returns each
+# job's 1 (written) or 0 (another replica wrote it first).
+COMPLETE_MANY_LUA = """
+local out = {}
+for j = 0, #KEYS / 7 - 1 do
+  local k, a = j * 7, j * 7
+  local wrote = redis.call('SET', KEYS[k+1], ARGV[a+1], 'NX', 'EX', ARGV[a+2])
+  if wrote then
+    redis.call('SREM', KEYS[k+2], ARGV[a+3])
+    if redis.call('SCARD', KEYS[k+2]) == 0 then redis.call('DEL', KEYS[k+3]) end
+    redis.call('RPUSH', KEYS[k+4], ARGV[a+4])
+    redis.call('EXPIRE', KEYS[k+4], ARGV[a+2])
+    redis.call('INCR', KEYS[k+7])
+  end
+  redis.call('XACK', KEYS[k+5], ARGV[a+5], ARGV[a+6])
+  redis.call('XDEL', KEYS[k+5], ARGV[a+6])
+  redis.call('HDEL', KEYS[k+6], ARGV[a+7])
+  out[j+1] = wrote and 1 or 0
+end
+return out
+"""
+
+# A replica starts the jobs of one read: count an attempt of each (HINCRBY, with the hash's TTL),
+# and fetch its last error and its blob. KEYS: per job, its batch's attempts hash and its blob;
+# ARGV: the TTL in seconds, then per job its attempts field and its error field. Returns, per job,
+# {attempt, last error or false, blob or false}, flattened.
+START_LUA = """
+local out = {}
+for j = 0, #KEYS / 2 - 1 do
+  local n = redis.call('HINCRBY', KEYS[2*j+1], ARGV[2*j+2], 1)
+  redis.call('EXPIRE', KEYS[2*j+1], ARGV[1])
+  out[3*j+1] = n
+  out[3*j+2] = redis.call('HGET', KEYS[2*j+1], ARGV[2*j+3])
+  out[3*j+3] = redis.call('GET', KEYS[2*j+2])
+end
+return out
+"""
+
+# The trainer's client submits jobs to one scorer's stream with this script (its calls for one batch
+# in one MULTI/EXEC, so a replica blocked on the stream wakes to all of them at once): per item, the
+# blob (when not uploaded yet), the scorer added to the item's "need" set (with the TTL), and the
+# job's entry. KEYS: the stream, then per item its blob and
+# need keys. ARGV: TTL s, scorer, run, batch, deadline_ms, budget_ms, gen, then per item its index,
+# "1" if its blob is to be stored (else "0") and the blob (else ""). Returns the number of jobs.
+# The entries are `job_entry`'s.
+SUBMIT_LUA = """
+local n = (#KEYS - 1) / 2
+for j = 0, n - 1 do
+  if ARGV[8 + 3*j + 1] == '1' then redis.call('SET', KEYS[2 + 2*j], ARGV[8 + 3*j + 2], 'EX', ARGV[1]) end
+  redis.call('SADD', KEYS[3 + 2*j], ARGV[2])
+  redis.call('EXPIRE', KEYS[3 + 2*j], ARGV[1])
+  redis.call('XADD', KEYS[1], '*', 'j', ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[8 + 3*j] .. ' ' ..
+    ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. ARGV[7])
+end
+return n
 """
 
 

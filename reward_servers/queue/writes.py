@@ -9,6 +9,7 @@ deadline plus a short grace, so a frozen Redis cannot hold a slot for long.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ log = logging.getLogger("spie.queue")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError)
 # Seconds a write may take past its job's deadline (an acknowledgement after expiry, a dead letter).
 WRITE_GRACE_S = 2.0
+_COMPLETE_SHA = hashlib.sha1(P.COMPLETE_MANY_LUA.encode()).hexdigest()  # as Redis names it (EVALSHA)
 
 
 @dataclass
@@ -69,27 +71,40 @@ class JobWrites:
                 backoff = min(1.0, backoff * 2)
 
     async def _complete(self, job: _Job, result: pb.Result) -> None:
-        k = job.keys
-        wrote = await self.redis.eval(
-            P.COMPLETE_LUA,
-            7,
-            k.result(self.scorer_name, job.index),
-            k.need(job.index),
-            k.blob(job.index),
-            k.signal,
-            self.stream,
-            k.attempts,
-            P.done_key(self.scorer_name),
-            result.SerializeToString(),
-            self.config.result_ttl_s,
-            self.scorer_name,
-            f"{self.scorer_name} {job.index}",
-            P.GROUP,
-            job.entry_id,
-            job.attempts_field,
-        )
-        self.completed += int(wrote)
-        self.scored_again += 1 - int(wrote)  # another replica wrote it first
+        await self._complete_many([(job, result)])
+
+    async def _complete_many(self, done: list[tuple[_Job, pb.Result]]) -> None:
+        """Write each job's result and acknowledge it (`COMPLETE_MANY_LUA`: `COMPLETE_LUA` per job),
+        in one script call: one round trip and one reply for a whole part. The script is idempotent
+        (a result is set only if absent), so a call cut off is simply sent again."""
+        names, args = [], []
+        for job, result in done:
+            k = job.keys
+            names += [
+                k.result(self.scorer_name, job.index),
+                k.need(job.index),
+                k.blob(job.index),
+                k.signal,
+                self.stream,
+                k.attempts,
+                P.done_key(self.scorer_name),
+            ]
+            args += [
+                result.SerializeToString(),
+                self.config.result_ttl_s,
+                self.scorer_name,
+                f"{self.scorer_name} {job.index}",
+                P.GROUP,
+                job.entry_id,
+                job.attempts_field,
+            ]
+        try:
+            wrote = await self.redis.evalsha(_COMPLETE_SHA, len(names), *names, *args)
+        except redis.exceptions.NoScriptError:  # a restarted Redis forgot the script: send its text
+            wrote = await self.redis.eval(P.COMPLETE_MANY_LUA, len(names), *names, *args)
+        written = sum(int(w) for w in wrote)
+        self.completed += written
+        self.scored_again += len(done) - written  # another replica wrote those first
 
     async def _ack(self, job: _Job) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -101,17 +116,19 @@ class JobWrites:
         """Queue the job again (a new entry) after a scorer failure, remembering the error."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job.keys.attempts, P.error_field(self.scorer_name, job.index), error or "scorer error")
-            pipe.xadd(self.stream, self._fields(job))
+            pipe.xadd(self.stream, self._fields(job, entry=True))
             pipe.xack(self.stream, P.GROUP, job.entry_id)
             pipe.xdel(self.stream, job.entry_id)
             await pipe.execute()
 
-    def _fields(self, job: _Job) -> dict[str, str]:
-        """The job's fields for a new entry (a requeue): the budget is what is left of it now."""
+    def _fields(self, job: _Job, entry: bool = False) -> dict[str, str]:
+        """The job's fields, the budget being what is left of it now: as a job entry (`entry`, a
+        requeue) or spelt out (a dead letter)."""
         budget = None
         if job.budget_ms is not None:
             budget = int((job.expires - time.monotonic()) * 1000)
-        return P.job_fields(job.run, job.batch, job.index, job.deadline_ms, budget, job.gen)
+        make = P.job_entry if entry else P.job_fields
+        return make(job.run, job.batch, job.index, job.deadline_ms, budget, job.gen)
 
     async def _bury(self, entry_id: str, fields: dict, error: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -106,3 +106,48 @@ def test_a_failing_item_fails_alone(rng):
     out = asyncio.run(main())
     assert [o.kind for o in out] == ["ok", "scorer_error", "invalid_input", "ok"]
     assert "kaboom" in out[1].error and out[2].error == "bad item"
+
+
+def _closed_loop(rng, callers: int, rounds: int, expect_ms: float) -> tuple[dict, float]:
+    """`callers` clients each submitting one item, again as soon as answered, `rounds` times, to a
+    scorer that takes 20 ms per call; returns (batch sizes, median seconds per call)."""
+    scorer = build_scorer("brightness")
+
+    def slow(batch):
+        time.sleep(0.02)
+        return scorer.score(batch)
+
+    async def main():
+        config = BatcherConfig(max_batch_size=32, max_queue_delay_ms=1, max_expect_delay_ms=expect_ms)
+        batcher = DynamicBatcher(slow, config)
+        batcher.start()
+        calls = []
+
+        async def caller(k: int) -> None:
+            await asyncio.sleep(0.003 * k)  # they start apart, as real clients do
+            for _ in range(rounds):
+                t = time.monotonic()
+                await batcher.submit(one(rng), time.monotonic() + 10)
+                calls.append(time.monotonic() - t)
+                await asyncio.sleep(0.002)  # the client's own turnaround, longer than the window
+
+        await asyncio.gather(*(caller(k) for k in range(callers)))
+        await batcher.close()
+        return dict(batcher.batch_sizes), sorted(calls)[len(calls) // 2]
+
+    return asyncio.run(main())
+
+
+def test_the_batcher_waits_for_the_callers_it_expects(rng):
+    """Closed-loop callers come back a round trip after their answer, past max_queue_delay_ms: with
+    the expectation their requests still go together, without it they trickle in."""
+    with_expect, _ = _closed_loop(rng, callers=4, rounds=8, expect_ms=20)
+    window_alone, _ = _closed_loop(rng, callers=4, rounds=8, expect_ms=0)
+    full = sum(n for size, n in with_expect.items() if size == 4)
+    assert full >= 5, with_expect  # after the first rounds, every batch carries all 4 callers
+    assert sum(with_expect.values()) < sum(window_alone.values()), (with_expect, window_alone)
+
+
+def test_a_lone_caller_is_not_held_back_by_the_expectation(rng):
+    _, with_expect = _closed_loop(rng, callers=1, rounds=6, expect_ms=200)
+    assert with_expect < 0.1  # one 20 ms call, not the 200 ms expectation window

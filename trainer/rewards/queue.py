@@ -40,6 +40,7 @@ from reward_servers.queue import protocol as P
 from reward_servers.queue.presence import live_replicas
 from trainer.config.schema import DEFAULT_DEADLINE_S, QueueConfig
 from trainer.errors import UserError
+from trainer.rewards.queue_io import chunks, delete, set_timeout, summary
 from trainer.rewards.scores import Scores
 
 log = logging.getLogger("spie.reward_client")
@@ -129,6 +130,7 @@ class RewardClient:
         self.totals: dict[str, int] = {}
         self._seq = 0
         self._higher: dict[str, bool] = {}
+        self._stale: list[str] = []  # keys of gathered batches, deleted with the next round trip
 
     # ---- the InProcessRewards interface ---------------------------------------------------------
 
@@ -154,6 +156,7 @@ class RewardClient:
         return self.score_items(items)
 
     def close(self) -> None:
+        self._flush_stale()
         self.redis.close()
 
     def __enter__(self) -> RewardClient:
@@ -184,7 +187,7 @@ class RewardClient:
                 if round_:
                     self._gen += 1
                     self.stats.resubmitted += sum(map(len, todo.values()))
-                    log.warning("reward queue: resubmitting %s", _summary(todo, items))
+                    log.warning("reward queue: resubmitting %s", summary(todo, items))
                 self._round(keys, blobs, todo, results, time.monotonic() + self.config.deadline_s)
                 if all(r is not None for rs in results.values() for r in rs):
                     break
@@ -192,11 +195,12 @@ class RewardClient:
                 missing = {s: [i for i, r in enumerate(rs) if r is None] for s, rs in results.items()}
                 raise RewardQueueError(
                     f"reward queue at {P.describe(self.url)}: no result after "
-                    f"{self.config.resubmits + 1} x {self.config.deadline_s:g}s for {_summary(missing, items)}"
+                    f"{self.config.resubmits + 1} x {self.config.deadline_s:g}s for {summary(missing, items)}"
                     f"{self._diagnose(missing)}"
                 )
         finally:
-            self._cleanup(keys, len(items))
+            done = all(r is not None for rs in results.values() for r in rs)
+            self._cleanup(keys, len(items), defer=done)
             self.stats.seconds = time.monotonic() - start
             for name in ("submitted", "resubmitted", "duplicates_ignored", "redis_errors"):
                 self.totals[name] = self.totals.get(name, 0) + getattr(self.stats, name)
@@ -218,25 +222,33 @@ class RewardClient:
                 return
             try:
                 self._bound(deadline)
-                if not self.redis.exists(keys.live):  # new batch, or Redis lost our data: start over
-                    self._bound(deadline)
-                    self.redis.set(keys.live, "1", ex=self.config.blob_ttl_s)
-                    if uploaded:
-                        log.warning(
-                            "reward queue: batch %s lost (Redis restarted?); resubmitting", keys.batch
-                        )
-                        self._gen += 1
-                        queued = {s: [i for i, r in enumerate(results[s]) if r is None] for s in todo}
-                        self.stats.resubmitted += sum(map(len, queued.values()))
-                        uploaded.clear()
-                self._submit(keys, blobs, queued, uploaded, deadline)
+                # One round trip: mark the batch live (set only if absent: a new batch, or Redis
+                # lost our data) and read the lengths of the streams still to submit to.
+                pending = [s for s, v in queued.items() if v]
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(keys.live, "1", ex=self.config.blob_ttl_s, nx=True)
+                    for scorer in pending:
+                        pipe.xlen(P.jobs_key(scorer))
+                    delete(pipe, self._stale)  # the previous batches' leftovers, if any
+                    created, *lengths = pipe.execute()[: 1 + len(pending)]
+                self._stale = []
+                if created and uploaded:  # Redis lost our data (restarted?): start over
+                    log.warning("reward queue: batch %s lost (Redis restarted?); resubmitting", keys.batch)
+                    self._gen += 1
+                    queued = {s: [i for i, r in enumerate(results[s]) if r is None] for s in todo}
+                    self.stats.resubmitted += sum(map(len, queued.values()))
+                    uploaded.clear()
+                self._submit(
+                    keys, blobs, queued, uploaded, deadline, dict(zip(pending, lengths, strict=True))
+                )
                 wait = max(0.01, min(self.config.poll_s, deadline - time.monotonic()))
-                signalled = self._wait_signals(keys, wait, deadline)
+                missing = [(sc, i) for sc in todo for i, r in enumerate(results[sc]) if r is None]
+                signalled, read = self._wait_signals(keys, wait, deadline, missing)
                 sweep = time.monotonic() >= next_sweep
                 if sweep:
                     next_sweep = time.monotonic() + self.config.poll_s
                 self._bound(deadline)
-                self._fetch(keys, results, signalled, sweep, todo)
+                self._fetch(keys, results, signalled, sweep, todo, read)
                 self._answered = True
             except _Late:
                 return
@@ -253,14 +265,20 @@ class RewardClient:
         if left <= 0:
             raise _Late()
         left += extra_s
-        _set_timeout(self.redis, left)
+        set_timeout(self.redis, left)
 
-    def _submit(self, keys, blobs, queued: dict[str, list[int]], uploaded: set[int], deadline: float) -> None:
+    def _submit(
+        self, keys, blobs, queued: dict[str, list[int]], uploaded: set[int], deadline: float, lengths=None
+    ) -> None:
+        """Submit the queued jobs each stream has room for; `lengths`: the streams' lengths if just read."""
         for scorer, indices in queued.items():
             if not indices:
                 continue
-            self._bound(deadline)
-            length = self.redis.xlen(P.jobs_key(scorer))
+            if lengths is not None and scorer in lengths:
+                length = lengths[scorer]
+            else:
+                self._bound(deadline)
+                length = self.redis.xlen(P.jobs_key(scorer))
             peak = self.stats.max_stream_len
             peak[scorer] = max(peak.get(scorer, 0), length)
             room = self.config.max_in_flight - length
@@ -273,14 +291,17 @@ class RewardClient:
             self._bound(deadline)
             # One MULTI/EXEC: a replica blocked on the stream wakes to every job of the batch at
             # once, not to the first XADDs of a plain pipeline (its batcher then fills its batches).
+            # The jobs go as one script call per chunk of at most SUBMIT_CHUNK_BYTES of blobs (each
+            # call one reply, not four per job; Redis holds one call's arguments at a time).
+            head = [ttl, scorer, keys.run, keys.batch, deadline_ms, budget_ms, self._gen]
             with self.redis.pipeline(transaction=True) as pipe:
-                for i in take:
-                    if i not in uploaded:
-                        pipe.set(keys.blob(i), blobs[i], ex=ttl)
-                    pipe.sadd(keys.need(i), scorer)
-                    pipe.expire(keys.need(i), ttl)
-                    fields = P.job_fields(keys.run, keys.batch, i, deadline_ms, budget_ms, self._gen)
-                    pipe.xadd(P.jobs_key(scorer), fields)
+                for chunk in chunks(take, lambda i: 0 if i in uploaded else len(blobs[i])):
+                    names, args = [P.jobs_key(scorer)], list(head)
+                    for i in chunk:
+                        up = i not in uploaded
+                        names += [keys.blob(i), keys.need(i)]
+                        args += [i, "1" if up else "0", blobs[i] if up else b""]
+                    pipe.eval(P.SUBMIT_LUA, len(names), *names, *args)
                 pipe.execute()
             # Only now are they sent: a pipeline cut off by a Redis error (restart, freeze) keeps
             # its jobs queued, and the next try sends them again (a job that did get through is
@@ -290,25 +311,33 @@ class RewardClient:
             self.stats.submitted += len(take)
             peak[scorer] = max(peak[scorer], length + len(take))
 
-    def _wait_signals(self, keys, wait: float, deadline: float) -> list[tuple[str, int]]:
-        """Block up to `wait` s for the batch's signal list; return every (scorer, index) signalled."""
+    def _wait_signals(self, keys, wait: float, deadline: float, missing: list[tuple[str, int]]):
+        """Block up to `wait` s for the batch's signal list; return every (scorer, index) signalled
+        and the results of `missing` read in the same round trip as the rest of the list (a result
+        is written before its signal, so what is signalled is there): {(scorer, index): bytes}."""
         wait = max(0.01, min(wait, self.call_timeout_s - 0.25, deadline - time.monotonic()))
         self._bound(deadline, extra_s=0.25)  # the socket outlasts the block by a little
         first = self.redis.blpop([keys.signal], timeout=wait)
         if first is None:
-            return []
+            return [], {}
         self._bound(deadline)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.lrange(keys.signal, 0, -1)
             pipe.delete(keys.signal)
-            rest, _ = pipe.execute()
+            if missing:
+                pipe.mget([keys.result(s, i) for s, i in missing])
+            rest, _, *values = pipe.execute()
         out = []
         for raw in [first[1], *rest]:
             scorer, _, index = raw.decode().partition(" ")
             out.append((scorer, int(index)))
-        return out
+        read = dict(zip(missing, values[0], strict=True)) if missing else {}
+        return out, {k: v for k, v in read.items() if v is not None}
 
-    def _fetch(self, keys, results, signalled, sweep: bool, todo) -> None:
+    def _fetch(self, keys, results, signalled, sweep: bool, todo, read=None) -> None:
+        """Take the results signalled (and, on a sweep, every missing one): from `read` when the
+        signals' round trip brought them, else with one MGET."""
+        read = read or {}
         wanted: list[tuple[str, int]] = []
         for scorer, index in signalled:
             if scorer not in results or not 0 <= index < len(results[scorer]):
@@ -320,6 +349,11 @@ class RewardClient:
         if sweep:
             wanted += [(s, i) for s in todo for i, r in enumerate(results[s]) if r is None]
         wanted = list(dict.fromkeys(wanted))
+        for key in [k for k in wanted if k in read]:
+            scorer, index = key
+            if results[scorer][index] is None:
+                results[scorer][index] = pb.Result.FromString(read[key])
+        wanted = [k for k in wanted if k not in read]
         if not wanted:
             return
         values = self.redis.mget([keys.result(s, i) for s, i in wanted])
@@ -327,25 +361,32 @@ class RewardClient:
             if value is not None and results[scorer][index] is None:
                 results[scorer][index] = pb.Result.FromString(value)
 
-    def _cleanup(self, keys, n: int) -> None:
+    def _cleanup(self, keys, n: int, defer: bool = False) -> None:
         """Delete the batch's blobs and bookkeeping (results stay until their TTL, so a late
         duplicate still finds its key taken): one pipeline, within GRACE_S; skipped when Redis did
-        not answer the last call (the keys expire on their own)."""
+        not answer the last call (the keys expire on their own). With `defer` (every result came
+        back: the replicas already released the blobs, little is left) the names are deleted with
+        the next batch's first round trip, or at `close()`, instead of costing one of their own."""
         if not self._answered:
             log.warning("reward queue: Redis not answering; batch %s keys expire on their own", keys.batch)
             return
+        names = [keys.signal, keys.attempts, keys.live]
+        names += [keys.blob(i) for i in range(n)] + [keys.need(i) for i in range(n)]
+        self._stale += names
+        if not defer:
+            self._flush_stale(keys.batch)
+
+    def _flush_stale(self, batch: str = "") -> None:
+        if not self._stale:
+            return
         try:
-            names = [keys.signal, keys.attempts, keys.live]
-            names += [keys.blob(i) for i in range(n)] + [keys.need(i) for i in range(n)]
-            _set_timeout(self.redis, GRACE_S)
+            set_timeout(self.redis, GRACE_S)
             with self.redis.pipeline(transaction=False) as pipe:
-                for start in range(0, len(names), 1000):
-                    pipe.delete(*names[start : start + 1000])
+                delete(pipe, self._stale)
                 pipe.execute()
         except _REDIS_DOWN as err:
-            log.warning(
-                "reward queue: cleanup of batch %s failed (%s); keys expire on their own", keys.batch, err
-            )
+            log.warning("reward queue: cleanup of batch %s failed (%s); keys expire on their own", batch, err)
+        self._stale = []
 
     def _call(self, fn, within_s: float | None = None):
         """`fn()` (one Redis call), retried on connection errors for at most `within_s` seconds
@@ -389,7 +430,7 @@ class RewardClient:
             if not indices:
                 continue
             try:
-                _set_timeout(self.redis, GRACE_S)
+                set_timeout(self.redis, GRACE_S)
                 length = self.redis.xlen(P.jobs_key(scorer))
                 live = len(
                     live_replicas(self.redis, scorer, prune=False)
@@ -400,35 +441,3 @@ class RewardClient:
                 if not isinstance(err, redis.ResponseError):
                     break  # Redis stopped answering: the next scorer would only wait as long
         return "; " + "; ".join(parts) if parts else ""
-
-
-def _set_timeout(client, seconds: float) -> None:
-    """Set the socket timeout of every connection of `client`'s pool (and of new ones) to `seconds`,
-    so the next call cannot block longer (redis-py has no per-call timeout)."""
-    pool = client.connection_pool
-    pool.connection_kwargs["socket_timeout"] = seconds
-    pool.connection_kwargs["socket_connect_timeout"] = seconds
-    for conn in [*getattr(pool, "_available_connections", []), *getattr(pool, "_in_use_connections", [])]:
-        conn.socket_timeout = seconds
-        conn.socket_connect_timeout = seconds
-        sock = getattr(conn, "_sock", None)
-        if sock is not None:
-            sock.settimeout(seconds)
-        parser = getattr(conn, "_parser", None)  # it restores its own copy after a non-blocking peek
-        if getattr(parser, "_buffer", None) is not None and hasattr(parser._buffer, "socket_timeout"):
-            parser._buffer.socket_timeout = seconds
-        if hasattr(parser, "_socket_timeout"):
-            parser._socket_timeout = seconds
-
-
-def _summary(by_scorer: dict[str, list[int]], items: Sequence[pb.Item], shown: int = 8) -> str:
-    """ "scorer 'x': 3 of 16 items (a, b, c)" for each scorer with indices."""
-    parts = []
-    for scorer, indices in by_scorer.items():
-        if indices:
-            names = [items[i].id or f"#{i}" for i in indices[:shown]]
-            more = f", ... {len(indices) - shown} more" if len(indices) > shown else ""
-            parts.append(
-                f"scorer {scorer!r}: {len(indices)} of {len(items)} items ({', '.join(names)}{more})"
-            )
-    return "; ".join(parts)
