@@ -1,0 +1,66 @@
+"""The guards' statistics and thresholds on real images (the synthetic edit set's sources)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from sampler.synthetic import synthetic_edits
+from trainer.config import load_config
+from trainer.guard.check import Guards
+from trainer.guard.stats import image_stats
+
+
+def _images(n: int = 16, resolution: int = 32) -> torch.Tensor:
+    edits = synthetic_edits(0, n, resolution, "heldout")
+    return torch.stack([torch.from_numpy(e.source).permute(2, 0, 1) / 255.0 for e in edits])
+
+
+def _checkerboard(images: torch.Tensor, amplitude: float) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    sign = (torch.arange(h).view(h, 1) + torch.arange(w).view(1, w)) % 2 * 2 - 1
+    return (images + amplitude * sign).clamp(0, 1)
+
+
+def test_each_hack_moves_its_statistic_and_an_honest_edit_does_not():
+    src = _images()
+    base = image_stats(src, x0=torch.ones(16, 4, 4, 4))
+    assert 0.2 < base["brightness"] < 0.8 and base["grid"] < 0.2 and base["x0_norm"] == 1.0
+    # The asked edits (the ground truth) barely move the statistics.
+    edits = synthetic_edits(0, 16, 32, "heldout")
+    truth = image_stats(torch.stack([torch.from_numpy(e.target).permute(2, 0, 1) / 255.0 for e in edits]))
+    assert all(abs(truth[k] - base[k]) < 0.1 for k in ("brightness", "saturation", "grid"))
+    bright = image_stats(src * 0.2 + 0.8)  # brightened and washed out
+    assert (
+        bright["brightness"] - base["brightness"] > 0.15
+        and bright["bright_fraction"] > base["bright_fraction"] + 0.3
+    )
+    assert bright["saturation"] < base["saturation"] - 0.1
+    dark = image_stats(src * 0.1)  # background wiped to black
+    assert dark["dark_fraction"] - base["dark_fraction"] > 0.5
+    grid = image_stats(_checkerboard(src, 0.08))  # a faint checkerboard
+    assert grid["grid"] - base["grid"] > 0.1 and grid["high_frequency"] > base["high_frequency"]
+    assert abs(grid["brightness"] - base["brightness"]) < 0.02  # invisible to the mean
+
+
+def test_guards_warn_or_stop_naming_the_statistic(tmp_path):
+    config = load_config("configs/tiny.yaml", ["guard.action=stop"])
+    guards = Guards(config, tmp_path)
+    guards.start = image_stats(_images())
+    (tmp_path / "guard_start.json").write_text(json.dumps(guards.start))
+    record = {"epoch": 3}
+    for name, value in image_stats(_checkerboard(_images(), 0.08)).items():
+        record[f"guard.{name}"] = value
+        record[f"guard.{name}.change"] = value - guards.start[name]
+    lines, stop = guards.check(record)
+    assert stop and any(line.startswith("[spie] guard: grid moved +") for line in lines)
+    assert "stopping after epoch 3" in lines[-1]
+    assert not any("brightness" in line for line in lines)
+    # A resumed run reads the same reference; "warn" never stops; nothing moved: no line.
+    again = Guards(load_config("configs/tiny.yaml", ["guard.action=warn"]), tmp_path)
+    assert again.start == guards.start and again.check(record)[1] is False
+    same = {f"guard.{k}.change": 0.0 for k in guards.start} | {
+        f"guard.{k}": v for k, v in guards.start.items()
+    }
+    assert again.check(same) == ([], False)
