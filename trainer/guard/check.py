@@ -2,8 +2,9 @@
 
 The probe (`eval.probe_items` held-out inputs, fixed per-item noise) is sampled before the first
 epoch and every `eval.probe_every` epochs (or every epoch with `guard.every_epoch`). Its first
-sample is the starting policy's: its image statistics are the reference, saved in the run folder
-(`guard_start.json`) so a resumed run compares with the same start. Every later probe logs each
+sample is the starting policy's: its image statistics and per-item scores are the reference, saved
+in the run folder (`guard_start.json`) so a resumed run compares with the same start; each probe's
+interval is that of its change since then, paired over the same inputs and noise. Every later probe logs each
 statistic (`guard.<stat>`) and its change from the start (`guard.<stat>.change`; relative for
 `x0_norm`), and `check` names the statistics that moved past their thresholds.
 """
@@ -31,17 +32,27 @@ STATS = (
 RELATIVE = ("x0_norm",)
 
 
-def probe_record(scores, n: int) -> dict[str, float]:
-    """`probe.<key>` (mean over the probe's items) and `probe_ci.<key>` (half-width of the normal 95 %
-    interval of that mean) for every scorer's value (`<scorer>.mean`) and detail; `probe_items`."""
-    out: dict[str, float] = {"probe_items": float(n)}
-    for key, values in {**{f"{k}.mean": v for k, v in scores.values.items()}, **scores.details}.items():
-        finite = np.asarray(values, dtype=float)
-        finite = finite[np.isfinite(finite)]
-        if finite.size:
-            out[f"probe.{key}"] = float(finite.mean())
-            sd = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-            out[f"probe_ci.{key}"] = 1.96 * sd / math.sqrt(finite.size)
+def probe_values(scores) -> dict[str, np.ndarray]:
+    """Per-item values of the probe: `<scorer>.mean` (the score) and every detail."""
+    named = {**{f"{k}.mean": v for k, v in scores.values.items()}, **scores.details}
+    return {k: np.asarray(v, dtype=float) for k, v in named.items()}
+
+
+def probe_record(values: dict[str, np.ndarray], start: dict[str, list] | None) -> dict[str, float]:
+    """`probe.<key>` (the mean over the probe's items) and `probe_ci.<key>`: the half-width of the
+    normal 95 % interval of the change since the first probe, paired over the items (same inputs
+    and noise; 0 at the first probe), or of the mean itself without a first probe; `probe_items`."""
+    out: dict[str, float] = {"probe_items": float(len(next(iter(values.values()), [])))}
+    for key, v in values.items():
+        finite = v[np.isfinite(v)]
+        if not finite.size:
+            continue
+        out[f"probe.{key}"] = float(finite.mean())
+        ref = np.asarray(start[key], dtype=float) if start and key in start else None
+        x = v - ref if ref is not None and ref.shape == v.shape else v
+        x = x[np.isfinite(x)]
+        sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
+        out[f"probe_ci.{key}"] = 1.96 * sd / math.sqrt(max(x.size, 1))
     return out
 
 
@@ -80,17 +91,16 @@ class Guards:
         and, after the first (the reference, kept in `guard_start.json`), `guard.<stat>` and
         `guard.<stat>.change`."""
         rollout = engine.sample(shards, False)
-        out = probe_record(rewards.score(rollout), len(rollout))
-        if not self.active:
-            return out
-        stats = image_stats(rollout.images, rollout.latents[:, -1])
+        values = probe_values(rewards.score(rollout))
+        stats = image_stats(rollout.images, rollout.latents[:, -1]) if self.active else {}
         if self.start is None:
-            self.start = stats
+            self.start = {"stats": stats, "probe": {k: v.tolist() for k, v in values.items()}}
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(stats, indent=1) + "\n")
-            return out
+            self.path.write_text(json.dumps(self.start) + "\n")
+            return probe_record(values, self.start["probe"])
+        out = probe_record(values, self.start["probe"])
         for name, value in stats.items():
-            ref = self.start.get(name)
+            ref = self.start["stats"].get(name)
             out[f"guard.{name}"] = value
             if ref is not None:
                 change = (value - ref) / max(abs(ref), 1e-12) if name in RELATIVE else value - ref
@@ -108,7 +118,7 @@ class Guards:
             change = record.get(f"guard.{name}.change")
             if not limit or change is None or abs(change) <= limit:
                 continue
-            was, now = self.start[name], record[f"guard.{name}"]
+            was, now = self.start["stats"][name], record[f"guard.{name}"]
             how = f"{change:+.0%}" if name in RELATIVE else f"{change:+.3f}"
             lines.append(
                 f"[spie] guard: {name} moved {how} from the starting policy's edits of the probe "

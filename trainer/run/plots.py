@@ -75,8 +75,8 @@ def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
 
     Where the run measured it (`eval.probe_every`), the top row is the held-out probe set under fixed
     noise (the number that moves only when the policy does): `probe.<name>.mean` and
-    `probe.<name>.success`, each with its 95 % interval (`probe_ci.<key>`, the normal interval of the
-    mean over the probe's inputs) as a band. The row below (the only one without a probe) has the
+    `probe.<name>.success`, each with a band: the 95 % interval of its change since the first probe,
+    paired over the same inputs and noise (`probe_ci.<key>`, `trainer.guard.check.probe_record`). The row below (the only one without a probe) has the
     training batches' `<name>.mean` with a +-1 std band and `<name>.success`, lighter: they move with
     each epoch's inputs. Other details (e.g. `oracle_edit.gain`, defined on brighten edits only)
     are left out: a mean over the items a detail applies to is not comparable with the others. The

@@ -47,12 +47,13 @@ def test_each_hack_moves_its_statistic_and_an_honest_edit_does_not():
 def test_guards_warn_or_stop_naming_the_statistic(tmp_path):
     config = load_config("configs/tiny.yaml", ["guard.action=stop"])
     guards = Guards(config, tmp_path)
-    guards.start = image_stats(_images())
+    start = image_stats(_images())
+    guards.start = {"stats": start, "probe": {"x.mean": [0.1, 0.2, 0.3]}}
     (tmp_path / "guard_start.json").write_text(json.dumps(guards.start))
     record = {"epoch": 3}
     for name, value in image_stats(_checkerboard(_images(), 0.08)).items():
         record[f"guard.{name}"] = value
-        record[f"guard.{name}.change"] = value - guards.start[name]
+        record[f"guard.{name}.change"] = value - start[name]
     lines, stop = guards.check(record)
     assert stop and any(line.startswith("[spie] guard: grid moved +") for line in lines)
     assert "stopping after epoch 3" in lines[-1]
@@ -64,3 +65,15 @@ def test_guards_warn_or_stop_naming_the_statistic(tmp_path):
         f"guard.{k}": v for k, v in guards.start.items()
     }
     assert again.check(same) == ([], False)
+
+
+def test_the_probe_interval_is_that_of_the_paired_change():
+    import numpy as np
+
+    from trainer.guard.check import probe_record
+
+    start = {"s.mean": [0.2, 0.5, 0.8, 0.4]}
+    now = {"s.mean": np.array([0.3, 0.6, 0.9, 0.5])}  # every item +0.1: no doubt about the change
+    out = probe_record(now, start)
+    assert out["probe.s.mean"] == 0.575 and out["probe_ci.s.mean"] < 1e-9 and out["probe_items"] == 4
+    assert probe_record(now, None)["probe_ci.s.mean"] > 0.2  # the spread of the items themselves
