@@ -77,3 +77,19 @@ def test_the_probe_interval_is_that_of_the_paired_change():
     out = probe_record(now, start)
     assert out["probe.s.mean"] == 0.575 and out["probe_ci.s.mean"] < 1e-9 and out["probe_items"] == 4
     assert probe_record(now, None)["probe_ci.s.mean"] > 0.2  # the spread of the items themselves
+
+
+def test_a_tripped_guard_stops_the_run_after_its_checkpoint(tiny_config, capsys):
+    from trainer.loop import train
+    from trainer.run.log import read_metrics
+
+    sets = ["eval.probe_items=4", "eval.probe_every=1", "run.image_log_freq=0", "run.log_with=[]"]
+    config = tiny_config(
+        *sets, "run.num_epochs=3", "guard.action=stop", "guard.brightness=1e-9", "run.name=g"
+    )
+    run_dir = train(config)
+    out = capsys.readouterr().out
+    assert "[spie] guard: brightness moved" in out and "stopping after epoch 0" in out
+    (record,) = read_metrics(run_dir)  # one epoch, then the stop
+    assert "guard.brightness.change" in record and record["probe_items"] == 4
+    assert (run_dir / "guard_start.json").is_file() and any((run_dir / "checkpoints").iterdir())
