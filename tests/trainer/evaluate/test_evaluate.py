@@ -340,7 +340,9 @@ def test_flips_count_fixed_and_broken_items_and_lead_the_grid():
     flips = {"x.success": flip_counts(a, b)}
     order, marks, title = grid_rows(per_model, ["start", "trained"], flips, 5)
     assert order == [0, 4, 1, 2, 3]
-    assert "2 fixed (failure -> success), 1 broken" in title and "Rows: 2 fixed, 1 broken, 2 unchanged" in title
+    assert (
+        "2 fixed (failure -> success), 1 broken" in title and "Rows: 2 fixed, 1 broken, 2 unchanged" in title
+    )
     # Two rows: one fixed and one broken, not the two fixed; a row that looks the same is marked.
     same = [True, False, False, False, False]
     order, marks, title = grid_rows(per_model, ["start", "trained"], flips, 5, k=2, looks_same=same)
