@@ -104,7 +104,12 @@ def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
                 cx, half = _probe_series(records, f"probe_ci.{name}{suffix}")
                 if half.size == py.size and np.array_equal(cx, px):
                     ax.fill_between(
-                        px, py - half, py + half, color="black", alpha=0.12, label="95 % interval"
+                        px,
+                        py - half,
+                        py + half,
+                        color="black",
+                        alpha=0.12,
+                        label=f"{label}: 95 % CI of the change since epoch 0",
                     )
             n_items = next((r["probe_items"] for r in records if "probe_items" in r), None)
             size = f"{int(n_items)} " if n_items else ""
