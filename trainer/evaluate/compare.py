@@ -286,7 +286,7 @@ def grid_rows(
         f"(failure -> success), {len(broken)} broken (success -> failure). Rows: {nf} fixed, {nb} broken"
         + (f", {len(rest)} unchanged" if rest else "")
         + (
-            f"; {unseen_shown} marked [looks the same]: the two edits differ visibly in < 2 % of pixels"
+            f"; {unseen_shown} marked [looks the same]: at most 1 % of pixels differ by CIELAB Delta E > 10"
             if looks_same
             else ""
         )
