@@ -29,7 +29,8 @@ from trainer.data.inputs import load_inputs
 from trainer.engine.local import LocalEngine
 from trainer.engine.shards import epoch_generator, plan_epoch, probe_shards
 from trainer.errors import UserError
-from trainer.pipeline import ScoringThread, probe
+from trainer.guard.check import Guards
+from trainer.pipeline import ScoringThread
 from trainer.registry import make_objective
 from trainer.rewards.grounding import ground_missing_masks
 from trainer.rewards.scores import Scores
@@ -159,8 +160,10 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
         # sample.pipeline=async: shards are scored on a background thread while the next are sampled.
         background = config.sample.pipeline == "async" and objective.background_scoring
         scorer = ScoringThread(rewards) if background else None
-        probe_set = make_probe(config) if config.eval.probe_every else None
-        initial = probe(engine, rewards, probe_set) if probe_set and start == 0 else {}
+        guards = Guards(config, run_dir)
+        probe_set = make_probe(config) if guards.wanted else None
+        # The starting policy's probe (its image statistics: the guards' reference).
+        initial = guards.probe(engine, rewards, probe_set) if probe_set and start == 0 else {}
         for epoch in range(start, config.run.num_epochs):
             gen = epoch_generator(config.run.seed, epoch)
             t0 = time.perf_counter()
@@ -220,14 +223,17 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     ],
                 )
             last = epoch == config.run.num_epochs - 1
-            if probe_set and (last or (epoch + 1) % config.eval.probe_every == 0):
+            if probe_set and guards.due(epoch, last):
                 # After this epoch's update: the policy of version epoch + 1 on the fixed probe set.
-                record.update(probe(engine, rewards, probe_set))
+                record.update(guards.probe(engine, rewards, probe_set))
                 record.update({f"initial_{k}": v for k, v in initial.items()})
                 initial = {}
+            alarms, stop = guards.check(record)
             log.log(record)
             print(epoch_line(objective, record, t3 - t0))
-            if last or (epoch + 1) % config.run.save_freq == 0:
+            for line in alarms:
+                print(line)
+            if last or stop or (epoch + 1) % config.run.save_freq == 0:
                 trainable, optimizer = engine.checkpoint_state()
                 save_checkpoint(
                     run_dir,
@@ -237,6 +243,8 @@ def train(config: Config, resume: str | Path | None = None, progress: bool | Non
                     optimizer,
                     {"policy_version": engine.version, "reward_stats": stats.state_dict()},
                 )
+            if stop:
+                break
     finally:
         if scorer is not None:
             scorer.close()

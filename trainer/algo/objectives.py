@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from trainer.algo.diagnostics import ratio_diagnostics
+
 
 def standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(N,) -> (N,) zero mean, unit std over the batch (all zeros when the batch is constant)."""
@@ -87,7 +89,8 @@ def ppo_clip_loss(
         adv_clip_max: advantages are clamped to [-adv_clip_max, adv_clip_max].
 
     Returns:
-        The scalar loss and diagnostics: approx_kl (0.5 E[(log r)^2]) and clipfrac.
+        The scalar loss and diagnostics (`trainer.algo.diagnostics.ratio_diagnostics`): approx_kl,
+        clipfrac on both sides and each side, ratio_collapse.
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - old_log_prob
@@ -96,10 +99,7 @@ def ppo_clip_loss(
     clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
-        info = {
-            "approx_kl": 0.5 * (log_ratio**2).mean(),
-            "clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
-        }
+        info = ratio_diagnostics(log_ratio, clip_range)
     return loss, info
 
 

@@ -14,6 +14,8 @@ examples:
   spie evaluate --edits edits.jsonl --config configs/tiny.yaml --out eval/eval.json
   spie evaluate --model models/toy-editor --model runs/demo --set data.split=heldout --num-items 64
   spie evaluate --model tiny --model runs/tiny --inputs inputs.jsonl --clip-model openai/clip-vit-base-patch32
+  spie evaluate --benchmark gedit-bench-en --benchmark-dir GEdit-Bench/ --model A --model B --judge QWEN_VL
+  (benchmarks: docs/benchmarks.md)
 
 edits: a JSONL file ({"source", "output", "instruction"[, "mask", "target", "metadata"]} per line,
 paths relative to the file) or a folder with source/, output/ (same file stems), optional mask/ and
@@ -58,6 +60,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="eval/eval.json", help="JSON output; before_after.png goes next to it")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad items instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    b = p.add_argument_group("benchmarks (docs/benchmarks.md)")
+    b.add_argument("--benchmark", choices=("gedit-bench-en", "imgedit"), help="run a benchmark with --model")
+    b.add_argument("--benchmark-dir", metavar="DIR", help="the benchmark's folder, in its published format")
+    b.add_argument("--judge", metavar="PATH_OR_ID", help="the Qwen-VL judge (vlm_judge) of the benchmark")
+    b.add_argument("--judge-revision", default="", help="the judge's revision, written into the output")
+    b.add_argument(
+        "--judge-repeats", type=int, default=0, metavar="N", help="re-judge N items: the judge's spread"
+    )
+    b.add_argument("--judge-device", default="cpu", help="the judge's torch device (default cpu)")
+    b.add_argument("--judge-dtype", default="float32", help="float32, float16 or bfloat16")
     p.set_defaults(func=cmd_evaluate)
 
     c = subparsers.add_parser("plot", help="plot a run's reward curve (reward_curve.png)")
@@ -76,6 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not 0 < args.confidence < 1:
         raise UserError(f"--confidence must be in (0, 1), got {args.confidence}")
     overrides = list(args.overrides)
+    if args.benchmark:
+        return cmd_benchmark(args, overrides)
     if args.scorers:
         names = [n.strip() for n in args.scorers.split(",") if n.strip()]
         overrides.append("reward.scorers=" + json.dumps([{"name": n} for n in names]))
@@ -114,6 +128,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"[spie] wrote {files['json']}" + (f" and {files['before_after']}" if files["before_after"] else "")
     )
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace, overrides: list[str]) -> int:
+    from trainer.evaluate.bench_run import format_benchmark, run_benchmark
+
+    if not args.models or not args.benchmark_dir or not args.judge:
+        raise UserError("--benchmark needs --model (once or twice), --benchmark-dir and --judge")
+    if args.judge_repeats < 0:
+        raise UserError(f"--judge-repeats must be >= 0, got {args.judge_repeats}")
+    out = Path(args.out).parent
+    summary = run_benchmark(
+        args.benchmark,
+        args.benchmark_dir,
+        args.models,
+        args.judge,
+        args.config,
+        out,
+        overrides=overrides,
+        labels=args.labels,
+        num_items=args.num_items,
+        seed=args.seed,
+        judge_revision=args.judge_revision,
+        judge_repeats=args.judge_repeats,
+        judge_kwargs={"device": args.judge_device, "dtype": args.judge_dtype},
+        resamples=args.resamples,
+        confidence=args.confidence,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(format_benchmark(summary))
+    print(f"[spie] wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from trainer.config.data import DataConfig
 from trainer.config.eval import EvalConfig
+from trainer.config.guard import GuardConfig
 from trainer.config.model import ModelConfig
 from trainer.config.ray import RayConfig
 from trainer.config.reward import (
@@ -41,6 +42,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "EvalConfig",
+    "GuardConfig",
     "GroundingConfig",
     "GrpcRewardsConfig",
     "ModelConfig",
@@ -70,6 +72,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     # ---- derived sizes (SPIE prints these at start) ----
     @property

@@ -46,6 +46,7 @@ from trainer.evaluate.metrics import (
     score_with,
     summarize,
 )
+from trainer.evaluate.visible import unseen
 from trainer.rewards.inprocess import build_scorers
 from trainer.run.checkpoint import find_checkpoint
 from trainer.run.plots import before_after
@@ -213,7 +214,9 @@ def _finish(
     k = min(grid_items, len(items))
     if all(t is not None for t in items.targets):
         columns.append(("target", torch.stack(items.targets)))
-    order, marks, title = grid_rows(per_model, labels, flips, len(items))
+    same = unseen(edits[labels[0]], edits[labels[1]]) if len(labels) == 2 else None
+    order, marks, title = grid_rows(per_model, labels, flips, len(items), k, same)
+    k = min(k, len(order))
     if k:
         pick = torch.as_tensor(order[:k])
         before_after(
@@ -254,24 +257,41 @@ def flip_counts(a: np.ndarray, b: np.ndarray) -> dict[str, int] | None:
     return {"fixed": int(((a == 0) & (b == 1)).sum()), "broken": int(((a == 1) & (b == 0)).sum())}
 
 
-def grid_rows(per_model: dict, labels: list[str], flips: dict, n: int) -> tuple[list[int], list[str], str]:
-    """The before/after grid's row order, a mark per row and its title line. With two models and a 0/1
-    metric (a `.success` one first): the items B fixed, then those it broke, then the rest."""
+def grid_rows(
+    per_model: dict, labels: list[str], flips: dict, n: int, k: int = 8, looks_same: list[bool] | None = None
+) -> tuple[list[int], list[str], str]:
+    """The before/after grid's rows (at most `k`), a mark per row and its title line. With two models
+    and a 0/1 metric (a `.success` one first): the items B broke take up to half the rows, the items it
+    fixed the others (either fills what the other leaves), then unchanged items; the title says how
+    many of each there are and are shown. `looks_same[i]` (`trainer.evaluate.visible.unseen`) marks a
+    row whose two edits look the same at a glance (a threshold crossing more than a visible change)."""
     if not flips:
-        return list(range(n)), [""] * n, ""
+        return list(range(n))[:k], [""] * min(n, k), ""
     name = next((m for m in flips if m.endswith(".success")), next(iter(flips)))
     a, b = per_model[labels[0]][name], per_model[labels[1]][name]
     fixed = [i for i in range(n) if a[i] == 0 and b[i] == 1]
     broken = [i for i in range(n) if a[i] == 1 and b[i] == 0]
+    nb = min(len(broken), k // 2)
+    nf = min(len(fixed), k - nb)
+    nb = min(len(broken), k - nf)
     flipped = set(fixed) | set(broken)
-    rest = [i for i in range(n) if i not in flipped]
+    rest = [i for i in range(n) if i not in flipped][: k - nf - nb]
+    order = fixed[:nf] + broken[:nb] + rest
+    marks = ["[fixed] "] * nf + ["[broken] "] * nb + [""] * len(rest)
+    same = looks_same or [False] * n
+    marks = [m + ("[looks the same] " if m and same[i] else "") for m, i in zip(marks, order, strict=True)]
+    unseen_shown = sum(1 for m in marks if "looks the same" in m)
     title = (
-        f"{name}, {labels[0]} -> {labels[1]} on {n} held-out edits (same noise): "
-        f"{len(fixed)} failures became successes, {len(broken)} successes became failures "
-        f"(rows: fixed first, then broken)"
+        f"{name}, {labels[0]} -> {labels[1]} on {n} held-out edits (same noise): {len(fixed)} fixed "
+        f"(failure -> success), {len(broken)} broken (success -> failure). Rows: {nf} fixed, {nb} broken"
+        + (f", {len(rest)} unchanged" if rest else "")
+        + (
+            f"; {unseen_shown} marked [looks the same]: at most 1 % of pixels differ by CIELAB Delta E > 10"
+            if looks_same
+            else ""
+        )
     )
-    marks = ["[fixed] "] * len(fixed) + ["[broken] "] * len(broken) + [""] * len(rest)
-    return fixed + broken + rest, marks, title
+    return order, marks, title
 
 
 def _common(config: Config, clip_model: str) -> tuple[dict, ClipMetric | None]:

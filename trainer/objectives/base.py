@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from sampler.rollout import Rollout
+from trainer.algo.diagnostics import ratio_fields as ppo_ratio_fields
 from trainer.config import Config
 from trainer.pipeline import sample_and_score
 from trainer.rewards.scores import Scores
@@ -123,9 +124,7 @@ class Objective:
         return self.update_fields(record) + self.group_fields(record)
 
     def update_fields(self, record: dict[str, Any]) -> list[str]:
-        if "approx_kl" in record:
-            return [f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}"]
-        return []
+        return ppo_ratio_fields(record)
 
     def group_fields(self, record: dict[str, Any]) -> list[str]:
         if "groups_zero_var" in record:
@@ -140,6 +139,4 @@ def ratio_fields(record: dict[str, Any]) -> list[str]:
             f"clamped={record['clamped_frac']:.0%} |log r|={record['abs_log_ratio']:.2g} "
             f"agree={record['pref_agreement']:.2f}"
         ]
-    if "approx_kl" in record:
-        return [f"approx_kl={record['approx_kl']:.2g} clipfrac={record['clipfrac']:.2f}"]
-    return []
+    return ppo_ratio_fields(record)

@@ -65,56 +65,75 @@ def _probe_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray
     return np.concatenate([np.zeros(min(1, y0.size)), x + 1]), np.concatenate([y0[:1], y])
 
 
+def _legend_below(ax) -> None:
+    """The legend under the axes, never over the lines."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
+
+
 def reward_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Plot each scorer's `<name>.mean` per epoch, with a +-1 std band where `<name>.std` is logged
-    and the other `<name>.<key>` numbers on the same scale (e.g. `oracle_edit.success`) as dashed
-    lines, and, where the run measured it (`eval.probe_every`), the held-out probe set's scores under
-    fixed noise in black; one panel per scorer. Returns the PNG path."""
+    """Plot a run's scores per epoch, one column per scorer.
+
+    Where the run measured it (`eval.probe_every`), the top row is the held-out probe set under fixed
+    noise (the number that moves only when the policy does): `probe.<name>.mean` and
+    `probe.<name>.success`, each with a band: the 95 % interval of its change since the first probe,
+    paired over the same inputs and noise (`probe_ci.<key>`, `trainer.guard.check.probe_record`). The row below (the only one without a probe) has the
+    training batches' `<name>.mean` with a +-1 std band and `<name>.success`, lighter: they move with
+    each epoch's inputs. Other details (e.g. `oracle_edit.gain`, defined on brighten edits only)
+    are left out: a mean over the items a detail applies to is not comparable with the others. The
+    legends sit under their axes. Returns the PNG path."""
     path, out = Path(metrics_jsonl), Path(out_png)
     records = _read_jsonl(path)
     keys = sorted({k for r in records for k in r})
-    probe_keys = ("probe.", "initial_probe.")
+    probe_keys = ("probe.", "initial_probe.", "probe_ci.", "initial_probe_ci.")
     names = [k[: -len(".mean")] for k in keys if k.endswith(".mean") and not k.startswith(probe_keys)]
     if not names:
         raise UserError(f"{path}: no '<scorer>.mean' keys to plot")
-    fig = _figure(4.2 * len(names), 3.2)
-    for col, name in enumerate(names, start=1):
-        ax = fig.add_subplot(1, len(names), col)
+    probed = [n for n in names if f"probe.{n}.mean" in keys]
+    rows = 2 if probed else 1
+    fig = _figure(4.2 * len(names), 3.9 * rows)
+    for col, name in enumerate(names):
+        if name in probed:
+            ax = fig.add_subplot(rows, len(names), col + 1)
+            for suffix, style in ((".mean", "-"), (".success", ":")):
+                key = f"probe.{name}{suffix}"
+                px, py = _probe_series(records, key)
+                if not py.size:
+                    continue
+                label = f"{name}{suffix}"
+                ax.plot(px, py, linestyle=style, marker="s", markersize=4, color="black", label=label)
+                cx, half = _probe_series(records, f"probe_ci.{name}{suffix}")
+                if half.size == py.size and np.array_equal(cx, px):
+                    ax.fill_between(
+                        px,
+                        py - half,
+                        py + half,
+                        color="black",
+                        alpha=0.12,
+                        label=f"{label}: 95 % CI of the change since epoch 0",
+                    )
+            n_items = next((r["probe_items"] for r in records if "probe_items" in r), None)
+            size = f"{int(n_items)} " if n_items else ""
+            ax.set_title(f"{name}: held-out probe ({size}inputs, fixed noise)", fontsize=9)
+            ax.set_xlabel("policy after this many epochs")
+            ax.grid(alpha=0.3)
+            _legend_below(ax)
+        ax = fig.add_subplot(rows, len(names), (rows - 1) * len(names) + col + 1)
         x, mean = _series(records, f"{name}.mean")
-        ax.plot(x, mean, marker="o", markersize=3, label=f"{name} mean")
+        light = 0.55 if probed else 1.0
+        ax.plot(x, mean, marker="o", markersize=3, alpha=light, label=f"{name}.mean")
         xs, std = _series(records, f"{name}.std")
         if std.size == mean.size and std.size and np.array_equal(xs, x):
-            ax.fill_between(x, mean - std, mean + std, alpha=0.2, label="± std")
-        shown = [mean]
-        lo, hi = float(np.nanmin(mean)), float(np.nanmax(mean))
-        for extra in keys:
-            if extra.startswith(f"{name}.") and extra not in (f"{name}.mean", f"{name}.std"):
-                ex, ey = _series(records, extra)
-                # Details on the mean's scale only (e.g. a success rate next to a [0, 1] score; a
-                # colour error in RGB units would flatten it), and none that repeats a drawn line.
-                same_scale = (
-                    ey.size and min(lo, 0.0) - 1e-9 <= np.nanmin(ey) and np.nanmax(ey) <= max(hi, 1.0)
-                )
-                repeat = any(y.shape == ey.shape and np.allclose(y, ey, equal_nan=True) for y in shown)
-                if same_scale and not repeat:
-                    ax.plot(ex, ey, linestyle="--", marker=".", label=extra)
-                    shown.append(ey)
-        # The probe's mean and success rate (its other details would repeat the lines above or
-        # sit on another scale).
-        for key in (k for k in keys if k.startswith(f"probe.{name}.") and k.endswith((".mean", ".success"))):
-            px, py = _probe_series(records, key)
-            if py.size:
-                style = "-" if key.endswith(".mean") else ":"
-                label = f"held-out probe, fixed noise ({key[len('probe.') :]})"
-                ax.plot(px, py, linestyle=style, marker="s", markersize=4, color="black", label=label)
-        ax.set_title(name)
-        probed = any(k.startswith(f"probe.{name}.") for k in keys)
-        ax.set_xlabel("epoch (probe: after that many epochs' updates)" if probed else "epoch")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15, label="± std")
+        ex, ey = _series(records, f"{name}.success")
+        if ey.size:
+            ax.plot(ex, ey, linestyle="--", marker=".", alpha=light, label=f"{name}.success")
+        ax.set_title(f"{name}: training batches (each epoch's inputs)", fontsize=9)
+        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend_below(ax)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     return out
 
 

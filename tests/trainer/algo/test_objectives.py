@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from trainer.algo.diagnostics import ratio_diagnostics, ratio_fields
 from trainer.algo.objectives import group_advantages, plackett_luce_loss, ppo_clip_loss, ranking_from_scores
 
 
@@ -195,3 +196,17 @@ def test_ranking_weights_take_effect():
     group = torch.tensor([0, 0, 1, 1])
     assert ranking_from_scores(0.5 * structural, semantic, group).tolist() == [[0, 1], [2, 3]]
     assert ranking_from_scores(2.0 * structural, semantic, group).tolist() == [[1, 0], [3, 2]]
+
+
+def test_ratio_diagnostics_count_both_sides_and_a_collapse():
+    # clip_range 1.0: the lower clamp (ratio < 0) can never act, a collapsed ratio still shows.
+    log_ratio = torch.log(torch.tensor([1.0, 3.0, 0.01, 0.4, 1.5]))
+    info = ratio_diagnostics(log_ratio, clip_range=1.0)
+    assert info["clipfrac_high"] == 0.2 and info["clipfrac_low"] == 0.0 and info["clipfrac"] == 0.2
+    assert torch.isclose(info["ratio_collapse"], torch.tensor(0.4, dtype=torch.float64))
+    line = ratio_fields({k: float(v) for k, v in info.items()})[0]
+    assert "clipfrac=0.20 (low 0.00 / high 0.20)" in line and "RATIO COLLAPSE: 40%" in line
+    # clip_range 0.2: both clamps act; a ratio of 0.7 is clipped low (one in ten: no flag).
+    info = ratio_diagnostics(torch.log(torch.tensor([0.7, 1.3] + [1.0] * 8)), clip_range=0.2)
+    assert info["clipfrac_low"] == 0.1 and info["clipfrac_high"] == 0.1 and info["clipfrac"] == 0.2
+    assert "COLLAPSE" not in ratio_fields({k: float(v) for k, v in info.items()})[0]

@@ -337,6 +337,26 @@ def test_flips_count_fixed_and_broken_items_and_lead_the_grid():
     assert flip_counts(a, b) == {"fixed": 2, "broken": 1}
     assert flip_counts(np.array([0.2, 1.0]), np.array([1.0, 0.0])) is None  # not a 0/1 metric
     per_model = {"start": {"x.success": a}, "trained": {"x.success": b}}
-    order, marks, title = grid_rows(per_model, ["start", "trained"], {"x.success": flip_counts(a, b)}, 5)
+    flips = {"x.success": flip_counts(a, b)}
+    order, marks, title = grid_rows(per_model, ["start", "trained"], flips, 5)
     assert order == [0, 4, 1, 2, 3]
-    assert "2 failures became successes, 1 successes became failures" in title
+    assert (
+        "2 fixed (failure -> success), 1 broken" in title and "Rows: 2 fixed, 1 broken, 2 unchanged" in title
+    )
+    # Two rows: one fixed and one broken, not the two fixed; a row that looks the same is marked.
+    same = [True, False, False, False, False]
+    order, marks, title = grid_rows(per_model, ["start", "trained"], flips, 5, k=2, looks_same=same)
+    assert order == [0, 1] and marks == ["[fixed] [looks the same] ", "[broken] "]
+    assert "Rows: 1 fixed, 1 broken; 1 marked [looks the same]" in title
+
+
+def test_looks_the_same_on_real_images():
+    from sampler.synthetic import synthetic_edits
+    from trainer.evaluate.visible import unseen, visible_fraction
+
+    edits = synthetic_edits(0, 4, 32, "heldout")
+    src = torch.stack([torch.from_numpy(e.source).permute(2, 0, 1) / 255.0 for e in edits])
+    tgt = torch.stack([torch.from_numpy(e.target).permute(2, 0, 1) / 255.0 for e in edits])
+    assert unseen(src, src + 0.004) == [True] * 4  # one grey level: invisible
+    assert not any(unseen(src, tgt))  # the asked edit: visible
+    assert (visible_fraction(src, tgt) > 0.02).all()
