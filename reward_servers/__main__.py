@@ -5,6 +5,8 @@ command, `serve`, `score` and `queue`, runnable where only `reward_servers` and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 
 from reward_servers import cli
@@ -22,10 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM raised in the main thread, so that every `finally` runs: the reward-server children
+    and the embedded Redis a run started are stopped, not orphaned (the default action of SIGTERM
+    ends the process without running them)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse `argv` and run the subcommand: a `UserError` is one line on stderr and exit status 2,
-    Ctrl-C status 130; anything else is a bug and keeps its traceback. (The `spie` command too.)"""
+    Ctrl-C status 130, SIGTERM 143 after cleaning up; anything else is a bug and keeps its traceback.
+    (The `spie` command too.) A subcommand may install its own SIGTERM handler (`serve` drains)."""
     args = parser.parse_args(argv)
+    previous = None
+    with contextlib.suppress(ValueError):  # only the main thread may set a handler
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except UserError as err:
@@ -34,6 +51,12 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{parser.prog} {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
