@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
+# The repository root, not bench/ (whose queue.py would shadow the standard library).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from sampler.editors import TINY_FAMILIES, editor_family, load_editor
-from trainer.config import load_config
-from trainer.plan.arch import arch_folder
-from trainer.plan.step import fake_rollout, meta_policy, train_step
+import torch  # noqa: E402
+
+from sampler.editors import TINY_FAMILIES, editor_family, load_editor  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.engine.policy import trainable_parameters  # noqa: E402
+from trainer.plan.arch import arch_folder  # noqa: E402
+from trainer.plan.step import fake_rollout, meta_policy, train_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -57,8 +62,11 @@ def measure(preset: str, device: torch.device, repeats: int, overrides: list[str
     editor = load_editor(family)
     if kept is None:
         kept = arch_folder(editor.tiny_model(m.tiny_dir, config.run.seed))
-    planned = train_step(meta_policy(config, family, kept), family, config)
+    planned_policy = meta_policy(config, family, kept)
+    trainable_parameters(planned_policy, m.use_lora)  # marks what the learner trains requires_grad
+    planned = train_step(planned_policy, family, config)
     policy = meta_policy(config, family, kept, device)
+    trainable_parameters(policy, m.use_lora)
     n = config.sample.batch_size * config.sample.nb_gen
     batch = fake_rollout(policy, family, config, n)
     index = torch.zeros(n, dtype=torch.long, device=device)

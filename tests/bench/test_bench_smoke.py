@@ -32,6 +32,8 @@ SMOKE = {
     "autoscale.py": (["--smoke"], 300, True),
     "chaos.py": (["--smoke"], 600, True),
     "learning.py": (["--smoke"], 600, True),
+    "guards.py": (["--smoke"], 300, True),
+    "gpu_first_hour.py": (["configs/tiny.yaml", "--device", "cpu", "--repeats", "1"], 300, False),
 }
 
 
