@@ -51,28 +51,10 @@ def test_step_mean_kl_is_flow_grpos(kind):
     torch.testing.assert_close(step_mean_kl(out.mean, ref.mean, out.kl_std), theirs, rtol=1e-6, atol=0)
 
 
-def test_the_learner_uses_it_for_a_flow_editor(editor_config):
+def test_the_learner_uses_it_for_a_flow_editor(kontext_learner):
     """PPO with `train.kl_coef` on the tiny Kontext (LoRA): after an update moves the adapter, the
     step loss's `kl` is Flow-GRPO's, computed from the policy's step means with and without LoRA."""
-    from trainer.algo.objectives import group_advantages
-    from trainer.data.inputs import load_inputs
-    from trainer.engine.learner import Learner
-    from trainer.engine.policy import build_policy
-
-    config = editor_config(
-        "configs/tiny-kontext.yaml",
-        "model.use_lora=true", "model.lora_rank=4", "train.learning_rate=1e-2", "train.objective=ppo",
-        "train.kl_coef=0.04", "sample.batch_size=4", "train.batch_size=8",
-    )  # fmt: skip
-    policy = build_policy(config)
-    learner = Learner(config, policy)
-    inputs = load_inputs(config.data, config.model.resolution, seed=0)
-    with policy.eval_mode():
-        r = policy.rollout(
-            inputs.sources[:4], inputs.instructions[:4], nb_gen=2, generator=torch.Generator().manual_seed(0)
-        )
-    r.item_ids = [f"i{i}" for i in range(len(r))]
-    r.advantages = group_advantages(r.images.mean(dim=(1, 2, 3)), r.group).float()
+    policy, learner, r = kontext_learner("train.objective=ppo", "train.kl_coef=0.04", "train.batch_size=8")
     learner.train(r, torch.Generator().manual_seed(0))
     j = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
     with torch.no_grad():

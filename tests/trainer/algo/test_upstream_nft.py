@@ -46,29 +46,13 @@ def test_kl_is_the_squared_velocity_distance():
     torch.testing.assert_close(x0_form, sigma.view(-1) ** 2 * per_item, rtol=1e-4, atol=1e-6)
 
 
-def test_an_nft_epoch_with_kl_and_decay_type_1(editor_config):
+def test_an_nft_epoch_with_kl_and_decay_type_1(kontext_learner):
     """One epoch on the tiny Kontext (LoRA, DiffusionNFT's KL weight 1e-4, `decay_type` 1): the KL is
     logged and finite, and afterwards the old weights are d initial + (1 - d) current with
     d = 0.001 x the optimizer steps taken (upstream lines 576-579 and 1034-1039)."""
-    from trainer.algo.objectives import group_advantages
-    from trainer.data.inputs import load_inputs
-    from trainer.engine.learner import Learner
-    from trainer.engine.policy import build_policy
-
-    config = editor_config(
-        "configs/tiny-kontext.yaml",
-        "model.use_lora=true", "model.lora_rank=4", "train.learning_rate=1e-2", "train.objective=nft",
-        "train.kl_coef=1e-4", "train.nft_decay_type=1", "sample.batch_size=4", "train.batch_size=4",
-    )  # fmt: skip
-    policy = build_policy(config)
-    learner = Learner(config, policy)
-    inputs = load_inputs(config.data, config.model.resolution, seed=0)
-    with policy.eval_mode():
-        r = policy.rollout(
-            inputs.sources[:4], inputs.instructions[:4], nb_gen=2, generator=torch.Generator().manual_seed(0)
-        )
-    r.item_ids = [f"i{i}" for i in range(len(r))]
-    r.advantages = group_advantages(r.images.mean(dim=(1, 2, 3)), r.group).float()
+    policy, learner, r = kontext_learner(
+        "train.objective=nft", "train.kl_coef=1e-4", "train.nft_decay_type=1", "train.batch_size=4"
+    )
     before = learner.trainable_state()
     metrics = learner.train(r, torch.Generator().manual_seed(0))
     assert "kl" in metrics and torch.isfinite(torch.tensor(metrics["kl"]))
