@@ -46,7 +46,7 @@ from reward_servers.base import Scorer
 from reward_servers.batcher import BatcherClosed, BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull
 from reward_servers.budget import BudgetExceeded, DecodedBytesBudget
 from reward_servers.config import ServerConfig
-from reward_servers.gradients import encode_tensor, score_batch
+from reward_servers.gradients import score_batch
 from reward_servers.grounding_rpc import serve_ground
 from reward_servers.images import (
     ImageError,
@@ -58,13 +58,9 @@ from reward_servers.images import (
     to_batch,
 )
 from reward_servers.metrics import Metrics
+from reward_servers.results import fill_result
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
-_STATUS = {
-    "ok": pb.Result.STATUS_OK,
-    "invalid_input": pb.Result.STATUS_INVALID_INPUT,
-    "scorer_error": pb.Result.STATUS_SCORER_ERROR,
-}
 log = logging.getLogger("spie.reward_server")
 
 
@@ -386,14 +382,7 @@ class RewardServer:
         for index, item in enumerate(request.items):
             result = response.results.add(id=item.id)
             if index in outcomes:
-                o = outcomes[index]
-                result.score, result.status = o.score, _STATUS[o.kind]
-                result.details.update(o.details)
-                result.texts.update(o.texts)
-                if o.error:
-                    result.error = o.error
-                if o.gradient is not None:
-                    result.gradient.CopyFrom(encode_tensor(o.gradient))
+                fill_result(result, outcomes[index])
             else:
                 result.score, result.status = math.nan, pb.Result.STATUS_INVALID_INPUT
                 result.error = str(decoded[index])

@@ -20,15 +20,9 @@ import math
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.batcher import BatcherClosed, DeadlineExpired, ItemOutcome, QueueFull
 from reward_servers.budget import BudgetExceeded
-from reward_servers.gradients import encode_tensor
 from reward_servers.images import to_batch
 from reward_servers.queue.writes import _Job
-
-_STATUS = {
-    "ok": pb.Result.STATUS_OK,
-    "invalid_input": pb.Result.STATUS_INVALID_INPUT,
-    "scorer_error": pb.Result.STATUS_SCORER_ERROR,
-}
+from reward_servers.results import fill_result
 
 
 def _item_id(decoded) -> str:
@@ -36,14 +30,7 @@ def _item_id(decoded) -> str:
 
 
 def _result(item_id: str, outcome: ItemOutcome) -> pb.Result:
-    result = pb.Result(id=item_id, score=outcome.score, status=_STATUS[outcome.kind])
-    result.details.update(outcome.details)
-    result.texts.update(outcome.texts)
-    if outcome.error:
-        result.error = outcome.error
-    if outcome.gradient is not None:
-        result.gradient.CopyFrom(encode_tensor(outcome.gradient))
-    return result
+    return fill_result(pb.Result(id=item_id), outcome)
 
 
 class JobFinishing:
