@@ -129,3 +129,31 @@ def kontext_learner(editor_config):
         return policy, learner, r
 
     return make
+
+
+@pytest.fixture
+def stub_rollout():
+    """`stub_rollout(group, item_ids, latents=None)`: a one-step Rollout of len(group) edits with
+    2x2 images and zero tensors elsewhere, for tests of what acts on groups, ids and scores
+    (signals, SPO's pools) rather than on the model."""
+    import torch
+
+    from sampler.rollout import Rollout
+
+    def make(group, item_ids, latents=None):
+        n = len(group)
+        return Rollout(
+            latents=torch.zeros(n, 2, 1, 1, 1) if latents is None else latents,
+            step_index=torch.zeros(n, 1, dtype=torch.long),
+            log_probs=torch.zeros(n, 1),
+            stochastic=torch.ones(1, dtype=torch.bool),
+            text_embeds=torch.zeros(n, 1, 1),
+            image_latents=torch.zeros(n, 1, 1, 1),
+            images=torch.zeros(n, 3, 2, 2),
+            sources=torch.zeros(n, 3, 2, 2),
+            group=group,
+            instructions=["x"] * n,
+            item_ids=list(item_ids),
+        )
+
+    return make

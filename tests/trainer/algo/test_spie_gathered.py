@@ -35,7 +35,7 @@ def _upstream_step(sem_dists, struct_dists):
     return torch.argsort(avd_struct + ALPHA * adv_sem, axis=1)
 
 
-def _batch(processes: int, per_process: int, seed: int = 5):
+def _batch(make_rollout, processes: int, per_process: int, seed: int = 5):
     """Shards b = p * per_process + k with (B, K) distances whose scale differs per shard, so that
     standardising per shard and over a gathered step give different orders."""
     g = torch.Generator().manual_seed(seed)
@@ -47,18 +47,8 @@ def _batch(processes: int, per_process: int, seed: int = 5):
             struct[p, k] = torch.rand(B, K, generator=g, dtype=torch.float64) * (1 + 5 * (1 - p))
             n = B * K
             parts.append(
-                Rollout(
-                    latents=torch.zeros(n, 2, 1, 1, 1),
-                    step_index=torch.zeros(n, 1, dtype=torch.long),
-                    log_probs=torch.zeros(n, 1),
-                    stochastic=torch.ones(1, dtype=torch.bool),
-                    text_embeds=torch.zeros(n, 1, 1),
-                    image_latents=torch.zeros(n, 1, 1, 1),
-                    images=torch.zeros(n, 3, 2, 2),
-                    sources=torch.zeros(n, 3, 2, 2),
-                    group=torch.arange(B).repeat_interleave(K) + b * B,
-                    instructions=["x"] * n,
-                    item_ids=[f"e0-b{b}-i{i}" for i in range(n)],
+                make_rollout(
+                    torch.arange(B).repeat_interleave(K) + b * B, [f"e0-b{b}-i{i}" for i in range(n)]
                 )
             )
     rollout = Rollout.concat(parts)
@@ -73,10 +63,10 @@ def _batch(processes: int, per_process: int, seed: int = 5):
     return rollout, scores, sem, struct
 
 
-def test_two_learners_rank_as_spie_over_two_processes():
+def test_two_learners_rank_as_spie_over_two_processes(stub_rollout):
     """2 learners x 2 sampling batches each: our ranking = SPIE's on 2 processes, step by step; the
     per-shard standardisation we had ranks some inputs differently."""
-    rollout, scores, sem, struct = _batch(processes=2, per_process=2)
+    rollout, scores, sem, struct = _batch(stub_rollout, processes=2, per_process=2)
     structural, semantic = spie_signals(REWARD, TRAIN, scores, rollout, batches_per_process=2)
     ours = (ranking_from_scores(structural, semantic, rollout.group, ALPHA) % K).view(2, 2, B, K)
     for k in range(2):
@@ -86,10 +76,10 @@ def test_two_learners_rank_as_spie_over_two_processes():
     assert (per_shard % K).view(2, 2, B, K).tolist() != ours.tolist()
 
 
-def test_one_process_is_bit_identical_to_per_shard():
+def test_one_process_is_bit_identical_to_per_shard(stub_rollout):
     """One learner: each sampling batch is gathered from itself alone, so the signals are exactly the
     per-shard ones (and SPIE's on one process)."""
-    rollout, scores, sem, struct = _batch(processes=1, per_process=3, seed=2)
+    rollout, scores, sem, struct = _batch(stub_rollout, processes=1, per_process=3, seed=2)
     gathered = spie_signals(REWARD, TRAIN, scores, rollout, batches_per_process=3)
     per_shard = spie_signals(REWARD, TRAIN, scores, rollout)
     assert all(torch.equal(a, b) for a, b in zip(gathered, per_shard, strict=True))

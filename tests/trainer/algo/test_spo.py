@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from sampler.rollout import Rollout
 from trainer.algo.spo import judge_values, pair_batch, preference_pairs, spo_loss
 from trainer.config import RewardConfig, ScorerConfig
 from trainer.rewards.scores import Scores
@@ -72,21 +71,13 @@ def test_pairs_equal_spos_compare():
     assert preference_pairs(near, 0.3)[2].tolist() == [False, True]
 
 
-def test_a_failed_score_drops_its_pool_and_pairs_carry_their_ranks():
+def test_a_failed_score_drops_its_pool_and_pairs_carry_their_ranks(stub_rollout):
     m, k = 3, 2
     n = m * k
-    candidates = Rollout(
+    candidates = stub_rollout(
+        torch.arange(m).repeat_interleave(k),
+        [f"i{i}" for i in range(n)],
         latents=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1, 1).repeat(1, 2, 1, 1, 1),
-        step_index=torch.zeros(n, 1, dtype=torch.long),
-        log_probs=torch.zeros(n, 1),
-        stochastic=torch.ones(1, dtype=torch.bool),
-        text_embeds=torch.zeros(n, 1, 1),
-        image_latents=torch.zeros(n, 1, 1, 1),
-        images=torch.zeros(n, 3, 2, 2),
-        sources=torch.zeros(n, 3, 2, 2),
-        group=torch.arange(m).repeat_interleave(k),
-        instructions=["x"] * n,
-        item_ids=[f"i{i}" for i in range(n)],
     )
     scorers = (ScorerConfig("brightness", weight=10.0), ScorerConfig("jpeg", weight=-1.0))
     scores = Scores(
