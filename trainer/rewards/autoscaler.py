@@ -12,7 +12,7 @@ exits), so nothing is lost, scored twice or dead-lettered.
 
 Every scaling event and each scorer's replica count go to the run's metrics (`metrics()`, merged into
 each epoch's line of metrics.jsonl by the loop): `reward/<scorer>/replicas`, `.../replicas_max`,
-`.../replica_seconds`, and `reward/scaling_events` (a list).
+`.../draining` (removed, still finishing their jobs), `.../replica_seconds`, and `reward/scaling_events` (a list).
 """
 
 from __future__ import annotations
@@ -52,22 +52,30 @@ class ScorerState:
     seen: dict | None = None  # replica name -> (completed, busy_s) at the last look
 
     def measure(self, live: dict[str, dict]) -> None:
-        """Fold the replicas' progress since the last look into `rate`."""
+        """Fold the replicas' progress since the last sample into `rate`.
+
+        A replica finishes jobs in steps (a whole batch at once) while its busy time grows smoothly,
+        so a look that saw no job finish is not a sample of its own: its busy time is carried into
+        the next look that does. (Dropping those looks would count only the ones that saw a batch
+        finish, and overstate the rate by the batch time over the look interval: 3x for 0.8 s
+        batches looked at every 0.25 s.)"""
         now = {n: (int(e.get("completed", 0)), float(e.get("busy_s", 0.0))) for n, e in live.items()}
-        if self.seen is not None:
-            done = busy = 0.0
-            for name, (completed, busy_s) in now.items():
-                if name in self.seen:
-                    done += completed - self.seen[name][0]
-                    busy += busy_s - self.seen[name][1]
-            if busy >= MIN_BUSY_S and done > 0:
-                sample = done / busy
-                self.rate = (
-                    sample
-                    if self.rate is None
-                    else (1 - RATE_SMOOTHING) * self.rate + RATE_SMOOTHING * sample
-                )
-        self.seen = now
+        if self.seen is None:
+            self.seen = now
+            return
+        done = busy = 0.0
+        for name, (completed, busy_s) in now.items():
+            if name in self.seen:
+                done += completed - self.seen[name][0]
+                busy += busy_s - self.seen[name][1]
+        if busy >= MIN_BUSY_S and done > 0:
+            sample = done / busy
+            self.rate = (
+                sample if self.rate is None else (1 - RATE_SMOOTHING) * self.rate + RATE_SMOOTHING * sample
+            )
+            self.seen = now
+        else:  # no sample yet: keep the baseline of those still here, start one for newcomers
+            self.seen = {name: self.seen.get(name, figures) for name, figures in now.items()}
 
     def decide(self, spec: ScorerReplicas, backlog: int, current: int, now: float) -> int:
         """The replica count to move to now (== current: no change)."""
@@ -93,7 +101,7 @@ class Autoscaler:
         self.states = {name: ScorerState() for name in self.groups}
         self.events: list[dict] = []
         self.t0 = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a tick and metrics() see each other whole
         self._stop = threading.Event()
         self._peak = {name: g.count for name, g in self.groups.items()}
         self._replica_s = dict.fromkeys(self.groups, 0.0)  # since the last metrics()
@@ -113,16 +121,21 @@ class Autoscaler:
                 log.warning("reward autoscaler: %s: %s", type(err).__name__, err)
 
     def tick(self) -> None:
+        """One look at every scorer: finish removals, measure, scale. Holds the lock throughout, so
+        metrics() never sees a group that let a replica go without the event that says so."""
+        with self._lock:
+            self._tick()
+
+    def _tick(self) -> None:
         from reward_servers.queue import protocol as P
         from reward_servers.queue.presence import live_replicas
 
         now = time.monotonic()
-        with self._lock:
-            for name, group in self.groups.items():
-                held = (group.count + len(group.draining)) * (now - self._last_tick)
-                self._replica_s[name] += held
-                self.replica_s_total[name] += held
-            self._last_tick = now
+        for name, group in self.groups.items():
+            held = (group.count + len(group.draining)) * (now - self._last_tick)
+            self._replica_s[name] += held
+            self.replica_s_total[name] += held
+        self._last_tick = now
         for name, group in self.groups.items():
             for event in group.poll():
                 self._event(name, **event)
@@ -142,8 +155,7 @@ class Autoscaler:
             self._event(
                 name, action="up" if target > current else "down", to=target, backlog=backlog, rate=rate
             )
-            with self._lock:
-                self._peak[name] = max(self._peak[name], target)
+            self._peak[name] = max(self._peak[name], target)
 
     def _event(self, scorer: str, **fields) -> None:
         """Keep an event for metrics() and publish it for `spie queue stats`."""
@@ -167,6 +179,7 @@ class Autoscaler:
             for name, group in self.groups.items():
                 out[f"reward/{name}/replicas"] = group.count
                 out[f"reward/{name}/replicas_max"] = self._peak[name]
+                out[f"reward/{name}/draining"] = len(group.draining)
                 out[f"reward/{name}/replica_seconds"] = round(self._replica_s[name], 2)
                 self._peak[name] = group.count
                 self._replica_s[name] = 0.0

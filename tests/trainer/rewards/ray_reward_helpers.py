@@ -73,14 +73,16 @@ def check_nothing_lost(scores, expected, client_counts: dict, rdb, jobs: int, sc
     assert rdb.xlen(P.jobs_key(scorer)) == 0
 
 
-def wait_until(predicate, timeout_s: float, what: str, step_s: float = 0.1):
+def wait_until(predicate, timeout_s: float, what: str, step_s: float = 0.1, describe=None):
+    """Poll `predicate` until it is truthy; on timeout, fail naming `what` (and `describe()`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(step_s)
-    raise AssertionError(f"not within {timeout_s:.0f}s: {what}")
+    detail = f" ({describe()})" if describe else ""
+    raise AssertionError(f"not within {timeout_s:.0f}s: {what}{detail}")
 
 
 def scored_again(group) -> int:
