@@ -158,8 +158,16 @@ def return_large_buffers_to_the_os(threshold_bytes: int = 128 * 1024) -> bool:
     name = ctypes.util.find_library("c")
     if not name:
         return False
+    import os
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(-3, int(threshold_bytes)))  # M_MMAP_THRESHOLD
+        if os.environ.get("XP_ARENA"):
+            libc.mallopt(-8, int(os.environ["XP_ARENA"]))
+        if os.environ.get("XP_TRIM"):
+            libc.mallopt(-1, int(os.environ["XP_TRIM"]))
+        t = int(os.environ.get("XP_MMAP", threshold_bytes))
+        if t == 0:
+            return False
+        return bool(libc.mallopt(-3, t))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
