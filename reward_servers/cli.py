@@ -160,10 +160,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(name, factory, server_cfg, batching, device, queue_cfg=None) -> int:
-    from reward_servers.budget import return_large_buffers_to_the_os
+    from reward_servers.budget import limit_malloc_arenas
     from reward_servers.server import RewardServer
 
-    return_large_buffers_to_the_os()  # RSS follows the decoded budget (see budget.py)
+    limit_malloc_arenas()  # RSS follows the decoded budget (see budget.py)
     server = RewardServer(factory, name, server_cfg, batching, device)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

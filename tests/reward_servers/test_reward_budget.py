@@ -50,7 +50,12 @@ def _peak_mib(pid: int) -> float:
 def test_concurrent_requests_stay_within_one_decoded_budget(concurrent, tmp_path):
     """Requests of 5 items (1-bit 1024^2 PNGs as edit and source: 30 MiB decoded, 2 KiB sent), each
     under the 128 MiB budget; before the fix 4 of them took the server 161 MiB past its baseline and
-    16 took it 392 MiB past. The baseline is the peak after one such item was scored alone."""
+    16 took it 392 MiB past. The baseline is the peak after one such item was scored alone.
+
+    Four requests fit the budget at once (120 MiB live), so the peak may exceed baseline + budget by
+    what glibc keeps in its free lists: allowed 16 MiB (measured +121 to +128 MiB in all, 4 or 16
+    concurrent). Without the arena limit (`budget.limit_malloc_arenas`) 16 concurrent measured +153
+    and +183, and fail."""
     budget_mb = 128
     config = tmp_path / "serve.yaml"
     config.write_text(
@@ -82,7 +87,10 @@ def test_concurrent_requests_stay_within_one_decoded_budget(concurrent, tmp_path
     print(
         f"{concurrent} concurrent: baseline {baseline:.0f} MiB, peak {peak:.0f} MiB, budget {budget_mb} MiB"
     )
-    assert peak < baseline + budget_mb, f"peak {peak:.0f} MiB > baseline {baseline:.0f} + {budget_mb} MiB"
+    slack = 16  # glibc's free lists, MiB
+    assert peak < baseline + budget_mb + slack, (
+        f"peak {peak:.0f} MiB > baseline {baseline:.0f} + budget {budget_mb} + {slack} MiB"
+    )
 
 
 def test_budget_waits_in_order_and_gives_up_at_the_deadline():
