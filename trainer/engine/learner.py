@@ -233,3 +233,27 @@ class Learner:
                         f"checkpoint weight {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}"
                     )
                 p.copy_(state[name].to(p.device, p.dtype))
+
+    def optimizer_checkpoint(self) -> dict:
+        """The optimizer's state, and under "objective" what an objective keeps between epochs that
+        a resumed run needs: DiffusionNFT's old weights (`nft_old`, decay types 1 and 2) and its
+        optimizer-step count (`nft_steps`, which sets the decay)."""
+        state = self.optimizer.state_dict()
+        kept = {}
+        if getattr(self, "nft_old", None) is not None:
+            kept["nft_old"] = {name: t.detach().to("cpu", copy=True) for name, t in self.nft_old.items()}
+        if getattr(self, "nft_steps", None) is not None:
+            kept["nft_steps"] = int(self.nft_steps)
+        return {**state, "objective": kept} if kept else state
+
+    def load_optimizer_checkpoint(self, state: dict) -> None:
+        """Undo `optimizer_checkpoint` (a checkpoint without "objective" loads as before)."""
+        state = dict(state)
+        kept = state.pop("objective", {})
+        self.optimizer.load_state_dict(state)
+        if "nft_old" in kept:
+            self.nft_old = {
+                name: kept["nft_old"][name].to(p.device, p.dtype) for name, p in self.params.items()
+            }
+        if "nft_steps" in kept:
+            self.nft_steps = int(kept["nft_steps"])

@@ -30,7 +30,7 @@ class LocalEngine:
 
     def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
         self.learner.load_trainable_state(trainable)
-        self.learner.optimizer.load_state_dict(optimizer)
+        self.learner.load_optimizer_checkpoint(optimizer)
         self.learner.version = version
 
     def sample(self, shards: list[Shard], progress: bool) -> Rollout:
@@ -58,7 +58,7 @@ class LocalEngine:
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(trainable weights, optimizer state) for `save_checkpoint`."""
-        return self.learner.trainable_state(), self.learner.optimizer.state_dict()
+        return self.learner.trainable_state(), self.learner.optimizer_checkpoint()
 
     def metrics(self) -> dict[str, float]:
         """Engine-specific numbers for the epoch's metrics record."""

@@ -16,10 +16,11 @@ would weigh it by sigma^2 and let it vanish at low noise.
 The old policy (`train.nft_decay_type`, upstream's `decay_type` and lines 1034-1039): with 0 it is
 the policy that sampled the batch; with 1 or 2 the learner keeps old weights, updated after each
 epoch to d old + (1 - d) current (`trainer.algo.nft.old_policy_decay`). What changed: the rollouts
-are sampled with the current weights (upstream samples with the old ones); the old weights are not
-checkpointed (a resumed run restarts them from the current ones); the old predictions are computed
+are sampled with the current weights (upstream samples with the old ones); the old predictions are computed
 once, before the first update; the noise levels are the sampler's steps, a random
-`train.timestep_fraction` of them per item, as the other objectives pick.
+`train.timestep_fraction` of them per item, as the other objectives pick. The old weights and the
+step count are checkpointed with the optimizer's state (`Learner.optimizer_checkpoint`), so a resumed
+run goes on with them.
 """
 
 from __future__ import annotations

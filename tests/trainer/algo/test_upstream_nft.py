@@ -63,3 +63,31 @@ def test_an_nft_epoch_with_kl_and_decay_type_1(kontext_learner):
     assert any(not torch.equal(before[n], after[n]) for n in after)
     for name, old in learner.nft_old.items():
         torch.testing.assert_close(old.cpu(), d * before[name] + (1 - d) * after[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_resumed_run_keeps_the_old_weights(kontext_learner, tmp_path):
+    """The old weights (decay type 1) and the optimizer-step count that sets the decay go into the
+    checkpoint and come back in a fresh learner: a resumed run goes on as the straight one would
+    (before, they restarted from the current weights)."""
+    from trainer.run.checkpoint import load_checkpoint, save_checkpoint
+
+    overrides = ("train.objective=nft", "train.kl_coef=1e-4", "train.nft_decay_type=1", "train.batch_size=4")
+    _, learner, r = kontext_learner(*overrides)
+    learner.train(r, torch.Generator().manual_seed(0))
+    folder = save_checkpoint(
+        tmp_path, learner.config, 0, learner.trainable_state(), learner.optimizer_checkpoint(), {}
+    )
+    trainable, state = load_checkpoint(folder)  # weights_only: plain tensors and numbers
+    _, fresh, _ = kontext_learner(*overrides)
+    fresh.load_trainable_state(trainable)
+    fresh.load_optimizer_checkpoint(state["optimizer"])
+    assert fresh.nft_steps == learner.nft_steps > 0
+    assert fresh.nft_old.keys() == learner.nft_old.keys()
+    for name, old in learner.nft_old.items():
+        assert torch.equal(fresh.nft_old[name], old), name
+        assert not torch.equal(old, learner.params[name].detach())  # a real average, not a copy
+    # Both go on alike: one more epoch each gives the same old weights.
+    learner.train(r, torch.Generator().manual_seed(1))
+    fresh.train(r, torch.Generator().manual_seed(1))
+    for name, old in learner.nft_old.items():
+        torch.testing.assert_close(fresh.nft_old[name], old)

@@ -184,10 +184,10 @@ class LearnerActor:
         return self.learner.trainable_state(), self.learner.version
 
     def optimizer_state(self) -> dict:
-        return self.learner.optimizer.state_dict()
+        return self.learner.optimizer_checkpoint()
 
     def restore(self, trainable: dict[str, torch.Tensor], optimizer: dict, version: int) -> None:
         """Load a checkpoint's weights, optimizer state and policy version (every rank loads it)."""
         self.learner.load_trainable_state(trainable)
-        self.learner.optimizer.load_state_dict(optimizer)
+        self.learner.load_optimizer_checkpoint(optimizer)
         self.learner.version = version
