@@ -15,6 +15,7 @@ from trainer.rewards.differentiable import make_gradient_rewards
 
 @register_objective
 class AlignProp(Objective):
+    learner_reads_text = True  # it samples on the learner
     name = "alignprop"
     divisible_batches = False
     background_scoring = False  # the scores come after the epoch's learning

@@ -65,6 +65,9 @@ class Objective:
     divisible_batches: ClassVar[bool] = True
     # With sample.pipeline=async, sampling batches are scored on a background thread as sampled.
     background_scoring: ClassVar[bool] = True
+    # The learner reads instructions itself (it samples, as AlignProp does), so a Ray learner keeps
+    # the editor's text encoders; otherwise it trains on recorded embeddings and drops them.
+    learner_reads_text: ClassVar[bool] = False
 
     def __init__(self, config: Config) -> None:
         self.config = config

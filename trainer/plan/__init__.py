@@ -18,6 +18,7 @@ from trainer.engine.policy import trainable_parameters
 from trainer.errors import UserError
 from trainer.plan.arch import arch_folder, build_model, param_bytes, param_count
 from trainer.plan.step import meta_policy, policy_modules, sample_step, train_step
+from trainer.registry import make_objective
 
 GIB = 2**30
 # Scorer name -> the model id its constructor loads by default (`reward_servers`); hpsv2 is open_clip's
@@ -112,6 +113,18 @@ def _editor_roles(config: Config, lines: list[str]) -> list[Role]:
     step = ckpt if ckpt_on else plain
     learner = Role("learner", config.ray.num_gpus_per_learner if config.ray.enabled else 1.0)
     learner.parts.update(weight_parts)
+    if config.ray.enabled and not make_objective(config).learner_reads_text:
+        # Ray learners drop the text encoders (`trainer.engine.policy.drop_text_encoders`).
+        encoders = [mod for name, mod in modules.items() if name.startswith("text_encoder")]
+        for k, v in _by_dtype(encoders).items():
+            learner.parts[f"weights {k}"] -= v
+            if learner.parts[f"weights {k}"] <= 0:
+                del learner.parts[f"weights {k}"]
+        if encoders:
+            learner.notes.append(
+                f"text encoders dropped on the learner, {_gib(sum(_by_dtype(encoders).values()))}: it "
+                "trains on the embeddings the rollout workers recorded"
+            )
     learner.parts["trained weights (fp32)"] = lora_bytes
     learner.parts["gradients (fp32)"] = lora_bytes
     learner.parts["AdamW state (2 x fp32)"] = 2 * lora_bytes

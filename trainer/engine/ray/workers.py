@@ -14,7 +14,7 @@ import torch
 from sampler.rollout import Rollout
 from trainer.config import Config
 from trainer.engine.learner import Learner
-from trainer.engine.policy import build_policy, load_trainable_into_policy
+from trainer.engine.policy import build_policy, drop_text_encoders, load_trainable_into_policy
 from trainer.engine.pools import sample_pool_shard
 from trainer.engine.ray.distributed import (
     DistributedLearner,
@@ -104,6 +104,11 @@ class LearnerActor:
         set_threads(config)
         policy = build_policy(config)
         self.learner = (DistributedLearner if world_size > 1 else Learner)(config, policy)
+        # Rollout workers encode the instructions; a learner that trains on what they recorded
+        # drops its text encoders (the local engine's one policy samples too, and keeps them).
+        self.text_encoders_freed = (
+            0 if self.learner.objective.learner_reads_text else drop_text_encoders(policy)
+        )
         self.listener = None
         self.reward, self.reward_spec = None, None  # AlignProp's differentiable reward, built here
 
