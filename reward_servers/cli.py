@@ -95,6 +95,9 @@ def _scorer_factory(name: str, device: str, kwargs: dict):
         raise UserError(f"scorer {name!r} has no option(s) {unknown}; it takes {sorted(params)}")
 
     def build():
+        from reward_servers.hub import check_hub
+
+        check_hub(kwargs, params)  # one question to the hub, not 50 s of retried downloads
         return base.build_scorer(name, **kwargs)
 
     return build

@@ -150,3 +150,30 @@ def test_a_scorer_that_cannot_load_says_why_in_one_line(tmp_path, scorer, option
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"spie-reward serve: error: scorer {scorer} cannot load: ")
     assert says in lines[0]
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_checkpoint_the_hub_cannot_serve_fails_in_seconds_in_one_line(tmp_path, offline):
+    """`spie serve depth_structure` with its default hub id, an empty hub cache and a hub that refuses
+    connections (HF_ENDPOINT on a closed port) or HF_HUB_OFFLINE: one line naming the model and the
+    fix within 10 s (from_pretrained's retries took 50 s and printed a warning per retry)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "reward_servers", "serve", "depth_structure", "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    took = time.monotonic() - start
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("spie-reward serve: error: scorer depth_structure cannot load: ")
+    assert "'depth-anything/Depth-Anything-V2-Small-hf'" in lines[0] and "hf download" in lines[0]
+    assert ("HF_HUB_OFFLINE is set" in lines[0]) == offline
+    assert took < 10, f"{took:.1f} s"
