@@ -210,6 +210,8 @@ class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
         await self._sync_clock()
         try:
             await self.redis.xgroup_create(self.stream, P.GROUP, id="0", mkstream=True)
+            if self._started_ms:  # set up before: a reconnect found the group gone
+                log.warning("queue %s: consumer group gone (Redis restarted?); recreated it", self.stream)
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
