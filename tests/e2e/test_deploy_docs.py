@@ -104,9 +104,9 @@ def copy_checkout(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-@pytest.mark.slow
-def test_the_runnable_blocks_run_as_written(tmp_path):
-    work = tmp_path / "checkout"
+def _run_blocks(work: Path):
+    """Copy the checkout to `work` and run the doc's runnable blocks there as one bash script;
+    returns (work, the finished process, the stand-in cluster's log)."""
     copy_checkout(work)
     bin_dir = Path(sys.executable).parent
     script = [
@@ -131,6 +131,19 @@ def test_the_runnable_blocks_run_as_written(tmp_path):
         ["bash", "-c", "\n".join(script)], cwd=work, env=env, capture_output=True, text=True, timeout=900
     )
     log = (work / "cluster.log").read_text() if (work / "cluster.log").exists() else ""
+    return work, done, log
+
+
+@pytest.mark.slow
+def test_the_runnable_blocks_run_as_written(tmp_path):
+    for attempt in range(2):
+        work, done, log = _run_blocks(tmp_path / f"checkout-{attempt}")
+        # gRPC's C core aborted a trainer once (7 Dec 2026, the first sighting, in 1 of 3 full-suite
+        # runs on 2 loaded cores): "ev_epoll1_linux.cc:456] Check failed: wakeup_fd_->Wakeup().ok()",
+        # 2 s into `spie train --ray-address ray://...`. Only that abort is tried again (its cause is
+        # not found yet; see the closing note of session 9).
+        if "wakeup_fd_->Wakeup().ok()" not in done.stdout + done.stderr + log:
+            break
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n{log[-3000:]}"
     assert "succeeded" in done.stderr + done.stdout
     landed = list((work / "runs").glob("tiny/metrics.jsonl"))
