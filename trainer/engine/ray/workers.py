@@ -106,9 +106,8 @@ class LearnerActor:
         self.learner = (DistributedLearner if world_size > 1 else Learner)(config, policy)
         # Rollout workers encode the instructions; a learner that trains on what they recorded
         # drops its text encoders (the local engine's one policy samples too, and keeps them).
-        self.text_encoders_freed = (
-            0 if self.learner.objective.learner_reads_text else drop_text_encoders(policy)
-        )
+        if not self.learner.objective.learner_reads_text:
+            drop_text_encoders(policy)
         self.listener = None
         self.reward, self.reward_spec = None, None  # AlignProp's differentiable reward, built here
 
