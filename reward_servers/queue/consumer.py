@@ -45,6 +45,7 @@ from reward_servers.batcher import DynamicBatcher
 from reward_servers.budget import BudgetExceeded, DecodedBytesBudget
 from reward_servers.images import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_PIXELS
 from reward_servers.queue import protocol as P
+from reward_servers.queue.blobs import BlobReader, blob_dir, is_reference
 from reward_servers.queue.decoding import decode_all, parse_all, part_decoded_bytes, split_parts
 from reward_servers.queue.finishing import JobFinishing
 from reward_servers.queue.presence import ReplicaPresence, presence_interval_ms
@@ -81,6 +82,10 @@ class ConsumerConfig:
     forget_idle_ms: int = 600000
     # Longest one Redis call may block a replica, in seconds (socket timeout).
     socket_timeout_s: float = 10.0
+    # Shared folder of item payloads (the blob path, blobs.py): the folder the trainer's
+    # reward.queue.blob_dir names, as this replica sees it; empty: SPIE_BLOB_DIR, else none (an item
+    # sent by reference then fails with a line saying so).
+    blob_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -156,6 +161,7 @@ class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
         self._loops: list[asyncio.Task] = []
         self._stopping = False
         self._decode = ThreadPoolExecutor(1, thread_name_prefix="queue-decode")
+        self.blobs = BlobReader(blob_dir(config.blob_dir))
         self._presence_init()
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -360,23 +366,27 @@ class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
             return await self.redis.eval(P.START_LUA, len(names), *names, *args)
 
         replies = await self._bounded(start(), max(job.expires for job in jobs), WRITE_GRACE_S)
+        loop = asyncio.get_running_loop()
+        payloads = replies[2::3]
+        if any(map(is_reference, payloads)):  # the blob path: read from the shared folder (blobs.py)
+            payloads = await loop.run_in_executor(self._decode, self.blobs.resolve, payloads)
         now = time.monotonic()
         live, blobs = [], []
         for k, job in enumerate(jobs):
-            job.attempt, last_error, blob = int(replies[3 * k]), replies[3 * k + 1], replies[3 * k + 2]
+            job.attempt, last_error, blob = int(replies[3 * k]), replies[3 * k + 1], payloads[k]
             if job.attempt > self.config.max_attempts:
                 reason = _text(last_error) if last_error else "its replica died while scoring it"
                 await self._dead_letter(job, f"gave up after {job.attempt - 1} attempts: {reason}")
             elif blob is None or job.expires <= now:
-                # Scored already (the blob is released by the last scorer), expired, or lost with a
-                # Redis restart: nothing to score; the client resubmits what it is still missing.
+                # Scored already (the blob is released by the last scorer, or its batch file deleted
+                # by the client), expired, or lost with a Redis restart: nothing to score; the client
+                # resubmits what it is still missing.
                 await self._until_written(lambda job=job: self._ack(job), job)
             else:
                 live.append(job)
                 blobs.append(blob)
         if not live:
             return
-        loop = asyncio.get_running_loop()
         items = await loop.run_in_executor(self._decode, parse_all, blobs)
         # Score in parts whose images decode to at most max_decoded_bytes (from the headers); a
         # part is one batcher request and one pipelined write (finishing.py).

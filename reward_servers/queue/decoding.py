@@ -17,10 +17,14 @@ from reward_servers.images import (
 )
 
 
-def parse_all(blobs: list[bytes]) -> list:
-    """Each blob as a `pb.Item`, or an ImageError for one that is not."""
+def parse_all(blobs: list) -> list:
+    """Each blob as a `pb.Item`, or an ImageError for one that is not (or for an error in its place:
+    a blob reference that could not be read)."""
     out = []
     for blob in blobs:
+        if isinstance(blob, Exception):
+            out.append(ImageError(str(blob)))
+            continue
         try:
             out.append(pb.Item.FromString(blob))
         except (DecodeError, ValueError) as err:

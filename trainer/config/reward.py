@@ -55,6 +55,12 @@ class QueueConfig:
     encoding: Literal["raw", "png"] = "raw"
     # Seconds between full checks of the missing results (signals wake the gatherer sooner).
     poll_s: float = 0.5
+    # The blob path (reward_servers/queue/blobs.py): a folder the trainer and every replica share
+    # (/dev/shm/... on one machine, a shared mount across machines; the replicas' queue.blob_dir or
+    # SPIE_BLOB_DIR names it as they see it). Item payloads go there, one file per rollout batch,
+    # and Redis carries only references, so Redis's CPU and network no longer grow with image
+    # size (docs/scale.md). Empty: SPIE_BLOB_DIR, else inline (payloads in Redis).
+    blob_dir: str = ""
 
 
 @dataclass(frozen=True)

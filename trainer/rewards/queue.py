@@ -4,7 +4,9 @@ It offers the same `score(rollout) -> Scores` and `close()` as `InProcessRewards
 loop can use either. For one rollout batch it:
 
 1. encodes each edit once as a `reward.proto` Item and stores it as a blob with a TTL (shared by
-   every scorer; the last scorer to finish with it deletes it);
+   every scorer; the last scorer to finish with it deletes it); with `blob_dir` (the blob path,
+   reward_servers/queue/blobs.py) the bytes go to one file per batch in a shared folder and the
+   blobs are references to them;
 2. adds one job per (item, scorer) to that scorer's stream, keeping each stream at most
    `max_in_flight` jobs long (backpressure: a slow scorer slows submission, memory stays bounded);
 3. gathers results, woken by the batch's signal list and checking every `poll_s` besides; each
@@ -37,6 +39,7 @@ import redis
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.queue import protocol as P
+from reward_servers.queue.blobs import BlobError, BlobFolder, blob_dir
 from reward_servers.queue.presence import live_replicas
 from trainer.config.schema import DEFAULT_DEADLINE_S, QueueConfig
 from trainer.errors import UserError
@@ -131,6 +134,14 @@ class RewardClient:
         self._seq = 0
         self._higher: dict[str, bool] = {}
         self._stale: list[str] = []  # keys of gathered batches, deleted with the next round trip
+        self.blob_folder = None  # the blob path: payloads in a shared folder, references in Redis
+        if blob_dir(self.config.blob_dir):
+            try:
+                self.blob_folder = BlobFolder(blob_dir(self.config.blob_dir))
+                self.blob_folder.sweep(self.config.blob_ttl_s)
+            except (BlobError, OSError) as err:
+                self.redis.close()
+                raise UserError(str(err)) from err
 
     # ---- the InProcessRewards interface ---------------------------------------------------------
 
@@ -178,6 +189,10 @@ class RewardClient:
         self._seq += 1
         keys = P.BatchKeys(self.run_id, f"{self.attempt_id}-b{self._seq}")
         blobs = [item.SerializeToString() for item in items]
+        file = f"{keys.run}.{keys.batch}"
+        if self.blob_folder is not None:  # Redis gets references, the folder the bytes
+            self.blob_folder.sweep(self.config.blob_ttl_s)
+            blobs = self.blob_folder.write(file, blobs)
         self.stats, self._gen = GatherStats(), 0
         self._answered = True  # did Redis answer the last call? (no diagnosis or cleanup if not)
         results: dict[str, list[pb.Result | None]] = {s: [None] * len(items) for s in names}
@@ -201,6 +216,8 @@ class RewardClient:
         finally:
             done = all(r is not None for rs in results.values() for r in rs)
             self._cleanup(keys, len(items), defer=done)
+            if self.blob_folder is not None:  # a job still queued finds it gone: nothing to score
+                self.blob_folder.delete(file)
             self.stats.seconds = time.monotonic() - start
             for name in ("submitted", "resubmitted", "duplicates_ignored", "redis_errors"):
                 self.totals[name] = self.totals.get(name, 0) + getattr(self.stats, name)

@@ -272,7 +272,10 @@ class RayReplicaSet:
         try:
             for sc in reward.scorers:
                 spec = r.for_scorer(sc.name, reward.replicas)
-                sections = {"scorer": dict(sc.kwargs), "queue": dict(r.queue), "batching": dict(r.batching)}
+                queue = dict(r.queue)
+                if reward.queue.blob_dir:  # the blob path: replicas read the folder the trainer writes
+                    queue.setdefault("blob_dir", reward.queue.blob_dir)
+                sections = {"scorer": dict(sc.kwargs), "queue": queue, "batching": dict(r.batching)}
                 group = ReplicaGroup(spec, sections, redis_url, password, r.namespace)
                 group.add(spec.min_replicas)
                 self.groups.append(group)

@@ -135,6 +135,8 @@ class QueueRewards:
                 self.ray_replicas = RayReplicaSet(r, url, password)
             elif mode == "local":
                 env = dict(os.environ, REDIS_URL=url)
+                if r.queue.blob_dir:  # the replicas read the payloads from the same folder
+                    env["SPIE_BLOB_DIR"] = r.queue.blob_dir
                 if password:
                     env["REDIS_PASSWORD"] = password
                 folder = self.folder = Path(tempfile.mkdtemp(prefix="spie-serve-"))
