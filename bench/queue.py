@@ -39,14 +39,19 @@ from reward_servers.queue.embedded import EmbeddedRedis  # noqa: E402
 from trainer.rewards.queue import QueueClientConfig, RewardClient  # noqa: E402
 
 
-def start_replica(redis: EmbeddedRedis, folder: Path, batch_seconds: float, max_batch_size: int):
-    """A `spie serve sleep --port 0` process consuming from `redis`; returns (process, grpc target)."""
+def start_replica(
+    redis: EmbeddedRedis, folder: Path, batch_seconds: float, max_batch_size: int, blob_dir: str = ""
+):
+    """A `spie serve sleep --port 0` process consuming from `redis` (reading payloads sent by
+    reference from `blob_dir`, if given); returns (process, grpc target)."""
     config = folder / f"sleep-{time.monotonic_ns()}.yaml"
     config.write_text(
         f"scorer: {{batch_seconds: {batch_seconds}, max_batch_size: {max_batch_size}}}\n"
         f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: 2}}\n"
     )
     env = dict(os.environ, REDIS_URL=redis.url, REDIS_PASSWORD=redis.password, PYTHONPATH=str(ROOT))
+    if blob_dir:
+        env["SPIE_BLOB_DIR"] = blob_dir
     process = subprocess.Popen(
         [sys.executable, "-m", "trainer.cli", "serve", "sleep", "--port", "0", "--config", str(config)],
         cwd=ROOT,
