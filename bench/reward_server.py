@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -73,14 +74,16 @@ def start_server(
     max_batch_size: int,
     metrics_port: int = 0,
     expect_ms: float = 20.0,
+    shared_dir: str = "",
 ):
-    """A `spie serve` subprocess; returns (process, "host:port") once it is SERVING."""
+    """A `spie serve` subprocess (reading shared-memory images from `shared_dir`, if given);
+    returns (process, "host:port") once it is SERVING."""
     config = Path(folder) / f"serve_{scorer}_{max_batch_size}_{expect_ms:g}.yaml"
     args = ", ".join(f"{k}: {v}" for k, v in kwargs.items())
     config.write_text(
         f"batching: {{max_batch_size: {max_batch_size}, max_queue_delay_ms: 5, max_queue_size: 4096, "
         f"max_expect_delay_ms: {expect_ms}}}\n"
-        f"server: {{metrics_port: {metrics_port}}}\nscorer: {{{args}}}\n"
+        f"server: {{metrics_port: {metrics_port}, shared_dir: '{shared_dir}'}}\nscorer: {{{args}}}\n"
     )
     return launch_server(scorer, config)
 
@@ -272,6 +275,16 @@ def pipelined(call, payload: bytes, in_flight: int, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+class _FutureOf:
+    """`pipelined`'s `call.future(request, timeout)` on a `ScorerClient` (shared memory included)."""
+
+    def __init__(self, client: ScorerClient) -> None:
+        self.client = client
+
+    def future(self, request, timeout: float):
+        return self.client.score_future(request, timeout)
+
+
 def bench_transport(
     folder: str, scorer: str, kwargs: dict, label: str, pairs: int, repeats: int, size: int = 256
 ) -> dict:
@@ -288,21 +301,31 @@ def bench_transport(
     batch = ScoreBatch(pool, pool[::-1], ["x"] * n)
     request = pb.ScoreRequest(items=[make_item(str(i), pool[i], pool[n - 1 - i], "x") for i in range(n)])
     payload = request.SerializeToString()  # the client's encoding, done once (it is not the server's work)
-    proc, target = start_server(folder, scorer, kwargs, n)
-    ratios: dict[str, list[float]] = {"sequential": [], "pipelined": []}
-    rates: dict[str, list[float]] = {"in-process": [], "sequential": [], "pipelined": []}
+    shared = tempfile.mkdtemp(prefix="spie-shm-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    proc, target = start_server(folder, scorer, kwargs, n, shared_dir=shared)
+    ratios: dict[str, list[float]] = {
+        k: [] for k in ("sequential", "pipelined", "shm sequential", "shm pipelined")
+    }
+    rates: dict[str, list[float]] = {"in-process": [], **{k: [] for k in ratios}}
     load = [os.getloadavg()[0]]
     try:
-        with ScorerClient(target, timeout_s=300) as client:
+        with (
+            ScorerClient(target, timeout_s=300) as client,
+            ScorerClient(target, timeout_s=300, shared_dir=shared) as shm,
+        ):
             call = client.channel.unary_unary(
                 f"/{SERVICE_NAME}/Score", response_deserializer=pb.ScoreResponse.FromString
             )
-            local.score(batch), call(payload, timeout=300)  # warm-up
+            local.score(batch), call(payload, timeout=300), shm.score_request(request)  # warm-up
             for k in range(pairs):
+                # "shm": the pixels through shared memory (reward_servers/shm.py); its timing includes
+                # the client's copy of every image into the region.
                 runs = [
                     ("in-process", lambda: timed(lambda: local.score(batch), repeats)),
                     ("sequential", lambda: timed(lambda: call(payload, timeout=300), repeats)),
                     ("pipelined", lambda: pipelined(call, payload, 2, repeats)),
+                    ("shm sequential", lambda: timed(lambda: shm.score_request(request, 300), repeats)),
+                    ("shm pipelined", lambda: pipelined(_FutureOf(shm), request, 2, repeats)),
                 ]
                 if k % 2:
                     runs.reverse()  # alternate the order, so a change of load hits every side alike
@@ -314,6 +337,7 @@ def bench_transport(
             load.append(os.getloadavg()[0])
     finally:
         stop_server(proc)
+        shutil.rmtree(shared, ignore_errors=True)
     medians = {name: statistics.median(r) for name, r in ratios.items()}
     local_ms = n / statistics.median(rates["in-process"]) * 1000
     print(f"  {label}; request {len(payload) / 2**20:.1f} MiB; load average {load[0]:.2f} -> {load[1]:.2f}")
@@ -323,7 +347,7 @@ def bench_transport(
     for name, r in ratios.items():
         added = n / statistics.median(rates[name]) * 1000 - local_ms
         print(
-            f"    gRPC, {name:<15} {statistics.median(rates[name]):8.1f} items/s ({added:+.1f} ms per batch), "
+            f"    gRPC, {name:<16} {statistics.median(rates[name]):8.1f} items/s ({added:+.1f} ms per batch), "
             f"gRPC/in-process median {medians[name]:.3f}, range {min(r):.3f}-{max(r):.3f} "
             f"(pairs: {' '.join(f'{x:.3f}' for x in r)})"
         )

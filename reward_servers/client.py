@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.spie.reward.v1 import reward_pb2 as pb
 from reward_servers.server import SERVICE_NAME
+from reward_servers.shm import SharedRegions
 
 
 class ScorerClient:
@@ -26,6 +27,8 @@ class ScorerClient:
         tls_ca: PEM file of the CA that signed the server's certificate (None: plaintext).
         timeout_s: default deadline of each call, in seconds.
         max_message_mb: largest message sent or received, in MiB.
+        shared_dir: a server on this machine: send raw pixels through shared-memory regions in
+            this folder (the server's `server.shared_dir`; reward_servers/shm.py), not the socket.
     """
 
     def __init__(
@@ -35,7 +38,9 @@ class ScorerClient:
         tls_ca: str | Path | None = None,
         timeout_s: float = 60.0,
         max_message_mb: int = 64,
+        shared_dir: str | Path = "",
     ) -> None:
+        self.regions = SharedRegions(shared_dir) if shared_dir else None
         limit = max_message_mb * 1024 * 1024
         options = [
             ("grpc.max_send_message_length", limit),
@@ -85,16 +90,37 @@ class ScorerClient:
     def score_request(
         self, request: pb.ScoreRequest, timeout_s: float | None = None, wait_for_ready: bool = False
     ) -> pb.ScoreResponse:
-        return self._score(
-            request,
-            timeout=timeout_s or self.timeout_s,
-            metadata=self._metadata,
-            wait_for_ready=wait_for_ready,
-        )
+        region, request = self._shared(request)
+        try:
+            return self._score(
+                request,
+                timeout=timeout_s or self.timeout_s,
+                metadata=self._metadata,
+                wait_for_ready=wait_for_ready,
+            )
+        finally:
+            if region is not None:
+                self.regions.release(region)
 
     def score_future(self, request: pb.ScoreRequest, timeout_s: float | None = None) -> grpc.Future:
         """Send a request without waiting; `.result()` gives the ScoreResponse or raises grpc.RpcError."""
-        return self._score.future(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        region, request = self._shared(request)
+        future = self._score.future(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        if region is not None:
+            future.add_done_callback(lambda _: self.regions.release(region))
+        return future
+
+    def _shared(self, request: pb.ScoreRequest):
+        """(region, request): with `shared_dir`, the request's raw pixels moved into a region, held
+        until the response is in; else (None, request)."""
+        if self.regions is None:
+            return None, request
+        region, items = self.regions.pack(list(request.items))
+        if region is None:
+            return None, request
+        moved = pb.ScoreRequest(scorer=request.scorer, deadline_unix_ms=request.deadline_unix_ms)
+        moved.items.extend(items)
+        return region, moved
 
     def ground(self, items: list[pb.GroundItem], timeout_s: float | None = None) -> pb.GroundResponse:
         """Masks of each item's phrase (a server hosting `grounding`); see `grounding_rpc.result_mask`."""
@@ -126,6 +152,8 @@ class ScorerClient:
 
     def close(self) -> None:
         self.channel.close()
+        if self.regions is not None:
+            self.regions.close()
 
     def __enter__(self) -> ScorerClient:
         return self

@@ -58,6 +58,10 @@ class ServerConfig:
     # Shared secret a client must send as `authorization: Bearer <token>`; empty: no auth.
     # `spie serve` reads it from the SPIE_REWARD_TOKEN environment variable, never from argv.
     auth_token: str = field(default="", repr=False)
+    # Folder of the shared-memory regions same-host clients send raw pixels through
+    # (`ScorerClient(shared_dir=...)`, reward_servers/shm.py): a tmpfs such as /dev/shm/spie, private
+    # to the user running the trainer and the servers. Empty: SPIE_BLOB_DIR, else such images fail.
+    shared_dir: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -87,13 +87,20 @@ def _check_size(field: str, width: int, height: int, max_pixels: int) -> None:
         raise ImageError(f"{field}: {width}x{height} exceeds the pixel cap of {max_pixels}")
 
 
-def decode_pixels(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a proto Image to (H, W, C) uint8 with C in {1, 3, 4}, checking sizes and the pixel cap."""
-    if image.encoding == pb.Image.ENCODING_RAW_UINT8:
+def decode_pixels(
+    image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIXELS, shared=None
+) -> np.ndarray:
+    """Decode a proto Image to (H, W, C) uint8 with C in {1, 3, 4}, checking sizes and the pixel cap.
+    `shared`: the server's `shm.SharedReader`, for images sent through shared memory (read in place)."""
+    if image.encoding in (pb.Image.ENCODING_RAW_UINT8, pb.Image.ENCODING_RAW_UINT8_SHARED):
         w, h, c = image.width, image.height, image.channels
         _check_size(field, w, h, max_pixels)
         if c not in (1, 3, 4):
             raise ImageError(f"{field}: raw image has {c} channels (expected 1, 3 or 4)")
+        if image.encoding == pb.Image.ENCODING_RAW_UINT8_SHARED:
+            if shared is None:
+                raise ImageError(f"{field}: sent through shared memory, which this transport does not read")
+            return shared.pixels(image.data, w * h * c, field).reshape(h, w, c)
         if len(image.data) != w * h * c:
             raise ImageError(
                 f"{field}: raw image states {w}x{h}x{c} = {w * h * c} bytes but carries {len(image.data)}"
@@ -124,17 +131,17 @@ def decode_pixels(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIX
     raise ImageError(f"{field}: unsupported encoding {image.encoding} (use PNG or RAW_UINT8)")
 
 
-def decode_rgb(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_rgb(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIXELS, shared=None) -> np.ndarray:
     """Decode to (H, W, 3) uint8 RGB: grey is repeated, alpha is dropped."""
-    pixels = decode_pixels(image, field, max_pixels)
+    pixels = decode_pixels(image, field, max_pixels, shared)
     if pixels.shape[2] == 1:
         return np.repeat(pixels, 3, axis=2)
     return np.ascontiguousarray(pixels[:, :, :3])
 
 
-def decode_mask(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_mask(image: pb.Image, field: str, max_pixels: int = DEFAULT_MAX_PIXELS, shared=None) -> np.ndarray:
     """Decode a mask to (H, W) bool: True where any channel is nonzero."""
-    return decode_pixels(image, field, max_pixels).any(axis=2)
+    return decode_pixels(image, field, max_pixels, shared).any(axis=2)
 
 
 @dataclass
@@ -152,20 +159,23 @@ class DecodedItem:
     want_gradient: bool = False
 
 
-def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedItem:
-    """Decode one proto Item; raises `ImageError` naming the item and field on any bad input."""
+def decode_item(item: pb.Item, index: int, max_pixels: int = DEFAULT_MAX_PIXELS, shared=None) -> DecodedItem:
+    """Decode one proto Item; raises `ImageError` naming the item and field on any bad input.
+    `shared`: see `decode_pixels`."""
     where = f"item {index} ({item.id!r})" if item.id else f"item {index}"
     for name in ("edited", "source"):
         if not item.HasField(name):
             raise ImageError(f"{where}.{name}: missing")
-    edited = decode_rgb(item.edited, f"{where}.edited", max_pixels)
-    source = decode_rgb(item.source, f"{where}.source", max_pixels)
+    edited = decode_rgb(item.edited, f"{where}.edited", max_pixels, shared)
+    source = decode_rgb(item.source, f"{where}.source", max_pixels, shared)
     mask = None
     if item.HasField("mask"):
-        mask = decode_mask(item.mask, f"{where}.mask", max_pixels)
+        mask = decode_mask(item.mask, f"{where}.mask", max_pixels, shared)
         if mask.shape != edited.shape[:2]:
             raise ImageError(f"{where}.mask: {mask.shape[1]}x{mask.shape[0]} does not match the edit")
-    exemplars = [decode_rgb(ex, f"{where}.exemplars[{k}]", max_pixels) for k, ex in enumerate(item.exemplars)]
+    exemplars = [
+        decode_rgb(ex, f"{where}.exemplars[{k}]", max_pixels, shared) for k, ex in enumerate(item.exemplars)
+    ]
     metadata = decode_metadata(item, where)
     tensor = None
     if item.HasField("edited_tensor"):
@@ -204,7 +214,7 @@ def decode_metadata(item: pb.Item, where: str) -> dict[str, Any]:
 
 def _stated_size(image: pb.Image) -> tuple[int, int]:
     """(width, height) from the PNG header or the raw image's fields; (0, 0) when unreadable."""
-    if image.encoding == pb.Image.ENCODING_RAW_UINT8:
+    if image.encoding in (pb.Image.ENCODING_RAW_UINT8, pb.Image.ENCODING_RAW_UINT8_SHARED):
         return max(0, image.width), max(0, image.height)
     if image.encoding == pb.Image.ENCODING_PNG and image.data.startswith(PNG_SIGNATURE):
         try:

@@ -31,6 +31,7 @@ import functools
 import hmac
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ from reward_servers.images import (
 )
 from reward_servers.metrics import Metrics
 from reward_servers.results import fill_result
+from reward_servers.shm import SHARED_DIR_ENV, SharedReader
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RewardService"].full_name
 log = logging.getLogger("spie.reward_server")
@@ -79,12 +81,12 @@ def _parse_or_none(message_cls):
 
 def _all_raw(request: pb.ScoreRequest) -> bool:
     """True when every image of the request is raw uint8 (decoding it is a copy, not a decompression)."""
-    raw = pb.Image.ENCODING_RAW_UINT8
+    raw = (pb.Image.ENCODING_RAW_UINT8, pb.Image.ENCODING_RAW_UINT8_SHARED)
     for item in request.items:
-        if item.edited.encoding != raw or item.source.encoding != raw:
+        if item.edited.encoding not in raw or item.source.encoding not in raw:
             return False
-        if (item.HasField("mask") and item.mask.encoding != raw) or any(
-            e.encoding != raw for e in item.exemplars
+        if (item.HasField("mask") and item.mask.encoding not in raw) or any(
+            e.encoding not in raw for e in item.exemplars
         ):
             return False
     return True
@@ -150,6 +152,7 @@ class RewardServer:
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="decode")
         # Decoded images held at once by every RPC (and, when wired, the queue consumer): see budget.py.
         self.decoded_budget = DecodedBytesBudget(self.config.max_decoded_mb * 1024 * 1024)
+        self.shared = SharedReader(self.config.shared_dir or os.environ.get(SHARED_DIR_ENV, ""))
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
@@ -314,7 +317,7 @@ class RewardServer:
                 )
                 continue
             try:
-                out.append(decode_item(item, index, self.config.max_pixels))
+                out.append(decode_item(item, index, self.config.max_pixels, self.shared))
             except ImageError as err:
                 out.append(err)
             except Exception as err:  # anything else about one item fails that item alone

@@ -79,6 +79,11 @@ class GrpcRewardsConfig:
     # Times a request that failed with UNAVAILABLE, DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED is sent
     # again before scoring fails; each try has reward.deadline_s.
     retries: int = 1
+    # Servers on this machine only: send raw pixels through shared-memory regions in this folder
+    # (a tmpfs such as /dev/shm/spie; each server's server.shared_dir names the same folder;
+    # reward_servers/shm.py) instead of the socket: 12 MiB requests then cost one copy, not gRPC's
+    # transfer (reward_servers/README.md). Empty: the socket.
+    shared_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,16 @@ def open_clients(config: Config, token: str | None = None) -> dict:
         for sc in r.scorers:
             target = r.grpc.servers[sc.name]
             where = f"reward.grpc.servers.{sc.name}={target}"
-            client = ScorerClient(target, token=token, tls_ca=r.grpc.tls_ca or None, timeout_s=r.deadline_s)
+            try:
+                client = ScorerClient(
+                    target,
+                    token=token,
+                    tls_ca=r.grpc.tls_ca or None,
+                    timeout_s=r.deadline_s,
+                    shared_dir=r.grpc.shared_dir,
+                )
+            except ValueError as err:  # shm.SharedMemoryError: the folder cannot be made
+                raise UserError(f"reward.grpc.{err}") from err
             clients[sc.name] = client
             try:
                 client.wait_ready(timeout_s=r.server_start_timeout_s)

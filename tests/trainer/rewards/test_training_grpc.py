@@ -42,10 +42,9 @@ class Servers:
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
-    def start(self, name: str, token: str = TOKEN, **kwargs) -> str:
-        server = RewardServer(
-            lambda: build_scorer(name, **kwargs), name, ServerConfig(port=0, auth_token=token)
-        )
+    def start(self, name: str, token: str = TOKEN, server_fields: dict | None = None, **kwargs) -> str:
+        config = ServerConfig(port=0, auth_token=token, **(server_fields or {}))
+        server = RewardServer(lambda: build_scorer(name, **kwargs), name, config)
         self.servers.append(server)
         port = self.run(server.start())
         self.run(server.load())
@@ -112,6 +111,30 @@ def test_training_through_grpc_servers_equals_in_process(servers, tiny_config):
     for key in ("brightness.mean", "ssim_structure.mean", "loss"):
         assert a[key] == pytest.approx(b[key], abs=1e-9), key
     assert b["grpc.requests"] == 2 * 2  # 8 edits in chunks of 4, per scorer
+
+
+def test_same_host_servers_take_the_pixels_through_shared_memory(servers, tiny_config, tmp_path):
+    """reward.grpc.shared_dir: the same scores as in process, the regions gone with the client."""
+    folder = tmp_path / "shm"
+    target = servers.start("brightness", server_fields={"shared_dir": str(folder)})
+    config = tiny_config(
+        "reward.scorers=[{name: brightness}]",
+        "reward.transport=grpc",
+        f"reward.grpc.servers={{brightness: '{target}'}}",
+        f"reward.grpc.shared_dir={folder}",
+    )
+    rewards, local = make_rewards(config, run_id="shm"), InProcessRewards(config.reward)
+    try:
+        rollout = image_rollout(6)
+        got, want = rewards.score(rollout), local.score(rollout)
+        assert got.errors["brightness"] == [None] * 6
+        assert got.values["brightness"].tolist() == pytest.approx(
+            want.values["brightness"].tolist(), abs=1e-9
+        )
+        assert [p.suffix for p in folder.iterdir()] == [".region"]
+    finally:
+        rewards.close()
+    assert list(folder.iterdir()) == []
 
 
 def test_deadlines_tokens_and_addresses_fail_with_one_line(servers, tiny_config):

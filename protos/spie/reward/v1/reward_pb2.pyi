@@ -15,9 +15,11 @@ class Image(_message.Message):
         ENCODING_UNSPECIFIED: _ClassVar[Image.Encoding]
         ENCODING_PNG: _ClassVar[Image.Encoding]
         ENCODING_RAW_UINT8: _ClassVar[Image.Encoding]
+        ENCODING_RAW_UINT8_SHARED: _ClassVar[Image.Encoding]
     ENCODING_UNSPECIFIED: Image.Encoding
     ENCODING_PNG: Image.Encoding
     ENCODING_RAW_UINT8: Image.Encoding
+    ENCODING_RAW_UINT8_SHARED: Image.Encoding
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
