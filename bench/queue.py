@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -87,20 +88,34 @@ def items(n: int, size: int, seed: int = 0):
 
 
 def latency(redis: EmbeddedRedis, folder: Path, repeats: int, batch_size: int) -> None:
-    process, target = start_replica(redis, folder, batch_seconds=0.0, max_batch_size=batch_size)
+    blobs = tempfile.mkdtemp(prefix="spie-blobs-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    process, target = start_replica(redis, folder, 0.0, batch_size, blob_dir=blobs)
     batch = items(batch_size, 64)
     config = QueueClientConfig(url=redis.url, deadline_s=30, poll_s=0.05)
+    blob_config = QueueClientConfig(url=redis.url, deadline_s=30, poll_s=0.05, blob_dir=blobs)
     try:
-        with ScorerClient(target) as grpc_client, RewardClient(["sleep"], config, redis.password) as client:
+        with (
+            ScorerClient(target) as grpc_client,
+            RewardClient(["sleep"], config, redis.password) as client,
+            RewardClient(["sleep"], blob_config, redis.password) as blob_client,
+        ):
             direct, queued = paired_times(
                 timer(lambda: grpc_client.score(batch)),
                 timer(lambda: client.score_items(batch)),
                 repeats,
                 warmup=5,
             )
+            # The blob path (payloads through a folder in /dev/shm, references in Redis), its own pairs.
+            direct_b, blobbed = paired_times(
+                timer(lambda: grpc_client.score(batch)),
+                timer(lambda: blob_client.score_items(batch)),
+                repeats,
+                warmup=5,
+            )
     finally:
         process.terminate()
         process.wait(30)
+        shutil.rmtree(blobs, ignore_errors=True)
     d, q = np.array(direct) * 1000, np.array(queued) * 1000
     diff = q - d  # per pair: what the queue added to that batch
     print(
@@ -115,6 +130,10 @@ def latency(redis: EmbeddedRedis, folder: Path, repeats: int, batch_size: int) -
         f"| added by the queue (paired differences) | {np.percentile(diff, 50):.2f} | {np.percentile(diff, 99):.2f} |"
     )
     print(f"queue / direct gRPC, paired: {spread(ratios(queued, direct))}")
+    print(
+        f"queue on the blob path / direct gRPC, paired: {spread(ratios(blobbed, direct_b))} "
+        f"(blob path p50 {np.percentile(blobbed, 50) * 1000:.2f} ms)"
+    )
 
 
 def steady_throughput(redis: EmbeddedRedis, n: int) -> tuple[float, float]:

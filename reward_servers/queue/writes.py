@@ -77,31 +77,14 @@ class JobWrites:
         """Write each job's result and acknowledge it (`COMPLETE_MANY_LUA`: `COMPLETE_LUA` per job),
         in one script call: one round trip and one reply for a whole part. The script is idempotent
         (a result is set only if absent), so a call cut off is simply sent again."""
-        names, args = [], []
+        args: list = [self.config.result_ttl_s, self.scorer_name, P.GROUP]
         for job, result in done:
-            k = job.keys
-            names += [
-                k.result(self.scorer_name, job.index),
-                k.need(job.index),
-                k.blob(job.index),
-                k.signal,
-                self.stream,
-                k.attempts,
-                P.done_key(self.scorer_name),
-            ]
-            args += [
-                result.SerializeToString(),
-                self.config.result_ttl_s,
-                self.scorer_name,
-                f"{self.scorer_name} {job.index}",
-                P.GROUP,
-                job.entry_id,
-                job.attempts_field,
-            ]
+            args += [job.keys.prefix, job.index, job.entry_id, job.gen, result.SerializeToString()]
+        keys = (self.stream, P.done_key(self.scorer_name))
         try:
-            wrote = await self.redis.evalsha(_COMPLETE_SHA, len(names), *names, *args)
+            wrote = await self.redis.evalsha(_COMPLETE_SHA, 2, *keys, *args)
         except redis.exceptions.NoScriptError:  # a restarted Redis forgot the script: send its text
-            wrote = await self.redis.eval(P.COMPLETE_MANY_LUA, len(names), *names, *args)
+            wrote = await self.redis.eval(P.COMPLETE_MANY_LUA, 2, *keys, *args)
         written = sum(int(w) for w in wrote)
         self.completed += written
         self.scored_again += len(done) - written  # another replica wrote those first
