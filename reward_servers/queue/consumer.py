@@ -357,6 +357,15 @@ class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
         if jobs:
             await self._process_jobs(jobs)
 
+    def _parse(self, blobs: list[bytes]) -> list:
+        """Each blob as a `pb.Item` (an ImageError for a bad one); blob references read from the
+        shared folder first (blobs.py), None where the file is gone. Runs on the decode thread."""
+        if not any(map(is_reference, blobs)):
+            return parse_all(blobs)
+        payloads = self.blobs.resolve(blobs)
+        parsed = iter(parse_all([b for b in payloads if b is not None]))
+        return [None if b is None else next(parsed) for b in payloads]
+
     async def _process_jobs(self, jobs: list[_Job]) -> None:
         async def start() -> list:  # one script call: an attempt counted, last error, blob (protocol.py)
             names, args = [], [self.config.result_ttl_s]
@@ -366,32 +375,33 @@ class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
             return await self.redis.eval(P.START_LUA, len(names), *names, *args)
 
         replies = await self._bounded(start(), max(job.expires for job in jobs), WRITE_GRACE_S)
-        loop = asyncio.get_running_loop()
-        payloads = replies[2::3]
-        if any(map(is_reference, payloads)):  # the blob path: read from the shared folder (blobs.py)
-            payloads = await loop.run_in_executor(self._decode, self.blobs.resolve, payloads)
         now = time.monotonic()
         live, blobs = [], []
         for k, job in enumerate(jobs):
-            job.attempt, last_error, blob = int(replies[3 * k]), replies[3 * k + 1], payloads[k]
+            job.attempt, last_error, blob = int(replies[3 * k]), replies[3 * k + 1], replies[3 * k + 2]
             if job.attempt > self.config.max_attempts:
                 reason = _text(last_error) if last_error else "its replica died while scoring it"
                 await self._dead_letter(job, f"gave up after {job.attempt - 1} attempts: {reason}")
             elif blob is None or job.expires <= now:
-                # Scored already (the blob is released by the last scorer, or its batch file deleted
-                # by the client), expired, or lost with a Redis restart: nothing to score; the client
-                # resubmits what it is still missing.
+                # Scored already (the blob is released by the last scorer), expired, or lost with a
+                # Redis restart: nothing to score; the client resubmits what it is still missing.
                 await self._until_written(lambda job=job: self._ack(job), job)
             else:
                 live.append(job)
                 blobs.append(blob)
         if not live:
             return
-        items = await loop.run_in_executor(self._decode, parse_all, blobs)
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self._decode, self._parse, blobs)
+        pairs = list(zip(live, items, strict=True))
+        for job, _ in [(job, item) for job, item in pairs if item is None]:
+            # On the blob path: its batch file is gone (the client gathered the batch): as above.
+            await self._until_written(lambda job=job: self._ack(job), job)
+        pairs = [(job, item) for job, item in pairs if item is not None]
         # Score in parts whose images decode to at most max_decoded_bytes (from the headers); a
         # part is one batcher request and one pipelined write (finishing.py).
         # Each part reserves what it decodes to from the server's budget (shared with gRPC) until scored.
-        for part in split_parts(list(zip(live, items, strict=True)), self.max_decoded_bytes):
+        for part in split_parts(pairs, self.max_decoded_bytes):
             nbytes = part_decoded_bytes([it for _, it in part])
             try:
                 async with self.decoded_budget.hold(nbytes, max(job.expires for job, _ in part)):
