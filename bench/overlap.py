@@ -190,7 +190,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4, help="inputs per shard (2 edits each)")
     parser.add_argument("--steps", type=int, default=6, help="denoising steps")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of a sync and an async run")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of a sync and an async run")
     parser.add_argument(
         "--smoke", action="store_true", help="2 shards of 2, 2 steps, 2 epochs, 1 round, no Ray"
     )

@@ -184,6 +184,7 @@ class SharedReader:
         self.folder = Path(folder).expanduser().resolve() if folder else None
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (fd, map)
         self._lock = threading.Lock()
+        self._next_prune = 0.0
 
     def pixels(self, data: bytes, nbytes: int, field: str) -> np.ndarray:
         """`nbytes` uint8 of the region and offset that `data` names, as a read-only view."""
@@ -200,6 +201,8 @@ class SharedReader:
         if not _NAME.match(name) or offset < 0:
             raise SharedMemoryError(f"{field}: shared-memory reference names {name!r}, not a region")
         with self._lock:
+            if time.monotonic() >= self._next_prune:
+                self._prune()
             fd, region = self._map(name, field)
             size = os.fstat(fd).st_size
             if offset + nbytes > min(size, len(region)):
@@ -212,6 +215,20 @@ class SharedReader:
                         f"{field}: {nbytes} bytes at {offset} lie past the end of {name} ({size} bytes)"
                     )
         return np.frombuffer(region, dtype=np.uint8, count=nbytes, offset=offset)
+
+    def _prune(self) -> None:
+        """Forget the maps of regions their clients deleted (or replaced), at most every 5 s, so a
+        long-lived server does not keep their memory: an open file keeps a deleted region alive."""
+        self._next_prune = time.monotonic() + 5.0
+        assert self.folder is not None
+        for name, (fd, _) in list(self._maps.items()):
+            try:
+                alive = os.stat(self.folder / name, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                alive = False
+            if not alive:
+                del self._maps[name]
+                os.close(fd)
 
     def _map(self, name: str, field: str) -> tuple[int, mmap.mmap]:
         if name in self._maps:

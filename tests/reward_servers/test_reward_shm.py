@@ -86,7 +86,10 @@ def test_the_reader_maps_only_regions_inside_its_folder(tmp_path):
     np.testing.assert_array_equal(
         reader.pixels(moved[7].source.data, 256 * 256 * 3, "f").reshape(256, 256, 3), big_edits[7][::-1]
     )
-    regions.close()
+    assert len(reader._maps) == 1
+    regions.close()  # deletes the region: the reader lets go of it at its next prune
+    reader._prune()
+    assert reader._maps == {}
 
 
 def test_regions_a_dead_client_left_are_swept(tmp_path):
