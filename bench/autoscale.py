@@ -14,12 +14,13 @@ Reports the medians of the epoch time and of the replica-seconds (actors held, s
 draining included, integrated by the autoscaler every `interval_s`). Aim: autoscaled within 1.15x of
 fixed max's epoch time at no more than 0.6x its replica-seconds.
 
-Measured (2 shared, busy cores, load average ~9-12; a replica actor took 2-3.4 s to start):
-- defaults (burst 256, learner 12 s, 3 cycles, sleep 0.5 s per 8, max 4; medians of 3):
-  fixed 1 84.55 s / 84.7 replica-s; fixed 4 48.24 s / 193.9; autoscaled 54.98 s / 111.1:
-  1.140x the epoch time at 0.573x the replica-seconds (aims met, with little margin).
-- `--learn-s 6` (medians of 2): fixed 4 30.33 s / 122.3; autoscaled 37.55 s / 94.8: 1.238x at 0.774x
-  (aims missed): with short idle phases the actors' start-up and the scale-down cooldown dominate.
+Measured with the defaults (burst 256, learner 12 s, 3 cycles, sleep 0.5 s per 8, max 4; medians
+of 3; a replica actor takes 2.0-3.3 s to start here): deploy/README.md has the figures. On 7 Dec
+2026, quiet (load 0.2-0.9): fixed 1 84.33 s / 84.5 replica-s; fixed 4 48.17 s / 193.3; autoscaled
+57.55 s / 120.8: 1.195x the epoch time at 0.625x the replica-seconds (both aims missed); at load
+0.5-2.3 the same day 1.165x / 0.600x. The figures from before the fix of the service-rate estimate
+(1.140x / 0.573x at load 9-12; `--learn-s 6`: 1.238x / 0.774x) were measured with a rate 3x too
+high. With short idle phases the actors' start-up and the scale-down cooldown dominate.
 """
 
 from __future__ import annotations
@@ -167,13 +168,17 @@ def main() -> None:
     medians = {}
     for name, _, _ in configs:
         mine = [r for r in rows if r["config"] == name]
+        if not mine:  # --only ran another configuration
+            continue
         medians[name] = (
             statistics.median(r["epoch_s"] for r in mine),
             statistics.median(r["replica_s"] for r in mine),
         )
         print(f"{name:>12}: epoch {medians[name][0]:7.2f} s   replica-seconds {medians[name][1]:7.1f}")
-    top = medians[f"fixed {args.max_replicas}"]
-    auto = medians["autoscaled"]
+    top = medians.get(f"fixed {args.max_replicas}")
+    auto = medians.get("autoscaled")
+    if top is None or auto is None:
+        return
     print(
         f"autoscaled / fixed {args.max_replicas}: epoch time {auto[0] / top[0]:.3f}x (aim <= 1.15), "
         f"replica-seconds {auto[1] / top[1]:.3f}x (aim <= 0.6)"
