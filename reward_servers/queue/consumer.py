@@ -394,7 +394,7 @@ class StreamConsumer(JobFinishing, JobWrites, ReplicaPresence):
         loop = asyncio.get_running_loop()
         items = await loop.run_in_executor(self._decode, self._parse, blobs)
         pairs = list(zip(live, items, strict=True))
-        for job, _ in [(job, item) for job, item in pairs if item is None]:
+        for job in [job for job, item in pairs if item is None]:
             # On the blob path: its batch file is gone (the client gathered the batch): as above.
             await self._until_written(lambda job=job: self._ack(job), job)
         pairs = [(job, item) for job, item in pairs if item is not None]
