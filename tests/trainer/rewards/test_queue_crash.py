@@ -7,6 +7,7 @@ import re
 import time
 
 import numpy as np
+import pytest
 from queue_helpers import brightness_items
 
 from reward_servers.queue import protocol as P
@@ -24,11 +25,17 @@ def _taken_over(replica) -> int:
     return sum(int(n) for n in re.findall(r"took over (\d+) abandoned", replica.output()))
 
 
-def test_kill_one_of_two_replicas_mid_batch_loses_and_duplicates_nothing(redis_server, rdb, replicas):
-    kwargs = {"scorer_kwargs": {"batch_seconds": 1.2, "max_batch_size": 4}, "queue_cfg": FAST_CLAIMS}
+@pytest.mark.parametrize("path", ["inline", "blob"])
+def test_kill_one_of_two_replicas_mid_batch_loses_and_duplicates_nothing(
+    redis_server, rdb, replicas, tmp_path, path
+):
+    # On the blob path (payloads in a shared folder, references in Redis) every guarantee holds too.
+    blobs = str(tmp_path / "blobs") if path == "blob" else ""
+    queue_cfg = {**FAST_CLAIMS, "blob_dir": blobs}
+    kwargs = {"scorer_kwargs": {"batch_seconds": 1.2, "max_batch_size": 4}, "queue_cfg": queue_cfg}
     victim, survivor = replicas(**kwargs), replicas(**kwargs)
     items, expected = brightness_items(16)
-    config = QueueClientConfig(url=redis_server.url, deadline_s=30, resubmits=0, poll_s=0.2)
+    config = QueueClientConfig(url=redis_server.url, deadline_s=30, resubmits=0, poll_s=0.2, blob_dir=blobs)
     client = RewardClient(["sleep"], config, password=redis_server.password)
 
     import threading
@@ -64,6 +71,8 @@ def test_kill_one_of_two_replicas_mid_batch_loses_and_duplicates_nothing(redis_s
     assert _taken_over(survivor) == orphaned
     assert rdb.xlen(P.dead_key("sleep")) == 0
     assert rdb.xlen(stream) == 0
+    if blobs:  # the batch went through the folder, whose file the client deleted once gathered
+        assert (tmp_path / "blobs").is_dir() and list((tmp_path / "blobs").iterdir()) == []
 
 
 def test_slow_batch_is_not_stolen_from_a_live_replica(redis_server, rdb, replicas):
