@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 from queue_helpers import brightness_items
 
@@ -41,11 +42,20 @@ def _wait_done(rdb, n: int, timeout_s: float) -> None:
     raise AssertionError(f"fewer than {n} results after {timeout_s}s")
 
 
-def test_redis_restart_during_gathering_completes_within_the_deadline(redis_server, rdb, replicas):
-    replica = replicas(scorer_kwargs={"batch_seconds": 0.3, "max_batch_size": 4}, queue_cfg=FAST_CLAIMS)
+@pytest.mark.parametrize("path", ["inline", "blob"])
+def test_redis_restart_during_gathering_completes_within_the_deadline(
+    redis_server, rdb, replicas, tmp_path, path
+):
+    # On the blob path the restart loses the references; the client stores them again (the batch
+    # file is still there) with its resubmission.
+    blobs = str(tmp_path / "blobs") if path == "blob" else ""
+    queue_cfg = {**FAST_CLAIMS, "blob_dir": blobs}
+    replica = replicas(scorer_kwargs={"batch_seconds": 0.3, "max_batch_size": 4}, queue_cfg=queue_cfg)
     items, expected = brightness_items(24)
     deadline_s = 20.0
-    config = QueueClientConfig(url=redis_server.url, deadline_s=deadline_s, resubmits=0, poll_s=0.1)
+    config = QueueClientConfig(
+        url=redis_server.url, deadline_s=deadline_s, resubmits=0, poll_s=0.1, blob_dir=blobs
+    )
     client = RewardClient(["sleep"], config, password=redis_server.password)
     start = time.monotonic()
     thread, box = _run_in_thread(client, items)
