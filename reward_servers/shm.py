@@ -42,6 +42,23 @@ class SharedMemoryError(ImageError):
     """An image reference the server cannot read: bad name, outside the folder, past the file's end."""
 
 
+def sweep(folder: Path, name: re.Pattern, older_than_s: float, now: float | None = None) -> int:
+    """Delete the plain files in `folder` whose names match `name` and that were not written for
+    `older_than_s` (what clients that died left: shared-memory regions here, blob-path batch files
+    in queue/blobs.py). Returns how many went."""
+    now = time.time() if now is None else now
+    gone = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                if name.match(entry.name) and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                    os.unlink(entry.path)
+                    gone += 1
+            except FileNotFoundError:  # another client swept it first
+                continue
+    return gone
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -79,24 +96,10 @@ class SharedRegions:
         except OSError as err:
             raise SharedMemoryError(f"shared_dir {str(folder)!r}: cannot create it ({err.strerror})") from err
         self._tag = secrets.token_hex(6)
-        self._sweep(older_than_s=3600)
+        sweep(self.folder, _NAME, older_than_s=3600)  # regions of clients that died
         self._free: list[_Region] = []
         self._all: list[_Region] = []
         self._lock = threading.Lock()
-
-    def _sweep(self, older_than_s: float) -> None:
-        """Delete regions not written for `older_than_s` (left by clients that died)."""
-        now = time.time()
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                try:
-                    if (
-                        _NAME.match(entry.name)
-                        and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s
-                    ):
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    continue
 
     def _acquire(self) -> _Region:
         with self._lock:

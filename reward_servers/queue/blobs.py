@@ -29,6 +29,8 @@ import re
 import time
 from pathlib import Path
 
+from reward_servers.shm import sweep
+
 REF_PREFIX = b"\x00spie-blob "
 BLOB_DIR_ENV = "SPIE_BLOB_DIR"
 SUFFIX = ".items"
@@ -85,19 +87,7 @@ class BlobFolder:
         if time.monotonic() < self._next_sweep:
             return 0
         self._next_sweep = time.monotonic() + older_than_s / 10
-        now = time.time() if now is None else now
-        gone = 0
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                if not _NAME.match(entry.name):
-                    continue
-                try:
-                    if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
-                        os.unlink(entry.path)
-                        gone += 1
-                except FileNotFoundError:  # another client swept it first
-                    continue
-        return gone
+        return sweep(self.folder, _NAME, older_than_s, now)
 
 
 class BlobReader:
